@@ -1,0 +1,153 @@
+"""Callbacks: per-class IoU tables (console, metrics.json, CSV, wandb table) and wandb image overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from dgss.data.classes import IGNORE_INDEX
+from dgss.metrics import summarize
+
+
+def _class_names(trainer: pl.Trainer, k: int) -> list[str]:
+    dm = getattr(trainer, "datamodule", None)
+    return list(dm.classes.names) if dm is not None else [str(i) for i in range(k)]
+
+
+def _wandb(trainer: pl.Trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def iou_table(per_class: dict[str, torch.Tensor], names: list[str], mean_over: list[str] | None, title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    table.add_column("class")
+    for d in per_class:
+        table.add_column(d + ("" if mean_over is None or d in mean_over else " *"), justify="right")
+    fmt = lambda v: "-" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
+    for c, name in enumerate(names):
+        table.add_row(name, *(fmt(float(iou[c])) for iou in per_class.values()))
+    scores = summarize(per_class, mean_over)
+    table.add_section()
+    table.add_row("mIoU", *(f"{scores[f'{d}/mIoU']:.2f}" for d in per_class), style="bold")
+    table.caption = f"mean over targets: {scores['mean_mIoU']:.2f}" + (
+        "  (* not in the mean)" if mean_over is not None and set(mean_over) != set(per_class) else ""
+    )
+    return table
+
+
+class IoUTables(pl.Callback):
+    """After every validation: a per-class table in the console, ``metrics.json`` (all validations so far),
+    ``iou.csv`` (one row per step, domain and class) in the run dir, and a wandb table."""
+
+    def __init__(self, output_dir: str | Path | None = None, console: bool = True):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.console = console
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = state.get("history", [])
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        per_class = getattr(pl_module, "last_val", None)
+        if not per_class or trainer.sanity_checking:
+            return
+        names = _class_names(trainer, len(next(iter(per_class.values()))))
+        mean_over = getattr(pl_module, "mean_domains", None)
+        scores = summarize(per_class, mean_over)
+        nan_none = lambda v: None if math.isnan(v) else round(100 * v, 4)  # noqa: E731
+        entry = {
+            "stage": stage,
+            "step": trainer.global_step,
+            "mean_mIoU": scores["mean_mIoU"],
+            "mean_over": mean_over,
+            "domains": {d: {"mIoU": scores[f"{d}/mIoU"], "per_class": {n: nan_none(float(v)) for n, v in zip(names, iou)}}
+                        for d, iou in per_class.items()},  # fmt: skip
+        }
+        self.history.append(entry)
+        self._write(trainer, entry, per_class, names, mean_over)
+
+    @rank_zero_only
+    def _write(self, trainer, entry, per_class, names, mean_over) -> None:
+        if self.console:
+            Console().print(iou_table(per_class, names, mean_over, f"{entry['stage']} IoU (%) at step {entry['step']}"))
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
+            path = self.output_dir / "iou.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["stage", "step", "domain", "class", "iou"])
+                for d, iou in per_class.items():
+                    for n, v in zip(names, iou.tolist()):
+                        w.writerow([entry["stage"], entry["step"], d, n, "" if math.isnan(v) else f"{100 * v:.4f}"])
+                    w.writerow([entry["stage"], entry["step"], d, "mIoU", f"{entry['domains'][d]['mIoU']:.4f}"])
+        wb = _wandb(trainer)
+        if wb is not None:
+            rows = [[n, *(None if math.isnan(float(iou[c])) else 100 * float(iou[c]) for iou in per_class.values())]
+                    for c, n in enumerate(names)]  # fmt: skip
+            wb.log_table(key="val/per_class_iou", columns=["class", *per_class], data=rows, step=trainer.global_step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "test")
+
+
+class WandbMedia(pl.Callback):
+    """Logs ``num_images`` image / label / prediction overlays per target domain at each validation."""
+
+    def __init__(self, num_images: int = 4):
+        self.num_images = num_images
+        self._buffer: dict[str, list] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._buffer = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or _wandb(trainer) is None:
+            return
+        domain = pl_module.domains[dataloader_idx]
+        buf = self._buffer.setdefault(domain, [])
+        if len(buf) >= self.num_images:
+            return
+        dm = trainer.datamodule
+        mean = torch.tensor(dm.test_pipeline.mean).view(3, 1, 1)
+        std = torch.tensor(dm.test_pipeline.std).view(3, 1, 1)
+        for img, lab, pred in zip(batch["image"], batch["label"], outputs["pred"]):
+            if len(buf) >= self.num_images:
+                break
+            rgb = ((img.detach().cpu() * std + mean).clamp(0, 1) * 255).byte()
+            if rgb.shape[-2:] != lab.shape:
+                rgb = torch.nn.functional.interpolate(rgb[None].float(), size=lab.shape, mode="bilinear")[0].byte()
+            buf.append((rgb.permute(1, 2, 0).numpy(), lab.cpu().numpy().astype(np.int32), pred.cpu().numpy().astype(np.int32)))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        wb = _wandb(trainer)
+        if wb is None or not self._buffer or not trainer.is_global_zero:
+            return
+        names = _class_names(trainer, pl_module.num_classes)
+        labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
+        for domain, items in self._buffer.items():
+            wb.log_image(
+                key=f"val/{domain}/examples",
+                images=[img for img, _, _ in items],
+                masks=[{"prediction": {"mask_data": pred, "class_labels": labels},
+                        "ground_truth": {"mask_data": lab, "class_labels": labels}} for _, lab, pred in items],  # fmt: skip
+                step=trainer.global_step,
+            )

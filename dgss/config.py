@@ -1,0 +1,81 @@
+"""Config plumbing shared by the entry points and tests: resolvers, builders, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+
+from dgss.errors import ConfigError
+
+log = logging.getLogger("dgss")
+
+OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
+
+MODEL_KEYS = ("backbone", "head", "method")
+
+
+def build_method(cfg: DictConfig):
+    """backbone + head factory -> the method LightningModule (``cfg.method``)."""
+    backbone = hydra.utils.instantiate(cfg.backbone)
+    head = hydra.utils.instantiate(cfg.head)
+    return hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Every entry with a ``_target_`` in a callbacks / logger group."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(v) for v in group.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def model_config(cfg: DictConfig) -> dict:
+    """The resolved part of the config that rebuilds the trained model (stored in checkpoints)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in (*MODEL_KEYS, "data") if k in cfg}
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error caused by user input, else None (a bug: show the traceback)."""
+    chain, full_key = [], None
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or (e.__context__ if not e.__suppress_context__ else None)
+    for err in chain:
+        if isinstance(err, InstantiationException) and "full_key:" in str(err):
+            full_key = str(err).rsplit("full_key:", 1)[1].strip().splitlines()[0]
+    for err in chain:
+        if isinstance(err, (ConfigError, MisconfigurationException)):
+            return str(err).strip().splitlines()[0]
+    for err in chain:
+        if isinstance(err, InstantiationException) and err.__cause__ is None:
+            return str(err).strip().splitlines()[0]
+    for err in chain[1:]:
+        if isinstance(err, (TypeError, ValueError)) and full_key:
+            return f"bad value for {full_key}: {str(err).strip().splitlines()[0]}"
+    return None
+
+
+def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> Any:
+    """Run ``task``; user errors exit with one line (DGSS_DEBUG=1 shows the traceback), work is never lost:
+    loggers are closed in every case."""
+    try:
+        return task(cfg)
+    except Exception as e:
+        msg = user_error(e)
+        if msg is None or os.environ.get("DGSS_DEBUG"):
+            raise
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if "wandb" in sys.modules:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()

@@ -1,0 +1,61 @@
+"""``dgss-eval ckpt_path=<file>``: rebuild a trained model from its checkpoint and evaluate any targets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dgss.callbacks import IoUTables
+from dgss.config import build_method, instantiate_group, run_cli
+from dgss.errors import ConfigError
+
+log = logging.getLogger("dgss.eval")
+
+
+def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: dict | None = None):
+    """The trained method of a dgss checkpoint, frozen backbone re-attached; also returns the saved config."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "dgss_config" not in ckpt:
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)")
+    saved = OmegaConf.create(ckpt["dgss_config"])
+    if backbone_weights:
+        saved.backbone.weights = backbone_weights
+    if inference:
+        saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
+    method = build_method(saved)
+    method.on_load_checkpoint(ckpt)
+    method.load_state_dict(ckpt["state_dict"], strict=method.strict_loading)
+    return method, saved
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    pl.seed_everything(cfg.get("seed", 0))
+    method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
+    data_cfg = cfg.data if cfg.get("data") is not None else saved.data
+    datamodule = hydra.utils.instantiate(data_cfg)
+    out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[IoUTables(out)], logger=instantiate_group(cfg.get("logger")) or False
+    )
+    trainer.validate(method, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_cli(evaluate, cfg, "dgss-eval")
+    return metrics.get("val/mean_mIoU")
+
+
+if __name__ == "__main__":
+    main()

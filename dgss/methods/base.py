@@ -1,0 +1,254 @@
+"""``SegmentationMethod``: everything a tuning method shares, so that a method file only says what trains.
+
+The base owns the training / validation steps, per-domain IoU, parameter groups (no weight decay on norms,
+biases and position / cls / register tokens; per-module lr multipliers), AdamW (or any partial optimizer),
+the poly schedule with optional linear warm-up, frozen modules kept in eval mode, checkpoints that drop
+frozen backbone tensors (re-attached from the weights file on load), and the parameter summary.
+
+A method subclasses it and overrides :meth:`configure_tuning` (freeze, wrap, add modules) and, where it
+needs them, ``default_lr_mults`` or the step hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from dgss.errors import ConfigError
+from dgss.metrics import DomainIoU, summarize
+from dgss.models import inference
+from dgss.models.backbone import Backbone
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
+DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_token", "rel_pos", "level_embed",
+                    "query_embed")  # fmt: skip
+
+
+class SegmentationMethod(pl.LightningModule):
+    """Backbone + head with a tuning recipe.
+
+    Args:
+        backbone: the feature extractor.
+        head: a factory ``head(in_channels=..., num_classes=...)`` (a Hydra partial).
+        num_classes: size of the label space (checked against the data at fit / validate time).
+        optimizer: a factory ``optimizer(param_groups)`` carrying ``lr`` and ``weight_decay`` (Hydra partial).
+        scheduler: ``warmup_steps``, ``warmup_start_factor``, ``power`` of the poly decay to 0 at ``max_steps``.
+        lr_mults: lr multiplier per module path (``backbone``, ``backbone.model.blocks.0``; longest match wins),
+            merged over ``default_lr_mults``.
+        no_decay: name substrings that get weight decay 0 (norms, biases and 1-d tensors always do).
+        inference: ``mode`` whole | slide, ``crop``, ``stride`` for validation / test.
+    """
+
+    default_lr_mults: dict[str, float] = {}
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: Callable[..., nn.Module],
+        num_classes: int = 19,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: dict | None = None,
+        lr_mults: dict[str, float] | None = None,
+        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+        inference: dict | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head(in_channels=backbone.out_channels, num_classes=num_classes)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05)
+        self.scheduler_cfg = {"warmup_steps": 0, "warmup_start_factor": 1e-6, "power": 0.9, **(scheduler or {})}
+        self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
+        self.no_decay = tuple(no_decay)
+        self.inference_cfg = {"mode": "whole", "crop": 512, "stride": 341, **(inference or {})}
+        self.domains: list[str] = []
+        self.mean_domains: list[str] | None = None
+        self.val_iou: DomainIoU | None = None
+        self.last_val: dict[str, torch.Tensor] = {}  # per-class IoU of the last validation, for callbacks
+        self._eval_modules: list[nn.Module] = []
+        self.configure_tuning()
+
+    # ----------------------------------------------------------------------------- what trains
+    def configure_tuning(self) -> None:
+        """Subclasses freeze, wrap or add modules here. The base trains everything."""
+
+    def freeze(self, module: nn.Module, eval_mode: bool = True) -> None:
+        """``requires_grad=False`` for all of ``module``; with ``eval_mode`` it stays in eval under ``train()``."""
+        module.requires_grad_(False)
+        if eval_mode:
+            self._eval_modules.append(module)
+            module.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._eval_modules:  # Lightning calls train() around every validation
+            m.eval()
+        return self
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.head(self.backbone(images))
+
+    def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731
+        cfg = self.inference_cfg
+        return inference.predict(fn, images, out_size, self.backbone.patch_size, cfg["mode"], cfg["crop"], cfg["stride"])
+
+    # ---------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.head.loss(self(batch["image"]), batch["label"])
+        loss = sum(losses.values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        if len(losses) > 1:
+            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch["image"].shape[0])
+        return loss
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        if dm.num_classes != self.num_classes:
+            raise ConfigError(
+                f"the data has {dm.num_classes} classes but the model was built for num_classes={self.num_classes}; "
+                f"set num_classes={dm.num_classes} (or use data with {self.num_classes} classes)"
+            )
+        crop = getattr(dm.train_pipeline, "crop", None)
+        if stage == "fit" and crop and any(c % self.backbone.patch_size for c in crop):
+            raise ConfigError(
+                f"the training crop {list(crop)} is not a multiple of the backbone's patch size "
+                f"{self.backbone.patch_size}; change data.train_pipeline.crop"
+            )
+        self.domains = list(dm.target_names)
+        self.mean_domains = list(dm.mean_targets)
+        self.val_iou = DomainIoU(self.domains, self.num_classes).to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_iou.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        label = batch["label"]
+        pred = self.predict_logits(batch["image"], label.shape[-2:]).argmax(1)
+        self.val_iou.update(dataloader_idx, pred, label)
+        return {"pred": pred}
+
+    def on_validation_epoch_end(self) -> None:
+        per_class = self.val_iou.compute()
+        self.last_val = {d: v.detach().cpu() for d, v in per_class.items()}
+        scores = summarize(self.last_val, self.mean_domains)
+        self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)
+        self.val_iou.reset()
+
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    # -------------------------------------------------------------------- optimizer, schedule
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters grouped by (lr multiplier, decay); norms, biases and tokens get no decay."""
+        no_decay_names = set()
+        for mname, mod in self.named_modules():
+            if isinstance(mod, NORM_TYPES):
+                no_decay_names.update(f"{mname}.{p}" for p, _ in mod.named_parameters(recurse=False))
+        groups: dict[tuple[float, bool], dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = not (name in no_decay_names or p.ndim <= 1 or any(k in name for k in self.no_decay))
+            prefixes = [k for k in self.lr_mults if name == k or name.startswith(k + ".")]
+            mult = self.lr_mults[max(prefixes, key=len)] if prefixes else 1.0
+            g = groups.setdefault((mult, decay), {"params": [], "names": [], "lr_mult": mult, "decay": decay})
+            g["params"].append(p)
+            g["names"].append(name)
+        if not groups:
+            raise ConfigError(f"method {type(self).__name__} has no trainable parameters")
+        return list(groups.values())
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        opt = self.optimizer_factory([{k: v for k, v in g.items() if k != "names"} for g in groups])
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * g["lr_mult"]
+            if not g["decay"]:
+                g["weight_decay"] = 0.0
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"}}
+
+    def build_scheduler(self, opt: torch.optim.Optimizer):
+        """Linear warm-up from ``warmup_start_factor`` then poly decay to 0 at the last step."""
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        cfg = self.scheduler_cfg
+        warm = int(cfg["warmup_steps"])
+        if warm >= total:
+            raise ConfigError(f"method.scheduler.warmup_steps={warm} must be below trainer.max_steps={total}")
+        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=cfg["power"])
+        if not warm:
+            return poly
+        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=cfg["warmup_start_factor"], total_iters=warm)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [linear, poly], milestones=[warm])
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def reattachable_keys(self) -> set[str]:
+        """State-dict keys that come unchanged from the backbone weights file (dropped from checkpoints)."""
+        if not self.backbone.weights:
+            return set()
+        keys = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad}
+        keys |= {f"backbone.{n}" for n, _ in self.backbone.model.named_buffers()}
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = self.reattachable_keys()
+        state = checkpoint["state_dict"]
+        for k in [k for k in state if k in drop]:
+            del state[k]
+        checkpoint["dgss"] = {"backbone": self.backbone.identity, "dropped_keys": len(drop)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("dgss", {})
+        missing = set(self.state_dict()) - set(checkpoint["state_dict"])
+        if not missing:
+            return
+        saved = meta.get("backbone", {})
+        if not self.backbone.weights:
+            raise ConfigError(
+                f"the checkpoint holds no frozen backbone tensors ({len(missing)} keys); set "
+                f"backbone.weights to the file it was trained from ({saved.get('weights')})"
+            )
+        unexpected = missing - self.reattachable_keys()
+        if unexpected:
+            raise ConfigError(f"the checkpoint lacks trained tensors: {', '.join(sorted(unexpected)[:5])}")
+        want, have = saved.get("weights_sha256"), self.backbone.identity["weights_sha256"]
+        if want and want != have:
+            raise ConfigError(
+                f"backbone.weights={self.backbone.weights!r} (sha256 {have[:12]}) is not the file this checkpoint "
+                f"was trained with ({saved.get('weights')}, sha256 {want[:12]})"
+            )
+        self.strict_loading = False  # the frozen tensors come from the weights file
+
+    # ---------------------------------------------------------------------------- summary
+    def parameter_summary(self) -> dict[str, float]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        backbone_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        return {
+            "params/total": total,
+            "params/trainable": trainable,
+            "params/trainable_pct": 100.0 * trainable / max(total, 1),
+            "params/backbone": sum(p.numel() for p in self.backbone.parameters()),
+            "params/backbone_trainable": backbone_trainable,
+            "params/head": sum(p.numel() for p in self.head.parameters()),
+        }
+
+    def on_fit_start(self) -> None:
+        s = self.parameter_summary()
+        rank_zero_info(
+            f"[dgss] {type(self).__name__}: {s['params/total']:,} parameters, {s['params/trainable']:,} trainable "
+            f"({s['params/trainable_pct']:.2f}%), backbone trainable {s['params/backbone_trainable']:,}, "
+            f"head {s['params/head']:,}"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(s)

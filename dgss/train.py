@@ -1,0 +1,69 @@
+"""``dgss-train``: fit a method on the configured sources, validate on every target."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dgss.config import build_method, instantiate_group, model_config, run_cli
+from dgss.errors import ConfigError
+
+log = logging.getLogger("dgss.train")
+
+
+class StoreConfig(pl.Callback):
+    """Puts the resolved model + data config into every checkpoint, so ``dgss-eval`` can rebuild the model."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["dgss_config"] = self.cfg
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = build_method(cfg)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
+        raise ConfigError("trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact")
+    for lg in loggers:
+        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.best_model_path:
+        log.info(f"best checkpoint: {ckpt.best_model_path}")
+    return metrics
+
+
+def _main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    log.info(f"run dir: {HydraConfig.get().runtime.output_dir}")
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        if cfg.trainer.get("fast_dev_run"):
+            return None
+        raise ConfigError(f"optimized_metric={name!r} was never logged; logged metrics: {', '.join(sorted(metrics))}")
+    return metrics[name]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_cli(_main, cfg, "dgss-train")
+
+
+if __name__ == "__main__":
+    main()

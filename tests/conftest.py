@@ -1,0 +1,45 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+import dgss.config  # noqa: E402,F401  (registers resolvers)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def config_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose(config_name, overrides) with outputs under tmp_path and HydraConfig set."""
+
+    def _compose(overrides=(), config_name="train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="dgss.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=[*overrides, f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,129 @@
+import pytest
+import timm
+import torch
+
+from dgss.errors import ConfigError
+from dgss.models.backbone import Backbone, default_out_indices
+
+FAMILIES = {  # name -> (family, prefix tokens)
+    "vit_large_patch14_reg4_dinov2.lvd142m": ("vit", 5),
+    "eva02_large_patch14_224.mim_m38m": ("eva", 1),
+    "samvit_base_patch16.sa1b": ("sam", 0),
+    "vit_large_patch14_clip_224.openai": ("vit", 1),
+}
+
+
+def _x(bb, b=2, gh=3, gw=5):
+    torch.manual_seed(0)
+    return torch.randn(b, 3, gh * bb.patch_size, gw * bb.patch_size)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_features_match_timm_and_hooks_see_one_layout(name):
+    family, prefix = FAMILIES[name]
+    bb = Backbone(name, tiny=True, img_size=64).eval()
+    assert bb.family == family and bb.num_prefix_tokens == prefix and bb.num_blocks == 4
+    x = _x(bb)
+    feats = bb(x)
+    ref = bb.model.forward_intermediates(x, indices=bb.out_indices, intermediates_only=True, norm=False)
+    assert len(feats) == 4
+    for f, r in zip(feats, ref):
+        assert f.shape == (2, 64, 3, 5)
+        torch.testing.assert_close(f, r, rtol=0, atol=0)
+    seen = []
+    handle = bb.register_block_hook(lambda t, i: (seen.append((i, tuple(t.shape))), t)[1])
+    torch.testing.assert_close(bb(x)[-1], feats[-1], rtol=0, atol=0)  # identity hook changes nothing
+    assert seen == [(i, (2, prefix + 15, 64)) for i in range(4)]
+    handle.remove()
+    assert bb._block_hooks == {}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hook_output_feeds_the_next_block_and_prefix_is_addressable(name):
+    bb = Backbone(name, tiny=True, img_size=64).eval()
+    x = _x(bb)
+    base = bb(x)
+
+    def bump_patches_after_block_1(tokens, i):
+        if i != 1:
+            return tokens
+        out = tokens.clone()
+        out[:, bb.num_prefix_tokens :] *= 1.5
+        return out
+
+    bb.register_block_hook(bump_patches_after_block_1)
+    out = bb(x)
+    torch.testing.assert_close(out[0], base[0], rtol=0, atol=0)  # block 0 is before the hook
+    torch.testing.assert_close(out[1], 1.5 * base[1])  # block 1's features carry the hook's output
+    assert not torch.allclose(out[2], base[2], atol=1e-3)  # and block 2 saw it as input (its own output
+    assert not torch.equal(out[2], 1.5 * base[2])  # is not just the scaled residual; LayerScale keeps it small)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_block_parts_expose_attention_and_mlp(name):
+    family, _ = FAMILIES[name]
+    bb = Backbone(name, tiny=True, img_size=64)
+    for i in range(bb.num_blocks):
+        p = bb.block_parts(i)
+        assert bb.model.get_submodule(p.path) is p.block
+        if family == "eva":  # EVA02 models use separate q/k/v projections
+            assert p.qkv is None and all(m.in_features == 64 and m.out_features == 64 for m in (p.q, p.k, p.v))
+        else:
+            assert p.qkv.in_features == 64 and p.qkv.out_features == 192 and p.q is None
+        assert p.proj.out_features == 64 and hasattr(p.mlp, "fc2")
+        if family == "sam":
+            assert p.global_attn == (i in (1, 3))
+
+
+def test_default_out_indices_follow_rein():
+    assert default_out_indices(24) == [7, 11, 15, 23]
+    assert default_out_indices(12) == [3, 5, 7, 11]
+    assert default_out_indices(4) == [0, 1, 2, 3]
+
+
+def test_weights_file_loads_through_timm_filter(tmp_path):
+    kwargs = dict(depth=2, embed_dim=64, num_heads=2)
+    src = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=56, **kwargs)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    # same grid: bit-exact
+    bb = Backbone("vit_large_patch14_dinov2.lvd142m", weights=str(path), img_size=56, model_kwargs=kwargs)
+    for k, v in src.state_dict().items():
+        assert torch.equal(bb.model.state_dict()[k], v), k
+    # other grid: timm's filter resamples the position embedding
+    bb2 = Backbone("vit_large_patch14_dinov2.lvd142m", weights=str(path), img_size=112, model_kwargs=kwargs)
+    assert bb2.model.pos_embed.shape == (1, 1 + 64, 64)
+    assert torch.equal(bb2.model.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+    assert bb2.identity["weights_sha256"] and bb2.identity["weights"] == str(path)
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        Backbone("vit_large_patch14_dinov3_typo")
+    msg = str(e.value)
+    assert "backbone.name='vit_large_patch14_dinov3_typo'" in msg and "vit_large_patch14_dinov2" in msg
+    assert "samvit_huge_patch16" in msg and "eva02_large_patch14_224" in msg and "\n" not in msg
+
+
+def test_missing_and_mismatched_weights_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"backbone.weights='.*nope.pth' does not exist"):
+        Backbone("vit_large_patch14_dinov2", weights=str(tmp_path / "nope.pth"), img_size=56,
+                 model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))  # fmt: skip
+    small = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=1, embed_dim=64, num_heads=2)
+    path = tmp_path / "small.pth"
+    torch.save(small.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"does not fit backbone.name='vit_large_patch14_dinov2'.*missing: blocks.1") as e:
+        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+    assert "\n" not in str(e.value)
+    wide = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=2, embed_dim=96, num_heads=2)
+    torch.save(wide.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"shape mismatch: .*\(96"):
+        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+
+
+def test_tiny_with_weights_is_refused():
+    with pytest.raises(ConfigError, match="backbone.tiny=true .* backbone.weights="):
+        Backbone("vit_large_patch14_dinov2", weights="x.pth", tiny=True)
