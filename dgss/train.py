@@ -8,6 +8,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from dgss.config import build_method, instantiate_group, model_config, run_cli
@@ -34,6 +35,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_method(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        log.info("no logger configured: LearningRateMonitor dropped (it only writes to loggers)")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
         raise ConfigError("trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact")

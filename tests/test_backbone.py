@@ -88,8 +88,10 @@ def test_weights_file_loads_through_timm_filter(tmp_path):
     torch.save(src.state_dict(), path)
     # same grid: bit-exact
     bb = Backbone("vit_large_patch14_dinov2.lvd142m", weights=str(path), img_size=56, model_kwargs=kwargs)
-    for k, v in src.state_dict().items():
-        assert torch.equal(bb.model.state_dict()[k], v), k
+    own = bb.model.state_dict()
+    assert set(own) == set(src.state_dict()) - {"norm.weight", "norm.bias"}  # final norm unused (final_norm=False)
+    for k, v in own.items():
+        assert torch.equal(v, src.state_dict()[k]), k
     # other grid: timm's filter resamples the position embedding
     bb2 = Backbone("vit_large_patch14_dinov2.lvd142m", weights=str(path), img_size=112, model_kwargs=kwargs)
     assert bb2.model.pos_embed.shape == (1, 1 + 64, 64)

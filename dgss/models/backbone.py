@@ -102,7 +102,8 @@ class Backbone(nn.Module):
             timm filter (pos-embed / patch resampling); ``None`` keeps the random init. Never the hub.
         out_indices: blocks whose outputs become features; ``None`` = ``default_out_indices(depth)``.
         img_size: pretraining grid of the pos-embed (resampled once at load, dynamically per input).
-        tiny: build a 4-block, 64-wide random-init variant of the same class for CPU work.
+        tiny: build a 4-block, 64-wide random-init variant of the same class for CPU work (features from
+            all 4 blocks; ``out_indices`` and ``weights`` do not apply).
         final_norm: apply the model's final norm to the features (Rein: off).
         grad_checkpointing: recompute block activations in backward.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``patch_size``, ``drop_path_rate``).
@@ -150,6 +151,8 @@ class Backbone(nn.Module):
         if self.family == "sam":
             self.model.neck = nn.Identity()  # the SAM neck is not used for segmentation features
         self.depth = len(self.model.blocks)
+        if tiny:  # the configured indices are for the full-depth model
+            out_indices = None
         self.out_indices = list(out_indices) if out_indices is not None else default_out_indices(self.depth)
         bad = [i for i in self.out_indices if not -self.depth <= i < self.depth]
         if bad:
@@ -158,6 +161,10 @@ class Backbone(nn.Module):
             )
         self.out_indices = sorted(i % self.depth for i in self.out_indices)
         self.final_norm = final_norm
+        if not final_norm:  # unused parameters would stall DDP (find_unused_parameters) and skew counts
+            self.model.norm = nn.Identity()
+        if getattr(self.model, "mask_token", None) is not None:  # masked-image-modelling only
+            self.model.mask_token.requires_grad_(False)
         self.grad_checkpointing = grad_checkpointing
         self._block_hooks: OrderedDict[int, BlockHook] = OrderedDict()
 

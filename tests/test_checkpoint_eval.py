@@ -1,0 +1,78 @@
+"""Train -> checkpoint (frozen backbone tensors dropped) -> dgss-eval re-attaches them and reproduces the metrics."""
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from dgss.errors import ConfigError
+from dgss.eval import evaluate, load_method
+from dgss.train import train
+
+TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2, patch_size=16)
+DATA = ["data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.train_length=8",
+        "synthetic.val_length=3", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0"]  # fmt: skip
+RUN = ["trainer=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.num_sanity_val_steps=0",
+       "~logger", "callbacks=default", "~callbacks.progress_bar", "~callbacks.media"]  # fmt: skip
+
+
+def backbone_args(weights):
+    kw = [f"+backbone.model_kwargs.{k}={v}" if k not in ("patch_size",) else f"backbone.model_kwargs.{k}={v}"
+          for k, v in TINY_DINO.items()]  # fmt: skip
+    return ["backbone=dinov2_s", f"backbone.weights={weights}", "backbone.img_size=64", "backbone.out_indices=[0,1]", *kw]
+
+
+@pytest.fixture
+def weights(tmp_path):
+    m = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=64, **TINY_DINO)
+    path = tmp_path / "dino_tiny.pth"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+def test_frozen_checkpoint_holds_only_trained_tensors_and_eval_reproduces(compose_cfg, tmp_path, weights):
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=frozen"])
+    metrics = train(cfg)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # only the head was trained
+    assert any(k.startswith("head.") for k in ckpt["state_dict"])
+    assert ckpt["dgss"]["backbone"]["weights"] == str(weights) and len(ckpt["dgss"]["backbone"]["weights_sha256"]) == 64
+
+    ecfg = compose_cfg([f"ckpt_path={ckpt_path}", "trainer=cpu"], config_name="eval")
+    again = evaluate(ecfg)
+    for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
+        assert again[k] == pytest.approx(metrics[k], abs=1e-9), k
+
+    # the frozen backbone must be the same file: another file is refused by hash
+    other = tmp_path / "other.pth"
+    sd = torch.load(weights)
+    sd["blocks.0.mlp.fc1.bias"] += 1
+    torch.save(sd, other)
+    with pytest.raises(ConfigError, match="is not the file this checkpoint was trained with"):
+        load_method(str(ckpt_path), backbone_weights=str(other))
+
+
+def test_full_checkpoint_keeps_backbone_and_eval_other_targets(compose_cfg, tmp_path, weights):
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=full"])
+    train(cfg)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert any(k.startswith("backbone.model.blocks.0") for k in ckpt["state_dict"])
+    method, saved = load_method(str(ckpt_path))
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(method.state_dict()[k], v), k
+    assert OmegaConf.select(saved, "backbone.weights") == str(weights)
+    ecfg = compose_cfg([f"ckpt_path={ckpt_path}", "trainer=cpu", "data=synthetic", "synthetic.height=64",
+                        "synthetic.width=128", "synthetic.val_length=2", "~data.targets.night"], config_name="eval")  # fmt: skip
+    out = evaluate(ecfg)
+    assert "val/night/mIoU" not in out and "val/photo/mIoU" in out
+
+
+def test_eval_with_wrong_num_classes_is_refused(compose_cfg, tmp_path, weights):
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=full"])
+    train(cfg)
+    ecfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu", "data=synthetic",
+                        "synthetic.val_length=1", "data.num_classes=5", "data._convert_=all"], config_name="eval")  # fmt: skip
+    with pytest.raises(ConfigError, match="the data has 5 classes but the model was built for num_classes=19"):
+        evaluate(ecfg)

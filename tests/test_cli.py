@@ -1,0 +1,72 @@
+"""The console scripts as a user runs them (subprocesses: ~10 s of imports each, so few of them)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TINY = ["debug=tiny", "trainer.max_steps=2", "synthetic.val_length=2", "logger=csv"]
+
+
+def run(args, cwd, prog="dgss-train", timeout=300):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(BIN / prog), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_from_any_directory_then_eval(tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(["experiment=demo", *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = json.loads((run_dir / "metrics.json").read_text())
+    assert hist[-1]["step"] == 2 and set(hist[-1]["domains"]) == {"game", "photo", "overcast", "fog", "night"}
+    assert "mIoU" in (run_dir / "iou.csv").read_text() and (run_dir / "csv" / "metrics.csv").exists()
+    assert "game *" in r.stdout  # the console table marks the source as not in the mean
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    e = run([f"ckpt_path={ckpt}", "trainer=cpu", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, prog="dgss-eval")
+    assert e.returncode == 0, e.stderr[-3000:]
+    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert ev[-1]["mean_mIoU"] == pytest.approx(hist[-1]["mean_mIoU"], abs=1e-6)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    r = run(["debug=tiny", "backbone.name=vit_larg_patch14_dinov2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert len(err) == 1 and err[0].startswith("dgss-train: error: backbone.name='vit_larg_patch14_dinov2'"), r.stderr
+    assert "did you mean vit_large_patch14_dinov2" in err[0] and "Traceback" not in r.stderr
+
+
+def test_multirun_over_methods(tmp_path):
+    r = run(["-m", "method=full,frozen", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_optuna_study_optimizes_mean_miou(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    db = tmp_path / "study.db"
+    r = run(["hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+             f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_params" in result and "method.optimizer.lr" in result and db.exists()
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    import zipfile
+
+    names = zipfile.ZipFile(next(tmp_path.glob("dgss-*.whl"))).namelist()
+    for f in ("dgss/conf/__init__.py", "dgss/conf/train.yaml", "dgss/conf/eval.yaml", "dgss/conf/method/_common.yaml",
+              "dgss/conf/experiment/demo.yaml", "dgss/conf/backbone/dinov2_l.yaml", "dgss/conf/hydra/launcher/slurm.yaml"):  # fmt: skip
+        assert f in names, f

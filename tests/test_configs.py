@@ -1,0 +1,80 @@
+"""Every config composes and instantiates; every method and experiment runs with the tiny override."""
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import config_names
+from dgss.config import build_method, instantiate_group
+from dgss.methods.base import SegmentationMethod
+from dgss.train import train
+
+FAST = ["trainer.max_steps=1", "trainer.val_check_interval=1", "synthetic.val_length=2", "callbacks=minimal", "~logger"]
+
+
+@pytest.mark.parametrize("backbone", config_names("backbone"))
+def test_every_backbone_config_builds_tiny(compose_cfg, backbone):
+    cfg = compose_cfg([f"backbone={backbone}", "debug=tiny"])
+    m = build_method(cfg)
+    assert isinstance(m, SegmentationMethod)
+    assert m.backbone.num_blocks == 4 and m.backbone.embed_dim in (64, 96)
+
+
+@pytest.mark.parametrize("backbone", [b for b in config_names("backbone") if b != "tiny"])
+def test_real_backbone_configs_name_a_local_weights_file(compose_cfg, backbone):
+    cfg = compose_cfg([f"backbone={backbone}"])
+    assert cfg.backbone.weights.endswith(f"/{cfg.backbone.name}.safetensors")
+    assert cfg.backbone.weights.startswith(str(cfg.paths.weights_dir))
+
+
+@pytest.mark.parametrize("data", config_names("data"))
+def test_every_data_config_instantiates(compose_cfg, data):
+    cfg = compose_cfg([f"data={data}"])
+    dm = hydra.utils.instantiate(cfg.data)
+    assert dm.num_classes == cfg.data.num_classes and dm.target_names
+
+
+def test_default_groups_instantiate(compose_cfg):
+    cfg = compose_cfg(["logger=many", "trainer=cpu"])
+    assert len(instantiate_group(cfg.callbacks)) == 5
+    assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {"CSVLogger", "WandbLogger", "TensorBoardLogger"}
+
+
+@pytest.mark.parametrize("method", config_names("method"))
+def test_every_method_runs_one_step(compose_cfg, method):
+    cfg = compose_cfg([f"method={method}", "debug=tiny", *FAST])
+    metrics = train(cfg)
+    assert "val/mean_mIoU" in metrics and "train/loss" in metrics
+
+
+@pytest.mark.parametrize("experiment", config_names("experiment"))
+def test_every_experiment_runs_tiny(compose_cfg, experiment):
+    cfg = compose_cfg([f"experiment={experiment}", "debug=tiny", *FAST])
+    assert cfg.backbone.tiny and cfg.backbone.weights is None and cfg.trainer.accelerator == "cpu"
+    metrics = train(cfg)
+    assert "val/mean_mIoU" in metrics
+
+
+@pytest.mark.parametrize("debug", config_names("debug"))
+@pytest.mark.parametrize("trainer", config_names("trainer"))
+def test_debug_and_trainer_configs_compose(compose_cfg, debug, trainer):
+    cfg = compose_cfg([f"trainer={trainer}", f"debug={debug}"])
+    assert OmegaConf.to_container(cfg.trainer, resolve=True)["use_distributed_sampler"] is False
+
+
+def test_experiment_is_a_delta_and_command_line_wins(compose_cfg):
+    cfg = compose_cfg(["experiment=full", "trainer=cpu", "method.optimizer.lr=3e-4"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.backbone.name.startswith("vit_large_patch14_dinov2")
+    assert cfg.method.optimizer.lr == 3e-4 and cfg.method.lr_mults.backbone == 0.1
+    frozen = compose_cfg(["experiment=frozen"])
+    assert frozen.method._target_.endswith("FrozenBackbone")
+
+
+def test_optuna_and_slurm_configs_compose(compose_cfg):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_cfg(["hparams_search=optuna"])
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/mean_mIoU"
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_cfg(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"])
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["tasks_per_node"] == 8 and launcher["nodes"] == 2 and "SlurmLauncher" in launcher["_target_"]

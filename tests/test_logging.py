@@ -1,0 +1,39 @@
+"""wandb (offline) receives per-domain mIoU, the per-class table, the parameter summary and overlays."""
+
+import json
+import os
+
+import pytest
+
+from dgss.train import train
+
+TINY = ["debug=tiny", "trainer.max_steps=2", "synthetic.val_length=2", "callbacks=default", "~callbacks.progress_bar"]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_metrics_table_summary_and_images(compose_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg([*TINY, "logger=many"])
+    try:
+        train(cfg)
+    finally:
+        import wandb
+
+        wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = runs[0] / "files"
+    summary = json.loads((files / "wandb-summary.json").read_text())
+    for key in ("val/game/mIoU", "val/photo/mIoU", "val/mean_mIoU", "train/loss"):
+        assert key in summary, key
+    config = (files / "config.yaml").read_text()
+    assert "params/trainable" in config and "params/trainable_pct" in config
+    media = [str(p.relative_to(files)) for p in files.rglob("*") if p.is_file()]
+    assert any("per_class_iou" in m and m.endswith(".table.json") for m in media), media
+    for domain in ("game", "photo", "overcast", "fog", "night"):
+        assert any(f"val/{domain}/examples" in m and m.endswith(".png") for m in media), domain
+    assert any("mask" in m and m.endswith(".png") for m in media)  # segmentation masks travelled with the images
+    assert (tmp_path / "tensorboard").exists() and (tmp_path / "csv" / "metrics.csv").exists()
+    assert os.environ["WANDB_MODE"] == "offline"

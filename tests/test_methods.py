@@ -1,0 +1,137 @@
+import functools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dgss.data.datamodule import DGSSDataModule
+from dgss.data.synthetic import SyntheticDomain
+from dgss.data.transforms import TrainPipeline
+from dgss.errors import ConfigError
+from dgss.models.backbone import Backbone
+from dgss.models.heads.light import LightHead
+from dgss.methods.frozen import FrozenBackbone
+from dgss.methods.full import FullFineTune
+
+H, W = 32, 64
+
+
+def make_method(cls, weights=None, **kw):
+    mk = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", weights=weights, img_size=(H, W), model_kwargs=mk)
+    return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+
+
+def make_dm(n_train=8, n_val=3, **kw):
+    return DGSSDataModule(
+        sources={"game": SyntheticDomain("game", "train", n_train, H, W)},
+        targets={"game": SyntheticDomain("game", "val", n_val, H, W), "fog": SyntheticDomain("fog", "val", n_val, H, W)},
+        train_pipeline=TrainPipeline(crop=(H, W), short_edge=None, photometric=False),
+        batch_size=2, val_batch_size=2, num_workers=0, pin_memory=False, **kw,
+    )  # fmt: skip
+
+
+def trainer(tmp_path, steps=3, **kw):
+    return pl.Trainer(accelerator="cpu", max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)  # fmt: skip
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_full_trains_everything_with_backbone_at_a_tenth(tmp_path):
+    torch.manual_seed(0)
+    m = make_method(FullFineTune)
+    before = snapshot(m)
+    trainer(tmp_path).fit(m, make_dm())
+    lrs = {(g["lr_mult"], g["decay"]): g for g in m.trainer.optimizers[0].param_groups}
+    assert set(lrs) == {(0.1, True), (0.1, False), (1.0, True), (1.0, False)}
+    named = dict(m.named_parameters())
+    changed = {k for k, v in named.items() if not torch.equal(v.detach(), before[k])}
+    # every parameter received an update; the (unused) mask token is frozen, the final norm is dropped
+    assert changed == {k for k, p in named.items() if p.requires_grad}
+    assert {k for k, p in named.items() if not p.requires_grad} <= {"backbone.model.mask_token"}
+    assert not any(k.startswith("backbone.model.norm.") for k in named)
+
+
+def test_param_groups_no_decay_on_norms_biases_tokens():
+    m = make_method(FullFineTune)
+    groups = m.param_groups()
+    decay = {n for g in groups if g["decay"] for n in g["names"]}
+    no_decay = {n for g in groups if not g["decay"] for n in g["names"]}
+    for n in ("backbone.model.pos_embed", "backbone.model.cls_token", "backbone.model.reg_token",
+              "backbone.model.blocks.0.norm1.weight", "backbone.model.blocks.0.attn.qkv.bias",
+              "backbone.model.blocks.0.ls1.gamma", "head.fuse.1.weight", "head.classifier.bias"):  # fmt: skip
+        assert n in no_decay, n
+    for n in ("backbone.model.blocks.0.attn.qkv.weight", "backbone.model.patch_embed.proj.weight",
+              "head.classifier.weight", "head.fuse.0.weight"):  # fmt: skip
+        assert n in decay, n
+    mults = {n: g["lr_mult"] for g in groups for n in g["names"]}
+    assert mults["backbone.model.blocks.0.attn.qkv.weight"] == 0.1 and mults["head.classifier.weight"] == 1.0
+    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+
+
+def test_lr_mults_longest_prefix_wins():
+    m = make_method(FullFineTune, lr_mults={"backbone.model.blocks.1": 0.5})
+    mults = {n: g["lr_mult"] for g in m.param_groups() for n in g["names"]}
+    assert mults["backbone.model.blocks.1.mlp.fc1.weight"] == 0.5
+    assert mults["backbone.model.blocks.0.mlp.fc1.weight"] == 0.1
+
+
+def test_frozen_backbone_bit_identical_eval_mode_and_not_in_optimizer(tmp_path):
+    torch.manual_seed(0)
+    m = make_method(FrozenBackbone)
+    m.backbone.model.blocks[0].drop_path1 = torch.nn.Dropout(0.5)  # a stochastic layer that must stay off
+    before = snapshot(m.backbone)
+    head_before = snapshot(m.head)
+
+    modes = []
+    m.backbone.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    trainer(tmp_path, steps=4).fit(m, make_dm())
+    for k, v in m.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, head_before[k]) for k, v in m.head.state_dict().items())
+    assert modes and not any(modes)  # every training and validation forward ran the backbone in eval mode
+    opt_params = {id(p) for g in m.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in m.head.parameters()}
+    s = m.parameter_summary()
+    assert s["params/trainable"] == sum(p.numel() for p in m.head.parameters()) == s["params/head"]
+    assert s["params/total"] == s["params/backbone"] + s["params/head"]
+    assert math.isclose(s["params/trainable_pct"], 100 * s["params/head"] / s["params/total"])
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_poly_schedule_with_warmup_matches_formula(tmp_path, warmup):
+    m = make_method(FullFineTune, scheduler={"warmup_steps": warmup, "warmup_start_factor": 0.01, "power": 0.9},
+                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0))  # fmt: skip
+    total = 12
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[-1]["lr"] / trainer.optimizers[0].param_groups[-1]["lr_mult"])
+
+    trainer(tmp_path, steps=total, callbacks=[Spy()]).fit(m, make_dm(n_train=24))
+    for t, lr in enumerate(seen):
+        if t < warmup:
+            want = 1e-3 * (0.01 + (1 - 0.01) * t / warmup)
+        else:
+            want = 1e-3 * (1 - (t - warmup) / (total - warmup)) ** 0.9
+        assert math.isclose(lr, want, rel_tol=1e-6, abs_tol=1e-12), (t, lr, want)
+
+
+def test_num_classes_mismatch_is_one_clear_line(tmp_path):
+    m = make_method(FullFineTune)
+    with pytest.raises(ConfigError, match=r"the data has 7 classes but the model was built for num_classes=19"):
+        trainer(tmp_path).fit(m, make_dm(num_classes=7))
+
+
+def test_crop_not_multiple_of_patch_is_refused(tmp_path):
+    m = make_method(FullFineTune)
+    dm = make_dm()
+    dm.train_pipeline.crop = (30, 64)
+    with pytest.raises(ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"):
+        trainer(tmp_path).fit(m, dm)
