@@ -39,7 +39,7 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    pl.seed_everything(cfg.get("seed", 0))
+    pl.seed_everything(cfg.get("seed", 0), verbose=False)
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
     datamodule = hydra.utils.instantiate(data_cfg)

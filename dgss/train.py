@@ -30,7 +30,7 @@ class StoreConfig(pl.Callback):
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_method(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
