@@ -5,25 +5,51 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss")
 
+# Lightning 2.6 x torch 2.14 noise, printed on every fit: not actionable for users
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 
 MODEL_KEYS = ("backbone", "head", "method")
 
+# keys users override most, with the type they must have (``None`` allowed where the config allows it)
+TYPED_KEYS: dict[str, tuple[type, ...]] = {
+    "seed": (int,), "trainer.max_steps": (int,), "trainer.val_check_interval": (int, float),
+    "trainer.devices": (int, str, ListConfig), "trainer.num_nodes": (int,), "trainer.log_every_n_steps": (int,),
+    "trainer.accumulate_grad_batches": (int,), "data.batch_size": (int,), "data.val_batch_size": (int,),
+    "data.num_workers": (int,), "method.optimizer.lr": (int, float), "method.optimizer.weight_decay": (int, float),
+    "method.scheduler.warmup_steps": (int,), "method.scheduler.power": (int, float), "head.channels": (int,),
+    "synthetic.height": (int,), "synthetic.width": (int,), "synthetic.train_length": (int,), "synthetic.val_length": (int,),
+}  # fmt: skip
+
+
+def check_types(cfg: DictConfig) -> None:
+    """One line naming the key for a value of the wrong type (``trainer.max_steps=abc``)."""
+    for key, types in TYPED_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{key}={value!r} must be {want}")
+
 
 def build_method(cfg: DictConfig):
     """backbone + head factory -> the method LightningModule (``cfg.method``)."""
+    check_types(cfg)
     backbone = hydra.utils.instantiate(cfg.backbone)
     head = hydra.utils.instantiate(cfg.head)
     return hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")

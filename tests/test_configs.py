@@ -78,3 +78,18 @@ def test_optuna_and_slurm_configs_compose(compose_cfg):
     cfg = compose_cfg(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["tasks_per_node"] == 8 and launcher["nodes"] == 2 and "SlurmLauncher" in launcher["_target_"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [("trainer.max_steps=abc", "trainer.max_steps='abc' must be int"),
+     ("data.batch_size=2.5", "data.batch_size=2.5 must be int"),
+     ("method.optimizer.lr=fast", "method.optimizer.lr='fast' must be int or float"),
+     ("synthetic.height=true", "synthetic.height=True must be int")],
+)  # fmt: skip
+def test_bad_override_values_name_the_key(compose_cfg, override, match):
+    from dgss.errors import ConfigError
+
+    cfg = compose_cfg(["debug=tiny", override])
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dgss.errors import ConfigError
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, h, w) -> logits (B, K, h, w)
 
 
@@ -59,7 +61,7 @@ def predict(
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         logits = slide(fn, images, pair(crop), pair(stride), multiple)
     else:
-        raise ValueError(f"method.inference.mode={mode!r}; choose 'whole' or 'slide'")
+        raise ConfigError(f"method.inference.mode={mode!r}; choose 'whole' or 'slide'")
     if tuple(logits.shape[-2:]) != tuple(out_size):
         logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
     return logits

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgss.data.classes import IGNORE_INDEX
+from dgss.errors import ConfigError
 
 
 class LightHead(nn.Module):
@@ -30,6 +31,8 @@ class LightHead(nn.Module):
         ignore_index: int = IGNORE_INDEX,
     ):
         super().__init__()
+        if upsample < 1 or upsample & (upsample - 1):
+            raise ConfigError(f"head.upsample={upsample} must be a power of two (1, 2, 4, ...)")
         self.num_classes, self.ignore_index, self.loss_weight = num_classes, ignore_index, loss_weight
         self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.fuse = nn.Sequential(
