@@ -28,7 +28,9 @@ def _wandb(trainer: pl.Trainer) -> WandbLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
 
-def iou_table(per_class: dict[str, torch.Tensor], names: list[str], mean_over: list[str] | None, title: str) -> Table:
+def iou_table(
+    per_class: dict[str, torch.Tensor], names: list[str], mean_over: list[str] | None, title: str
+) -> Table:
     table = Table(title=title, show_lines=False)
     table.add_column("class")
     for d in per_class:
@@ -73,8 +75,13 @@ class IoUTables(pl.Callback):
             "step": trainer.global_step,
             "mean_mIoU": scores["mean_mIoU"],
             "mean_over": mean_over,
-            "domains": {d: {"mIoU": scores[f"{d}/mIoU"], "per_class": {n: nan_none(float(v)) for n, v in zip(names, iou)}}
-                        for d, iou in per_class.items()},  # fmt: skip
+            "domains": {
+                d: {
+                    "mIoU": scores[f"{d}/mIoU"],
+                    "per_class": {n: nan_none(float(v)) for n, v in zip(names, iou)},
+                }
+                for d, iou in per_class.items()
+            },  # fmt: skip
         }
         self.history.append(entry)
         self._write(trainer, entry, per_class, names, mean_over)
@@ -82,7 +89,9 @@ class IoUTables(pl.Callback):
     @rank_zero_only
     def _write(self, trainer, entry, per_class, names, mean_over) -> None:
         if self.console:
-            Console().print(iou_table(per_class, names, mean_over, f"{entry['stage']} IoU (%) at step {entry['step']}"))
+            Console().print(
+                iou_table(per_class, names, mean_over, f"{entry['stage']} IoU (%) at step {entry['step']}")
+            )
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
@@ -94,13 +103,19 @@ class IoUTables(pl.Callback):
                     w.writerow(["stage", "step", "domain", "class", "iou"])
                 for d, iou in per_class.items():
                     for n, v in zip(names, iou.tolist()):
-                        w.writerow([entry["stage"], entry["step"], d, n, "" if math.isnan(v) else f"{100 * v:.4f}"])
-                    w.writerow([entry["stage"], entry["step"], d, "mIoU", f"{entry['domains'][d]['mIoU']:.4f}"])
+                        w.writerow(
+                            [entry["stage"], entry["step"], d, n, "" if math.isnan(v) else f"{100 * v:.4f}"]
+                        )
+                    w.writerow(
+                        [entry["stage"], entry["step"], d, "mIoU", f"{entry['domains'][d]['mIoU']:.4f}"]
+                    )
         wb = _wandb(trainer)
         if wb is not None:
             rows = [[n, *(None if math.isnan(float(iou[c])) else 100 * float(iou[c]) for iou in per_class.values())]
                     for c, n in enumerate(names)]  # fmt: skip
-            wb.log_table(key="val/per_class_iou", columns=["class", *per_class], data=rows, step=trainer.global_step)
+            wb.log_table(
+                key="val/per_class_iou", columns=["class", *per_class], data=rows, step=trainer.global_step
+            )
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module, "val")
@@ -119,7 +134,9 @@ class WandbMedia(pl.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._buffer = {}
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or _wandb(trainer) is None:
             return
         domain = pl_module.domains[dataloader_idx]
@@ -134,8 +151,16 @@ class WandbMedia(pl.Callback):
                 break
             rgb = ((img.detach().cpu() * std + mean).clamp(0, 1) * 255).byte()
             if rgb.shape[-2:] != lab.shape:
-                rgb = torch.nn.functional.interpolate(rgb[None].float(), size=lab.shape, mode="bilinear")[0].byte()
-            buf.append((rgb.permute(1, 2, 0).numpy(), lab.cpu().numpy().astype(np.int32), pred.cpu().numpy().astype(np.int32)))
+                rgb = torch.nn.functional.interpolate(rgb[None].float(), size=lab.shape, mode="bilinear")[
+                    0
+                ].byte()
+            buf.append(
+                (
+                    rgb.permute(1, 2, 0).numpy(),
+                    lab.cpu().numpy().astype(np.int32),
+                    pred.cpu().numpy().astype(np.int32),
+                )
+            )
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         wb = _wandb(trainer)
@@ -147,7 +172,12 @@ class WandbMedia(pl.Callback):
             wb.log_image(
                 key=f"val/{domain}/examples",
                 images=[img for img, _, _ in items],
-                masks=[{"prediction": {"mask_data": pred, "class_labels": labels},
-                        "ground_truth": {"mask_data": lab, "class_labels": labels}} for _, lab, pred in items],  # fmt: skip
+                masks=[
+                    {
+                        "prediction": {"mask_data": pred, "class_labels": labels},
+                        "ground_truth": {"mask_data": lab, "class_labels": labels},
+                    }
+                    for _, lab, pred in items
+                ],  # fmt: skip
                 step=trainer.global_step,
             )

@@ -59,7 +59,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Every entry with a ``_target_`` in a callbacks / logger group."""
     if not group:
         return []
-    return [hydra.utils.instantiate(v) for v in group.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [
+        hydra.utils.instantiate(v) for v in group.values() if isinstance(v, DictConfig) and "_target_" in v
+    ]
 
 
 def model_config(cfg: DictConfig) -> dict:

@@ -41,7 +41,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
-        raise ConfigError("trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact")
+        raise ConfigError(
+            "trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact"
+        )
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -61,7 +63,9 @@ def _main(cfg: DictConfig) -> float | None:
     if name not in metrics:
         if cfg.trainer.get("fast_dev_run"):
             return None
-        raise ConfigError(f"optimized_metric={name!r} was never logged; logged metrics: {', '.join(sorted(metrics))}")
+        raise ConfigError(
+            f"optimized_metric={name!r} was never logged; logged metrics: {', '.join(sorted(metrics))}"
+        )
     return metrics[name]
 
 

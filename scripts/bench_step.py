@@ -47,7 +47,11 @@ class Cached(torch.utils.data.Dataset):
 
 def build(h, w):
     torch.manual_seed(0)
-    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(h, w), model_kwargs=dict(patch_size=8, depth=4, embed_dim=96, num_heads=3))
+    bb = Backbone(
+        "vit_small_patch14_reg4_dinov2",
+        img_size=(h, w),
+        model_kwargs=dict(patch_size=8, depth=4, embed_dim=96, num_heads=3),
+    )
     return FullFineTune(bb, functools.partial(LightHead, channels=128, upsample=2), num_classes=19,
                         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01))  # fmt: skip
 
@@ -91,7 +95,9 @@ class StepTimer(pl.Callback):
 
 def dgss_loop(data, steps, batch, h, w) -> list[float]:
     m = build(h, w)
-    dm = DGSSDataModule(sources={"game": data}, targets={"game": data}, batch_size=batch, num_workers=0, pin_memory=False)
+    dm = DGSSDataModule(
+        sources={"game": data}, targets={"game": data}, batch_size=batch, num_workers=0, pin_memory=False
+    )
     dm.sources["game"].transform = None  # already transformed
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps + 1, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -121,7 +127,9 @@ def main() -> None:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads | tiny ViT (4x96, patch 8) + light head, "
             f"batch {a.batch} @ {a.height}x{a.width}, median of {a.steps - a.warmup} steps | "
             f"{1000 * hand1:.1f} / {1000 * hand2:.1f} | {1000 * ours:.1f} | **{ratio:.3f}** |")  # fmt: skip
-    print(f"hand-written loop: {1000 * hand1:.1f} ms, {1000 * hand2:.1f} ms (before / after); dgss: {1000 * ours:.1f} ms")
+    print(
+        f"hand-written loop: {1000 * hand1:.1f} ms, {1000 * hand2:.1f} ms (before / after); dgss: {1000 * ours:.1f} ms"
+    )
     print(f"ratio dgss / hand-written = {ratio:.3f} (target <= 1.05)")
     out = Path(a.out)
     header = "## Training-step overhead (`scripts/bench_step.py`)\n\n"
@@ -129,8 +137,13 @@ def main() -> None:
              "|---|---|---|---|---|---|\n")  # fmt: skip
     text = out.read_text() if out.exists() else "# Benchmarks\n\n"
     if header not in text:
-        text += "\n" + header + "One dgss step (Lightning Trainer, method base class, DataModule, logging) over a hand-written\n" \
-                "loop on the same model, batch, parameter groups and schedule, measured in the same process.\n\n" + table
+        text += (
+            "\n"
+            + header
+            + "One dgss step (Lightning Trainer, method base class, DataModule, logging) over a hand-written\n"
+            "loop on the same model, batch, parameter groups and schedule, measured in the same process.\n\n"
+            + table
+        )
     out.write_text(text.rstrip("\n") + "\n" + line + "\n")
     print(f"appended to {out}")
 

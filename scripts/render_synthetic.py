@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Render a PNG grid of embedded synthetic samples: one row per scene, one column per domain + the labels.
 
-    python scripts/render_synthetic.py [--out docs/images/synthetic_domains.png] [--scenes 4] [--height 192]
+python scripts/render_synthetic.py [--out docs/images/synthetic_domains.png] [--scenes 4] [--height 192]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--height", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="val", choices=list(SPLIT_OFFSETS))
+    p.add_argument("--true-color", dest="palette", action="store_false", help="keep 24-bit colour")
     a = p.parse_args()
     h, w = a.height, 2 * a.height
     header = np.full((24, w * (len(DOMAINS) + 1), 3), 255, np.uint8)
@@ -40,7 +41,10 @@ def main() -> None:
         rows.append(np.concatenate(cells, axis=1))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out, optimize=True)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    if a.palette:  # 256-colour PNG: the noise textures make a true-colour grid ~1.5 MB
+        grid = grid.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    grid.save(out, optimize=True)
     print(f"wrote {out}")
 
 

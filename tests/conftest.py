@@ -28,7 +28,9 @@ def compose_cfg(tmp_path):
     def _compose(overrides=(), config_name="train"):
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="dgss.conf", version_base="1.3"):
-            cfg = compose(config_name, overrides=[*overrides, f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+            cfg = compose(
+                config_name, overrides=[*overrides, f"paths.log_dir={tmp_path}"], return_hydra_config=True
+            )
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path)
             cfg.hydra.job.num = 0

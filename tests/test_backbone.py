@@ -56,7 +56,9 @@ def test_hook_output_feeds_the_next_block_and_prefix_is_addressable(name):
     torch.testing.assert_close(out[0], base[0], rtol=0, atol=0)  # block 0 is before the hook
     torch.testing.assert_close(out[1], 1.5 * base[1])  # block 1's features carry the hook's output
     assert not torch.allclose(out[2], base[2], atol=1e-3)  # and block 2 saw it as input (its own output
-    assert not torch.equal(out[2], 1.5 * base[2])  # is not just the scaled residual; LayerScale keeps it small)
+    assert not torch.equal(
+        out[2], 1.5 * base[2]
+    )  # is not just the scaled residual; LayerScale keeps it small)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -67,7 +69,9 @@ def test_block_parts_expose_attention_and_mlp(name):
         p = bb.block_parts(i)
         assert bb.model.get_submodule(p.path) is p.block
         if family == "eva":  # EVA02 models use separate q/k/v projections
-            assert p.qkv is None and all(m.in_features == 64 and m.out_features == 64 for m in (p.q, p.k, p.v))
+            assert p.qkv is None and all(
+                m.in_features == 64 and m.out_features == 64 for m in (p.q, p.k, p.v)
+            )
         else:
             assert p.qkv.in_features == 64 and p.qkv.out_features == 192 and p.q is None
         assert p.proj.out_features == 64 and hasattr(p.mlp, "fc2")
@@ -89,7 +93,10 @@ def test_weights_file_loads_through_timm_filter(tmp_path):
     # same grid: bit-exact
     bb = Backbone("vit_large_patch14_dinov2.lvd142m", weights=str(path), img_size=56, model_kwargs=kwargs)
     own = bb.model.state_dict()
-    assert set(own) == set(src.state_dict()) - {"norm.weight", "norm.bias"}  # final norm unused (final_norm=False)
+    assert set(own) == set(src.state_dict()) - {
+        "norm.weight",
+        "norm.bias",
+    }  # final norm unused (final_norm=False)
     for k, v in own.items():
         assert torch.equal(v, src.state_dict()[k]), k
     # other grid: timm's filter resamples the position embedding
@@ -111,19 +118,40 @@ def test_missing_and_mismatched_weights_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"backbone.weights='.*nope.pth' does not exist"):
         Backbone("vit_large_patch14_dinov2", weights=str(tmp_path / "nope.pth"), img_size=56,
                  model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))  # fmt: skip
-    small = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=1, embed_dim=64, num_heads=2)
+    small = timm.create_model(
+        "vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=1, embed_dim=64, num_heads=2
+    )
     path = tmp_path / "small.pth"
     torch.save(small.state_dict(), path)
-    with pytest.raises(ConfigError, match=r"does not fit backbone.name='vit_large_patch14_dinov2'.*missing: blocks.1") as e:
-        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+    with pytest.raises(
+        ConfigError, match=r"does not fit backbone.name='vit_large_patch14_dinov2'.*missing: blocks.1"
+    ) as e:
+        Backbone(
+            "vit_large_patch14_dinov2",
+            weights=str(path),
+            img_size=56,
+            model_kwargs=dict(depth=2, embed_dim=64, num_heads=2),
+        )
     assert "\n" not in str(e.value)
-    wide = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=2, embed_dim=96, num_heads=2)
+    wide = timm.create_model(
+        "vit_large_patch14_dinov2", num_classes=0, img_size=56, depth=2, embed_dim=96, num_heads=2
+    )
     torch.save(wide.state_dict(), path)
     with pytest.raises(ConfigError, match=r"shape mismatch: .*\(96"):
-        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+        Backbone(
+            "vit_large_patch14_dinov2",
+            weights=str(path),
+            img_size=56,
+            model_kwargs=dict(depth=2, embed_dim=64, num_heads=2),
+        )
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="is not a readable checkpoint"):
-        Backbone("vit_large_patch14_dinov2", weights=str(path), img_size=56, model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
+        Backbone(
+            "vit_large_patch14_dinov2",
+            weights=str(path),
+            img_size=56,
+            model_kwargs=dict(depth=2, embed_dim=64, num_heads=2),
+        )
 
 
 def test_tiny_with_weights_is_refused():

@@ -19,7 +19,13 @@ RUN = ["trainer=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "tr
 def backbone_args(weights):
     kw = [f"+backbone.model_kwargs.{k}={v}" if k not in ("patch_size",) else f"backbone.model_kwargs.{k}={v}"
           for k, v in TINY_DINO.items()]  # fmt: skip
-    return ["backbone=dinov2_s", f"backbone.weights={weights}", "backbone.img_size=64", "backbone.out_indices=[0,1]", *kw]
+    return [
+        "backbone=dinov2_s",
+        f"backbone.weights={weights}",
+        "backbone.img_size=64",
+        "backbone.out_indices=[0,1]",
+        *kw,
+    ]
 
 
 @pytest.fixture
@@ -37,7 +43,10 @@ def test_frozen_checkpoint_holds_only_trained_tensors_and_eval_reproduces(compos
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # only the head was trained
     assert any(k.startswith("head.") for k in ckpt["state_dict"])
-    assert ckpt["dgss"]["backbone"]["weights"] == str(weights) and len(ckpt["dgss"]["backbone"]["weights_sha256"]) == 64
+    assert (
+        ckpt["dgss"]["backbone"]["weights"] == str(weights)
+        and len(ckpt["dgss"]["backbone"]["weights_sha256"]) == 64
+    )
 
     ecfg = compose_cfg([f"ckpt_path={ckpt_path}", "trainer=cpu"], config_name="eval")
     again = evaluate(ecfg)
@@ -74,5 +83,7 @@ def test_eval_with_wrong_num_classes_is_refused(compose_cfg, tmp_path, weights):
     train(cfg)
     ecfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu", "data=synthetic",
                         "synthetic.val_length=1", "data.num_classes=5", "data._convert_=all"], config_name="eval")  # fmt: skip
-    with pytest.raises(ConfigError, match="the data has 5 classes but the model was built for num_classes=19"):
+    with pytest.raises(
+        ConfigError, match="the data has 5 classes but the model was built for num_classes=19"
+    ):
         evaluate(ecfg)

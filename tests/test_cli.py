@@ -14,7 +14,9 @@ TINY = ["debug=tiny", "trainer.max_steps=2", "synthetic.val_length=2", "logger=c
 
 def run(args, cwd, prog="dgss-train", timeout=300):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([str(BIN / prog), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / prog), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_train_from_any_directory_then_eval(tmp_path):
@@ -26,17 +28,25 @@ def test_train_from_any_directory_then_eval(tmp_path):
     assert "mIoU" in (run_dir / "iou.csv").read_text() and (run_dir / "csv" / "metrics.csv").exists()
     assert "game *" in r.stdout  # the console table marks the source as not in the mean
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    e = run([f"ckpt_path={ckpt}", "trainer=cpu", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, prog="dgss-eval")
+    e = run(
+        [f"ckpt_path={ckpt}", "trainer=cpu", f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=tmp_path,
+        prog="dgss-eval",
+    )
     assert e.returncode == 0, e.stderr[-3000:]
     ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert ev[-1]["mean_mIoU"] == pytest.approx(hist[-1]["mean_mIoU"], abs=1e-6)
 
 
 def test_bad_input_is_one_line(tmp_path):
-    r = run(["debug=tiny", "backbone.name=vit_larg_patch14_dinov2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    r = run(
+        ["debug=tiny", "backbone.name=vit_larg_patch14_dinov2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path
+    )
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
-    assert len(err) == 1 and err[0].startswith("dgss-train: error: backbone.name='vit_larg_patch14_dinov2'"), r.stderr
+    assert len(err) == 1 and err[0].startswith(
+        "dgss-train: error: backbone.name='vit_larg_patch14_dinov2'"
+    ), r.stderr
     assert "did you mean vit_large_patch14_dinov2" in err[0] and "Traceback" not in r.stderr
 
 

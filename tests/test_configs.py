@@ -2,14 +2,20 @@
 
 import hydra
 import pytest
+from conftest import config_names
 from omegaconf import OmegaConf
 
-from conftest import config_names
 from dgss.config import build_method, instantiate_group
 from dgss.methods.base import SegmentationMethod
 from dgss.train import train
 
-FAST = ["trainer.max_steps=1", "trainer.val_check_interval=1", "synthetic.val_length=2", "callbacks=minimal", "~logger"]
+FAST = [
+    "trainer.max_steps=1",
+    "trainer.val_check_interval=1",
+    "synthetic.val_length=2",
+    "callbacks=minimal",
+    "~logger",
+]
 
 
 @pytest.mark.parametrize("backbone", config_names("backbone"))
@@ -37,7 +43,11 @@ def test_every_data_config_instantiates(compose_cfg, data):
 def test_default_groups_instantiate(compose_cfg):
     cfg = compose_cfg(["logger=many", "trainer=cpu"])
     assert len(instantiate_group(cfg.callbacks)) == 5
-    assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {"CSVLogger", "WandbLogger", "TensorBoardLogger"}
+    assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {
+        "CSVLogger",
+        "WandbLogger",
+        "TensorBoardLogger",
+    }
 
 
 @pytest.mark.parametrize("method", config_names("method"))
@@ -77,7 +87,9 @@ def test_optuna_and_slurm_configs_compose(compose_cfg):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = compose_cfg(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert launcher["tasks_per_node"] == 8 and launcher["nodes"] == 2 and "SlurmLauncher" in launcher["_target_"]
+    assert (
+        launcher["tasks_per_node"] == 8 and launcher["nodes"] == 2 and "SlurmLauncher" in launcher["_target_"]
+    )
 
 
 @pytest.mark.parametrize(

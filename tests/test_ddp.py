@@ -7,9 +7,9 @@ import torch
 
 from dgss.data.datamodule import DGSSDataModule
 from dgss.data.synthetic import SyntheticDomain
+from dgss.methods.full import FullFineTune
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead
-from dgss.methods.full import FullFineTune
 
 
 class SaveIoU(pl.Callback):
@@ -23,7 +23,11 @@ class SaveIoU(pl.Callback):
 
 def _method():
     torch.manual_seed(0)
-    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64), model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))
+    bb = Backbone(
+        "vit_small_patch14_reg4_dinov2",
+        img_size=(32, 64),
+        model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
+    )
     return FullFineTune(bb, functools.partial(LightHead, channels=16), num_classes=19)
 
 

@@ -7,7 +7,13 @@ import pytest
 
 from dgss.train import train
 
-TINY = ["debug=tiny", "trainer.max_steps=2", "synthetic.val_length=2", "callbacks=default", "~callbacks.progress_bar"]
+TINY = [
+    "debug=tiny",
+    "trainer.max_steps=2",
+    "synthetic.val_length=2",
+    "callbacks=default",
+    "~callbacks.progress_bar",
+]
 
 
 @pytest.mark.slow
@@ -31,11 +37,16 @@ def test_wandb_offline_run_has_metrics_table_summary_and_images(compose_cfg, tmp
                 "params/trainable", "params/trainable_pct", "params/total"):  # fmt: skip
         assert key.encode() in records, key
     table = json.loads(next(files.rglob("per_class_iou*.table.json")).read_text())
-    assert table["columns"] == ["class", "game", "photo", "overcast", "fog", "night"] and len(table["data"]) == 19
+    assert (
+        table["columns"] == ["class", "game", "photo", "overcast", "fog", "night"]
+        and len(table["data"]) == 19
+    )
     media = [str(p.relative_to(files)) for p in files.rglob("*") if p.is_file()]
     assert any("per_class_iou" in m and m.endswith(".table.json") for m in media), media
     for domain in ("game", "photo", "overcast", "fog", "night"):
         assert any(f"val/{domain}/examples" in m and m.endswith(".png") for m in media), domain
-    assert any("mask" in m and m.endswith(".png") for m in media)  # segmentation masks travelled with the images
+    assert any(
+        "mask" in m and m.endswith(".png") for m in media
+    )  # segmentation masks travelled with the images
     assert (tmp_path / "tensorboard").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     assert os.environ["WANDB_MODE"] == "offline"

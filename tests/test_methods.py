@@ -9,10 +9,10 @@ from dgss.data.datamodule import DGSSDataModule
 from dgss.data.synthetic import SyntheticDomain
 from dgss.data.transforms import TrainPipeline
 from dgss.errors import ConfigError
-from dgss.models.backbone import Backbone
-from dgss.models.heads.light import LightHead
 from dgss.methods.frozen import FrozenBackbone
 from dgss.methods.full import FullFineTune
+from dgss.models.backbone import Backbone
+from dgss.models.heads.light import LightHead
 
 H, W = 32, 64
 
@@ -112,7 +112,10 @@ def test_poly_schedule_with_warmup_matches_formula(tmp_path, warmup):
 
     class Spy(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(trainer.optimizers[0].param_groups[-1]["lr"] / trainer.optimizers[0].param_groups[-1]["lr_mult"])
+            seen.append(
+                trainer.optimizers[0].param_groups[-1]["lr"]
+                / trainer.optimizers[0].param_groups[-1]["lr_mult"]
+            )
 
     trainer(tmp_path, steps=total, callbacks=[Spy()]).fit(m, make_dm(n_train=24))
     for t, lr in enumerate(seen):
@@ -125,7 +128,9 @@ def test_poly_schedule_with_warmup_matches_formula(tmp_path, warmup):
 
 def test_num_classes_mismatch_is_one_clear_line(tmp_path):
     m = make_method(FullFineTune)
-    with pytest.raises(ConfigError, match=r"the data has 7 classes but the model was built for num_classes=19"):
+    with pytest.raises(
+        ConfigError, match=r"the data has 7 classes but the model was built for num_classes=19"
+    ):
         trainer(tmp_path).fit(m, make_dm(num_classes=7))
 
 
@@ -133,5 +138,7 @@ def test_crop_not_multiple_of_patch_is_refused(tmp_path):
     m = make_method(FullFineTune)
     dm = make_dm()
     dm.train_pipeline.crop = (30, 64)
-    with pytest.raises(ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"):
+    with pytest.raises(
+        ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"
+    ):
         trainer(tmp_path).fit(m, dm)

@@ -29,7 +29,11 @@ def test_confusion_accumulates_over_the_set_not_per_image():
 
 
 def test_mean_over_targets_excludes_the_source_and_skips_empty():
-    per = {"src": torch.tensor([1.0, 1.0]), "t1": torch.tensor([0.5, float("nan")]), "t2": torch.tensor([0.2, 0.4])}
+    per = {
+        "src": torch.tensor([1.0, 1.0]),
+        "t1": torch.tensor([0.5, float("nan")]),
+        "t2": torch.tensor([0.2, 0.4]),
+    }
     s = summarize(per, mean_over=["t1", "t2"])
     close = lambda a, b: math.isclose(a, b, rel_tol=1e-6)  # noqa: E731  (float32 IoUs)
     assert close(s["src/mIoU"], 100.0) and close(s["t1/mIoU"], 50.0) and close(s["t2/mIoU"], 30.0)

@@ -63,7 +63,12 @@ class SegmentationMethod(pl.LightningModule):
         self.head = head(in_channels=backbone.out_channels, num_classes=num_classes)
         self.num_classes = num_classes
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05)
-        self.scheduler_cfg = {"warmup_steps": 0, "warmup_start_factor": 1e-6, "power": 0.9, **(scheduler or {})}
+        self.scheduler_cfg = {
+            "warmup_steps": 0,
+            "warmup_start_factor": 1e-6,
+            "power": 0.9,
+            **(scheduler or {}),
+        }
         self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
         self.no_decay = tuple(no_decay)
         self.inference_cfg = {"mode": "whole", "crop": 512, "stride": 341, **(inference or {})}
@@ -98,7 +103,9 @@ class SegmentationMethod(pl.LightningModule):
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731
         cfg = self.inference_cfg
-        return inference.predict(fn, images, out_size, self.backbone.patch_size, cfg["mode"], cfg["crop"], cfg["stride"])
+        return inference.predict(
+            fn, images, out_size, self.backbone.patch_size, cfg["mode"], cfg["crop"], cfg["stride"]
+        )
 
     # ---------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -176,11 +183,18 @@ class SegmentationMethod(pl.LightningModule):
             g["lr"] = g["lr"] * g["lr_mult"]
             if not g["decay"]:
                 g["weight_decay"] = 0.0
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"},
+        }
 
     def build_scheduler(self, opt: torch.optim.Optimizer):
         """Linear warm-up from ``warmup_start_factor`` then poly decay to 0 at the last step."""
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else int(self.trainer.estimated_stepping_batches)
+        )
         cfg = self.scheduler_cfg
         warm = int(cfg["warmup_steps"])
         if warm >= total:
@@ -188,7 +202,9 @@ class SegmentationMethod(pl.LightningModule):
         poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=cfg["power"])
         if not warm:
             return poly
-        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=cfg["warmup_start_factor"], total_iters=warm)
+        linear = torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=cfg["warmup_start_factor"], total_iters=warm
+        )
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, poly], milestones=[warm])
 
     # ----------------------------------------------------------------------------- checkpoints

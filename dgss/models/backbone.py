@@ -126,7 +126,9 @@ class Backbone(nn.Module):
             valid = supported_models()
             close = difflib.get_close_matches(arch, valid, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ConfigError(f"backbone.name={name!r} is not a timm model; {hint}valid names: {', '.join(valid)}")
+            raise ConfigError(
+                f"backbone.name={name!r} is not a timm model; {hint}valid names: {', '.join(valid)}"
+            )
         kwargs = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = tuple(img_size) if isinstance(img_size, Sequence) else img_size
@@ -194,7 +196,12 @@ class Backbone(nn.Module):
         """What re-creates the frozen part: stored in PEFT-only checkpoints."""
         if self.weights and self.weights_sha256 is None:
             self.weights_sha256 = file_sha256(self.weights)
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256, "tiny": self.tiny}
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "tiny": self.tiny,
+        }
 
     # ---------------------------------------------------------------------------------- weights
     def load_weights(self, path: str | os.PathLike) -> None:

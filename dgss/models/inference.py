@@ -24,7 +24,9 @@ def whole(fn: LogitsFn, images: torch.Tensor, multiple: int) -> torch.Tensor:
     return fn(pad_to_multiple(images, multiple))[..., :h, :w]
 
 
-def slide(fn: LogitsFn, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int], multiple: int) -> torch.Tensor:
+def slide(
+    fn: LogitsFn, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int], multiple: int
+) -> torch.Tensor:
     """Windows of ``crop`` every ``stride`` (last window flush with the border), logits / overlap count."""
     ch, cw = crop
     sh, sw = stride

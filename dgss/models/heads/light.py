@@ -36,7 +36,9 @@ class LightHead(nn.Module):
         self.num_classes, self.ignore_index, self.loss_weight = num_classes, ignore_index, loss_weight
         self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.fuse = nn.Sequential(
-            nn.Conv2d(channels * len(in_channels), channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(True)
+            nn.Conv2d(channels * len(in_channels), channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(True),
         )
         # optional learned ×2 steps: finer logits for small patch grids (the embedded data on CPU)
         self.up = nn.Sequential(*[
@@ -49,7 +51,9 @@ class LightHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor | None = None) -> torch.Tensor:
         size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
         maps = [
-            F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size else p(f)
+            F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+            if f.shape[-2:] != size
+            else p(f)
             for p, f in zip(self.proj, features)
         ]
         x = self.up(self.fuse(torch.cat(maps, dim=1)))
@@ -62,4 +66,7 @@ class LightHead(nn.Module):
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.logits(output, labels.shape[-2:])
-        return {"loss_ce": self.loss_weight * F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index)}
+        return {
+            "loss_ce": self.loss_weight
+            * F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index)
+        }
