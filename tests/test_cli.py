@@ -19,10 +19,14 @@ def run(args, cwd, prog="dgss-train", timeout=300):
     )
 
 
-def test_train_from_any_directory_then_eval(tmp_path):
+def test_user_experiment_from_any_directory_then_eval(tmp_path):
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/demo\n  - override /method: frozen\n")
     run_dir = tmp_path / "run"
-    r = run(["experiment=demo", *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    r = run(["--config-dir", "my_conf", "experiment=mine", *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "FrozenBackbone" in r.stdout + r.stderr  # the user's delta over the packaged demo applied
     hist = json.loads((run_dir / "metrics.json").read_text())
     assert hist[-1]["step"] == 2 and set(hist[-1]["domains"]) == {"game", "photo", "overcast", "fog", "night"}
     assert "mIoU" in (run_dir / "iou.csv").read_text() and (run_dir / "csv" / "metrics.csv").exists()

@@ -105,3 +105,9 @@ def test_bad_override_values_name_the_key(compose_cfg, override, match):
     cfg = compose_cfg(["debug=tiny", override])
     with pytest.raises(ConfigError, match=match):
         train(cfg)
+
+
+def test_bf16_mixed_is_a_trainer_option(compose_cfg):
+    cfg = compose_cfg(["debug=tiny", "trainer.precision=bf16-mixed", *FAST])
+    metrics = train(cfg)
+    assert metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN

@@ -1,0 +1,146 @@
+"""``DGSSDataModule``: named sources -> one training stream; named targets -> one evaluation loader each.
+
+Samplers are ours, not Lightning's (``Trainer(use_distributed_sampler=False)``): training draws from the
+concatenated sources (optionally weighted per source) and is split over ranks with Lightning's
+``DistributedSamplerWrapper``; every evaluation loader uses ``UnrepeatedDistributedSampler``, so under DDP
+each image is evaluated exactly once (the default sampler pads with duplicates and biases mIoU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
+
+from dgss.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ClassSet
+from dgss.data.transforms import TestPipeline, TrainPipeline
+from dgss.errors import ConfigError
+
+
+class DGSSDataModule(pl.LightningDataModule):
+    """
+    Args:
+        sources: name -> training data set (each gets ``train_pipeline`` as its ``transform``).
+        targets: name -> evaluation data set (each gets ``test_pipeline``, or its own ``test_size``).
+        source_weights: name -> sampling weight; ``None`` samples images uniformly over the concatenation.
+        exclude_from_mean: targets that are evaluated and logged but not part of ``val/mean_mIoU``
+            (e.g. the source's own validation split).
+        seed: seeds the training order (identically on every rank).
+        num_classes / class_names / palette: the label space (default: the 19 Cityscapes classes; a custom
+            space is labels 0..K-1 plus 255 = ignore).
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Dataset],
+        targets: Mapping[str, Dataset],
+        train_pipeline: TrainPipeline | None = None,
+        test_pipeline: TestPipeline | None = None,
+        source_weights: Mapping[str, float] | None = None,
+        exclude_from_mean: Sequence[str] = (),
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not sources:
+            raise ConfigError("data.sources is empty; name at least one training data set")
+        if not targets:
+            raise ConfigError("data.targets is empty; name at least one evaluation data set")
+        if batch_size <= 0 or val_batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size} and data.val_batch_size={val_batch_size} must be > 0")
+        self.sources, self.targets = dict(sources), dict(targets)
+        unknown = set(source_weights or {}) - set(self.sources)
+        if unknown:
+            raise ConfigError(f"data.source_weights names {sorted(unknown)}, which are not in data.sources {list(self.sources)}")
+        unknown = set(exclude_from_mean) - set(self.targets)
+        if unknown:
+            raise ConfigError(f"data.exclude_from_mean names {sorted(unknown)}, which are not in data.targets {list(self.targets)}")
+        self.source_weights = dict(source_weights) if source_weights else None
+        self.exclude_from_mean = list(exclude_from_mean)
+        self.train_pipeline = train_pipeline or TrainPipeline()
+        self.test_pipeline = test_pipeline or TestPipeline()
+        for ds in self.sources.values():
+            ds.transform = self.train_pipeline
+        for ds in self.targets.values():
+            size = getattr(ds, "test_size", None)  # a data set's own test resolution wins
+            ds.transform = self.test_pipeline.with_size(size) if size else self.test_pipeline
+        if class_names:
+            names = tuple(class_names)
+        elif num_classes in (None, len(CITYSCAPES_CLASSES)):
+            names = CITYSCAPES_CLASSES
+        else:
+            names = tuple(f"class_{i}" for i in range(num_classes))
+        if num_classes is not None and num_classes != len(names):
+            raise ConfigError(f"data.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree")
+        if palette is None and len(names) == len(CITYSCAPES_CLASSES):
+            palette = CITYSCAPES_PALETTE
+        elif palette is None:  # custom label space without colours: spread hues
+            palette = [tuple(int(c) for c in torch.randint(0, 256, (3,), generator=torch.Generator().manual_seed(i)))
+                       for i in range(len(names))]  # fmt: skip
+        self.classes = ClassSet(tuple(names), tuple(tuple(int(v) for v in c) for c in palette))
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------------------------- naming
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.targets)
+
+    @property
+    def mean_targets(self) -> list[str]:
+        return [t for t in self.targets if t not in self.exclude_from_mean]
+
+    # ------------------------------------------------------------------------------ loaders
+    def _dist(self) -> tuple[int, int] | None:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.world_size, trainer.global_rank
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        names = list(self.sources)
+        data = ConcatDataset([self.sources[n] for n in names])
+        # the same generator seed on every rank: all ranks draw one order and each takes its own share
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.source_weights:
+            per_sample = torch.cat([torch.full((len(self.sources[n]),), float(self.source_weights.get(n, 0.0)) / len(self.sources[n]))
+                                    for n in names])  # fmt: skip
+            sampler = WeightedRandomSampler(per_sample, num_samples=len(data), replacement=True, generator=gen)
+        else:
+            sampler = RandomSampler(data, generator=gen)
+        dist = self._dist()
+        if dist is not None:
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=dist[0], rank=dist[1], shuffle=False)
+        if len(sampler) < self.batch_size:
+            raise ConfigError(
+                f"the training stream has {len(sampler)} samples per rank, fewer than data.batch_size={self.batch_size}"
+            )
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def _eval_loader(self, ds: Dataset) -> DataLoader:
+        dist = self._dist()
+        sampler = (UnrepeatedDistributedSampler(ds, num_replicas=dist[0], rank=dist[1], shuffle=False)
+                   if dist is not None else SequentialSampler(ds))  # fmt: skip
+        return DataLoader(ds, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(ds) for ds in self.targets.values()]
+
+    test_dataloader = val_dataloader
