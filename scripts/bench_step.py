@@ -15,11 +15,11 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from benchmarks_md import append_row
 
 from dgss.data.datamodule import DGSSDataModule
 from dgss.data.synthetic import SyntheticDomain
@@ -123,28 +123,35 @@ def main() -> None:
     hand2 = med(hand_loop(data, a.steps, a.batch, a.height, a.width))
     base = (hand1 + hand2) / 2
     ratio = ours / base
-    line = (f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads | tiny ViT (4x96, patch 8) + light head, "
-            f"batch {a.batch} @ {a.height}x{a.width}, median of {a.steps - a.warmup} steps | "
-            f"{1000 * hand1:.1f} / {1000 * hand2:.1f} | {1000 * ours:.1f} | **{ratio:.3f}** |")  # fmt: skip
     print(
         f"hand-written loop: {1000 * hand1:.1f} ms, {1000 * hand2:.1f} ms (before / after); dgss: {1000 * ours:.1f} ms"
     )
     print(f"ratio dgss / hand-written = {ratio:.3f} (target <= 1.05)")
-    out = Path(a.out)
-    header = "## Training-step overhead (`scripts/bench_step.py`)\n\n"
-    table = ("| date | machine | model / batch | hand-written step, ms (before / after) | dgss step, ms | ratio |\n"
-             "|---|---|---|---|---|---|\n")  # fmt: skip
-    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    if header not in text:
-        text += (
-            "\n"
-            + header
-            + "One dgss step (Lightning Trainer, method base class, DataModule, logging) over a hand-written\n"
-            "loop on the same model, batch, parameter groups and schedule, measured in the same process.\n\n"
-            + table
-        )
-    out.write_text(text.rstrip("\n") + "\n" + line + "\n")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    model = f"tiny ViT (4x96, patch 8) + light head, batch {a.batch} @ {a.height}x{a.width}, median of {a.steps - a.warmup} steps"
+    append_row(
+        a.out,
+        "## Training-step overhead (`scripts/bench_step.py`)",
+        "One dgss step (Lightning Trainer, method base class, DataModule, logging) over a hand-written\n"
+        "loop on the same model, batch, parameter groups and schedule, measured in the same process.",
+        [
+            "date",
+            "machine",
+            "model / batch",
+            "hand-written step, ms (before / after)",
+            "dgss step, ms",
+            "ratio",
+        ],
+        [
+            str(datetime.date.today()),
+            machine,
+            model,
+            f"{1000 * hand1:.1f} / {1000 * hand2:.1f}",
+            f"{1000 * ours:.1f}",
+            f"**{ratio:.3f}**",
+        ],
+    )
+    out = a.out
     print(f"appended to {out}")
 
 

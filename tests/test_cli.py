@@ -22,7 +22,9 @@ def run(args, cwd, prog="dgss-train", timeout=300):
 def test_user_experiment_from_any_directory_then_eval(tmp_path):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
-    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/demo\n  - override /method: frozen\n")
+    (mine / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /experiment/demo\n  - override /method: frozen\n"
+    )
     run_dir = tmp_path / "run"
     r = run(["--config-dir", "my_conf", "experiment=mine", *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

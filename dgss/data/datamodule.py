@@ -14,7 +14,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from dgss.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ClassSet
 from dgss.data.transforms import TestPipeline, TrainPipeline
@@ -57,14 +64,20 @@ class DGSSDataModule(pl.LightningDataModule):
         if not targets:
             raise ConfigError("data.targets is empty; name at least one evaluation data set")
         if batch_size <= 0 or val_batch_size <= 0:
-            raise ConfigError(f"data.batch_size={batch_size} and data.val_batch_size={val_batch_size} must be > 0")
+            raise ConfigError(
+                f"data.batch_size={batch_size} and data.val_batch_size={val_batch_size} must be > 0"
+            )
         self.sources, self.targets = dict(sources), dict(targets)
         unknown = set(source_weights or {}) - set(self.sources)
         if unknown:
-            raise ConfigError(f"data.source_weights names {sorted(unknown)}, which are not in data.sources {list(self.sources)}")
+            raise ConfigError(
+                f"data.source_weights names {sorted(unknown)}, which are not in data.sources {list(self.sources)}"
+            )
         unknown = set(exclude_from_mean) - set(self.targets)
         if unknown:
-            raise ConfigError(f"data.exclude_from_mean names {sorted(unknown)}, which are not in data.targets {list(self.targets)}")
+            raise ConfigError(
+                f"data.exclude_from_mean names {sorted(unknown)}, which are not in data.targets {list(self.targets)}"
+            )
         self.source_weights = dict(source_weights) if source_weights else None
         self.exclude_from_mean = list(exclude_from_mean)
         self.train_pipeline = train_pipeline or TrainPipeline()
@@ -81,7 +94,9 @@ class DGSSDataModule(pl.LightningDataModule):
         else:
             names = tuple(f"class_{i}" for i in range(num_classes))
         if num_classes is not None and num_classes != len(names):
-            raise ConfigError(f"data.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree")
+            raise ConfigError(
+                f"data.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree"
+            )
         if palette is None and len(names) == len(CITYSCAPES_CLASSES):
             palette = CITYSCAPES_PALETTE
         elif palette is None:  # custom label space without colours: spread hues
@@ -120,7 +135,9 @@ class DGSSDataModule(pl.LightningDataModule):
         if self.source_weights:
             per_sample = torch.cat([torch.full((len(self.sources[n]),), float(self.source_weights.get(n, 0.0)) / len(self.sources[n]))
                                     for n in names])  # fmt: skip
-            sampler = WeightedRandomSampler(per_sample, num_samples=len(data), replacement=True, generator=gen)
+            sampler = WeightedRandomSampler(
+                per_sample, num_samples=len(data), replacement=True, generator=gen
+            )
         else:
             sampler = RandomSampler(data, generator=gen)
         dist = self._dist()

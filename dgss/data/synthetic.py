@@ -174,7 +174,9 @@ class _Builder:
         x, _ = self._side_x(y)
         h, cw = 0.55 * s + 0.08, (0.22 * s + 0.05) * self.a
         tone = self.tone()
-        trunk = Prim(C["vegetation"], "rect", (x - 0.012 * s, y - 0.5 * h, x + 0.012 * s, y), tone, y, "trunk")
+        trunk = Prim(
+            C["vegetation"], "rect", (x - 0.012 * s, y - 0.5 * h, x + 0.012 * s, y), tone, y, "trunk"
+        )
         crown = Prim(C["vegetation"], "ellipse", (x - cw, y - h, x + cw, y - 0.35 * h), tone, y)
         self.objects.append([trunk, crown])
 
@@ -204,11 +206,15 @@ class _Builder:
             t = self.tone()
             shape = r.integers(0, 3)
             if shape == 0:
-                obj.append(Prim(C["traffic sign"], "ellipse", (x - sx, top, x + sx, top + 2 * sz * 0.9), t, y))
+                obj.append(
+                    Prim(C["traffic sign"], "ellipse", (x - sx, top, x + sx, top + 2 * sz * 0.9), t, y)
+                )
             elif shape == 1:
                 obj.append(Prim(C["traffic sign"], "rect", (x - sx, top, x + sx, top + 1.8 * sz), t, y))
             else:
-                obj.append(Prim(C["traffic sign"], "poly", (x - sx, top, x + sx, top, x, top + 1.8 * sz), t, y))
+                obj.append(
+                    Prim(C["traffic sign"], "poly", (x - sx, top, x + sx, top, x, top + 1.8 * sz), t, y)
+                )
         elif kind < 0.75:  # traffic light: box with three lamps
             bw, bh = (0.045 * s + 0.01) * self.a, 0.14 * s + 0.03
             obj.append(Prim(C["traffic light"], "rect", (x - bw, top, x + bw, top + bh), self.tone(), y))
@@ -250,10 +256,28 @@ class _Builder:
         span = 0.16 * s * self.a + 0.004
         t = self.tone()
         obj = [
-            Prim(cls, "ellipse", (x - span - wr * self.a, y - 2 * wr, x - span + wr * self.a, y), t, y, "wheel"),
-            Prim(cls, "ellipse", (x + span - wr * self.a, y - 2 * wr, x + span + wr * self.a, y), t, y, "wheel"),
-            Prim(cls, "poly", (x - span, y - wr, x + span, y - wr, x + 0.6 * span, y - 3.2 * wr, x - 0.4 * span, y - 2.6 * wr),
-                 t, y),  # fmt: skip
+            Prim(
+                cls, "ellipse", (x - span - wr * self.a, y - 2 * wr, x - span + wr * self.a, y), t, y, "wheel"
+            ),
+            Prim(
+                cls, "ellipse", (x + span - wr * self.a, y - 2 * wr, x + span + wr * self.a, y), t, y, "wheel"
+            ),
+            Prim(
+                cls,
+                "poly",
+                (
+                    x - span,
+                    y - wr,
+                    x + span,
+                    y - wr,
+                    x + 0.6 * span,
+                    y - 3.2 * wr,
+                    x - 0.4 * span,
+                    y - 2.6 * wr,
+                ),
+                t,
+                y,
+            ),  # fmt: skip
         ]
         if cls == C["motorcycle"]:
             obj.append(Prim(cls, "rect", (x - 0.5 * span, y - 3 * wr, x + 0.5 * span, y - 1.2 * wr), t, y))
@@ -272,36 +296,63 @@ class _Builder:
                    Prim(cls, "poly", (x - 0.7 * w, y - 0.6 * h, x + 0.7 * w, y - 0.6 * h, x + 0.5 * w, y - h, x - 0.5 * w, y - h), t, y),
                    Prim(cls, "poly", (x - 0.6 * w, y - 0.62 * h, x + 0.6 * w, y - 0.62 * h, x + 0.45 * w, y - 0.93 * h, x - 0.45 * w, y - 0.93 * h),
                         t, y, "window")]  # fmt: skip
-            obj.append(Prim(cls, "rect", (x - 0.95 * w, y - 0.42 * h, x - 0.75 * w, y - 0.32 * h), t, y, "head"))
-            obj.append(Prim(cls, "rect", (x + 0.75 * w, y - 0.42 * h, x + 0.95 * w, y - 0.32 * h), t, y, "head"))
+            obj.append(
+                Prim(cls, "rect", (x - 0.95 * w, y - 0.42 * h, x - 0.75 * w, y - 0.32 * h), t, y, "head")
+            )
+            obj.append(
+                Prim(cls, "rect", (x + 0.75 * w, y - 0.42 * h, x + 0.95 * w, y - 0.32 * h), t, y, "head")
+            )
         elif windows == "row":  # bus / train: a row of windows
             n = 6
             for k in range(n):
                 wx0 = x - w + (k + 0.15) * 2 * w / n
-                obj.append(Prim(cls, "rect", (wx0, y - 0.85 * h, wx0 + 1.4 * w / n, y - 0.55 * h), t, y, "window"))
+                obj.append(
+                    Prim(cls, "rect", (wx0, y - 0.85 * h, wx0 + 1.4 * w / n, y - 0.55 * h), t, y, "window")
+                )
         elif windows == "cab":  # truck: cab window on one end
             side = -1 if self.r.uniform() < 0.5 else 1
             cab_x = x + side * 0.75 * w
-            obj.append(Prim(cls, "rect", (cab_x - 0.2 * w, y - 0.8 * h, cab_x + 0.2 * w, y - 0.55 * h), t, y, "window"))
+            obj.append(
+                Prim(
+                    cls, "rect", (cab_x - 0.2 * w, y - 0.8 * h, cab_x + 0.2 * w, y - 0.55 * h), t, y, "window"
+                )
+            )
         for wx in (x - 0.65 * w, x + 0.65 * w):
-            obj.append(Prim(cls, "ellipse", (wx - wr * self.a * 1.5, y - 2 * wr, wx + wr * self.a * 1.5, y), t, y, "wheel"))
+            obj.append(
+                Prim(
+                    cls,
+                    "ellipse",
+                    (wx - wr * self.a * 1.5, y - 2 * wr, wx + wr * self.a * 1.5, y),
+                    t,
+                    y,
+                    "wheel",
+                )
+            )
         self.objects.append(obj)
 
     def _car(self):
         r = self.r
-        self._vehicle(C["car"], float(r.uniform(self.yh + 0.04, 1.05)), float(r.uniform(-0.8, 0.8)), 0.24, 0.24, "cabin")
+        self._vehicle(
+            C["car"], float(r.uniform(self.yh + 0.04, 1.05)), float(r.uniform(-0.8, 0.8)), 0.24, 0.24, "cabin"
+        )
 
     def _truck(self):
         r = self.r
-        self._vehicle(C["truck"], float(r.uniform(self.yh + 0.05, 0.95)), float(r.uniform(-0.7, 0.7)), 0.36, 0.42, "cab")
+        self._vehicle(
+            C["truck"], float(r.uniform(self.yh + 0.05, 0.95)), float(r.uniform(-0.7, 0.7)), 0.36, 0.42, "cab"
+        )
 
     def _bus(self):
         r = self.r
-        self._vehicle(C["bus"], float(r.uniform(self.yh + 0.05, 0.9)), float(r.uniform(-0.6, 0.6)), 0.5, 0.45, "row")
+        self._vehicle(
+            C["bus"], float(r.uniform(self.yh + 0.05, 0.9)), float(r.uniform(-0.6, 0.6)), 0.5, 0.45, "row"
+        )
 
     def _train(self):
         r = self.r
-        self._vehicle(C["train"], float(r.uniform(self.yh + 0.05, 0.7)), float(r.uniform(-0.4, 0.4)), 0.9, 0.4, "row")
+        self._vehicle(
+            C["train"], float(r.uniform(self.yh + 0.05, 0.7)), float(r.uniform(-0.4, 0.4)), 0.9, 0.4, "row"
+        )
 
 
 def make_layout(index: int, seed: int = 0) -> Layout:
@@ -396,7 +447,12 @@ def _draw(layout: Layout, height: int, width: int) -> np.ndarray:
         pts = [(p.pts[i] * sx, p.pts[i + 1] * sy) for i in range(0, len(p.pts), 2)]
         if p.kind in ("rect", "ellipse"):
             (x0, y0), (x1, y1) = pts
-            box = [min(x0, x1), min(y0, y1), max(max(x0, x1) - 1, min(x0, x1)), max(max(y0, y1) - 1, min(y0, y1))]
+            box = [
+                min(x0, x1),
+                min(y0, y1),
+                max(max(x0, x1) - 1, min(x0, x1)),
+                max(max(y0, y1) - 1, min(y0, y1)),
+            ]
             (draw.rectangle if p.kind == "rect" else draw.ellipse)(box, fill=k)
         else:
             draw.polygon(pts, fill=k)
@@ -409,7 +465,9 @@ def render_label(layout: Layout, height: int, width: int) -> np.ndarray:
     return cls[inst]
 
 
-def render(layout: Layout, domain: str, height: int, width: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    layout: Layout, domain: str, height: int, width: int, seed: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (H, W, 3), label uint8 (H, W)) of ``layout`` in ``domain``."""
     style = DOMAINS[domain]
     rng = np.random.default_rng([seed, index, 1 + list(DOMAINS).index(domain)])
@@ -463,7 +521,10 @@ def render(layout: Layout, domain: str, height: int, width: int, seed: int, inde
         glow = np.zeros((height, width), np.float32)
         lights = np.zeros((height, width, 3), np.float32)
         for k, p in enumerate(prims):
-            lit = (p.part == "window" and p.cls == C["building"] and p.tone < 0.35) or p.part in ("head", "streetlamp")
+            lit = (p.part == "window" and p.cls == C["building"] and p.tone < 0.35) or p.part in (
+                "head",
+                "streetlamp",
+            )
             if lit or (p.part.startswith("lamp") and p.tone > 0.5):
                 m = inst == k
                 if not m.any():
@@ -500,7 +561,9 @@ def render(layout: Layout, domain: str, height: int, width: int, seed: int, inde
     return out, label
 
 
-def render_sample(domain: str, index: int, height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_sample(
+    domain: str, index: int, height: int, width: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Image and trainId label of sample ``index`` of ``domain``, deterministic per (domain, index, seed)."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown synthetic domain {domain!r}; choose one of {sorted(DOMAINS)}")
@@ -518,11 +581,15 @@ class SyntheticDomain(torch.utils.data.Dataset):
     def __init__(self, domain: str, split: str = "train", length: int = 1000, height: int = 256, width: int = 512,
                  seed: int = 0, transform=None):  # fmt: skip
         if domain not in DOMAINS:
-            raise ConfigError(f"synthetic domain={domain!r} does not exist; choose one of {', '.join(DOMAINS)}")
+            raise ConfigError(
+                f"synthetic domain={domain!r} does not exist; choose one of {', '.join(DOMAINS)}"
+            )
         if split not in SPLIT_OFFSETS:
             raise ConfigError(f"synthetic split={split!r}; choose one of {', '.join(SPLIT_OFFSETS)}")
         if length <= 0 or height <= 0 or width <= 0:
-            raise ConfigError(f"synthetic length/height/width must be positive, got {length}/{height}/{width}")
+            raise ConfigError(
+                f"synthetic length/height/width must be positive, got {length}/{height}/{width}"
+            )
         self.domain, self.split, self.length = domain, split, int(length)
         self.height, self.width, self.seed = int(height), int(width), int(seed)
         self.transform = transform
@@ -533,8 +600,13 @@ class SyntheticDomain(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(i)
-        img, lab = render_sample(self.domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed)
-        image, label = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), torch.from_numpy(np.array(lab))
+        img, lab = render_sample(
+            self.domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed
+        )
+        image, label = (
+            torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
+            torch.from_numpy(np.array(lab)),
+        )
         if self.transform is not None:
             image, label = self.transform(image, label)
         return {"image": image, "label": label, "name": f"{self.domain}/{self.split}/{i:06d}"}

@@ -35,7 +35,9 @@ class TrainPipeline:
     ):
         crop = (int(crop), int(crop)) if isinstance(crop, int) else tuple(int(c) for c in crop)
         if len(crop) != 2 or min(crop) <= 0:
-            raise ConfigError(f"data.train_pipeline.crop={list(crop)} must be [height, width] with positive sizes")
+            raise ConfigError(
+                f"data.train_pipeline.crop={list(crop)} must be [height, width] with positive sizes"
+            )
         steps: list[v2.Transform] = []
         if short_edge is not None:
             lo, hi = (int(v) for v in short_edge)
@@ -44,10 +46,14 @@ class TrainPipeline:
             n = max(int(num_scales), 1)
             sizes = sorted({round(lo + (hi - lo) * k / max(n - 1, 1)) for k in range(n)})
             steps.append(v2.RandomShortestSize(min_size=sizes, max_size=max_long_edge, antialias=True))
-        steps.append(v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
+        steps.append(
+            v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
+        )
         if flip:
             steps.append(v2.RandomHorizontalFlip(flip))
-        if photometric:  # mmseg PhotoMetricDistortion ranges: brightness ±32/255, contrast/saturation 0.5-1.5, hue ±18°
+        if (
+            photometric
+        ):  # mmseg PhotoMetricDistortion ranges: brightness ±32/255, contrast/saturation 0.5-1.5, hue ±18°
             steps.append(v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05))
         steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
                   v2.Normalize(mean, std)]  # fmt: skip
