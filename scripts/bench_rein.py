@@ -84,7 +84,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for the workers, so freed tensors leave the RSS (0 = glibc default)")  # fmt: skip
     a = p.parse_args()
+    if a.device == "cpu" and a.mmap_threshold:
+        # glibc raises its mmap threshold after frees and then keeps freed tensors in the heap; a fixed threshold
+        # returns them, so the RSS high-water mark follows live memory. Read at process start: set before spawning.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     ctx = mp.get_context("spawn")
     res = {}
     for method in ("full", "rein"):
@@ -110,7 +116,8 @@ def main() -> None:
     append_row(
         a.out, "## Rein vs full fine-tuning (`scripts/bench_rein.py`)",
         "Same ViT-B/16 (random init), light head, AdamW; each variant in a fresh process. Peak memory: CUDA allocator\n"
-        "peak, or on CPU the peak RSS above the process size before the model was built.",
+        "peak, or on CPU the peak RSS above the process size before the model was built (glibc\n"
+        "`MALLOC_MMAP_THRESHOLD_` fixed at 1 MiB unless `--mmap-threshold 0`, so freed tensors leave the RSS).",
         ["date", "device", "model / input", "step s (full / Rein)", "peak MB (full / Rein)", "time ratio", "memory ratio",
          "trainable (full / Rein)"], row,
     )  # fmt: skip
