@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -15,8 +14,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgss.errors import ConfigError
-
-log = logging.getLogger("dgss")
 
 # Lightning 2.6 x torch 2.14 noise, printed on every fit: not actionable for users
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
@@ -49,7 +46,6 @@ def check_types(cfg: DictConfig) -> None:
 
 def build_method(cfg: DictConfig):
     """backbone + head factory -> the method LightningModule (``cfg.method``)."""
-    check_types(cfg)
     backbone = hydra.utils.instantiate(cfg.backbone)
     head = hydra.utils.instantiate(cfg.head)
     return hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")

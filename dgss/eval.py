@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dgss.callbacks import IoUTables
-from dgss.config import build_method, instantiate_group, run_cli
+from dgss.config import build_method, check_types, instantiate_group, run_cli
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.eval")
@@ -39,6 +39,7 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_types(cfg)
     pl.seed_everything(cfg.get("seed", 0), verbose=False)
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data

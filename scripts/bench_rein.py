@@ -121,8 +121,7 @@ def main() -> None:
         ["date", "device", "model / input", "step s (full / Rein)", "peak MB (full / Rein)", "time ratio", "memory ratio",
          "trainable (full / Rein)"], row,
     )  # fmt: skip
-    out = a.out
-    print(f"appended to {out}")
+    print(f"appended to {a.out}")
 
 
 if __name__ == "__main__":

@@ -151,8 +151,7 @@ def main() -> None:
             f"**{ratio:.3f}**",
         ],
     )
-    out = a.out
-    print(f"appended to {out}")
+    print(f"appended to {a.out}")
 
 
 if __name__ == "__main__":

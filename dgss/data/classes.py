@@ -1,4 +1,4 @@
-"""The 19 Cityscapes train classes, their palette, and label-id maps.
+"""The 19 Cityscapes train classes and their palette (label-id maps come with the real data sets).
 
 trainId 0..18, ignore = 255 everywhere (label padding, unmapped ids, the metric's ``ignore_index``).
 Custom data sets pass their own ``ClassSet`` (names + palette); nothing else in the code assumes 19.
@@ -24,12 +24,6 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
-
-# Cityscapes labelId -> trainId (GTAV labels use the same ids). Everything unlisted -> 255.
-CITYSCAPES_LABELID_TO_TRAINID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,11 +51,3 @@ class ClassSet:
 
 
 CITYSCAPES = ClassSet()
-
-
-def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
-    """A dense id -> trainId table for ``mapping``; unlisted ids map to ``IGNORE_INDEX``."""
-    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
-    for src, dst in mapping.items():
-        lut[src] = dst
-    return lut

@@ -459,12 +459,6 @@ def _draw(layout: Layout, height: int, width: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.int32)
 
 
-def render_label(layout: Layout, height: int, width: int) -> np.ndarray:
-    inst = _draw(layout, height, width)
-    cls = np.array([p.cls for p in layout.prims], dtype=np.uint8)
-    return cls[inst]
-
-
 def render(
     layout: Layout, domain: str, height: int, width: int, seed: int, index: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ the poly schedule with optional linear warm-up, frozen modules kept in eval mode
 frozen backbone tensors (re-attached from the weights file on load), and the parameter summary.
 
 A method subclasses it and overrides :meth:`configure_tuning` (freeze, wrap, add modules) and, where it
-needs them, ``default_lr_mults`` or the step hooks.
+needs them, ``default_lr_mults``, ``extra_no_decay`` or the step hooks.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class SegmentationMethod(pl.LightningModule):
     """
 
     default_lr_mults: dict[str, float] = {}
+    extra_no_decay: tuple[str, ...] = ()  # name substrings a method adds to ``no_decay``
 
     def __init__(
         self,
@@ -70,7 +71,7 @@ class SegmentationMethod(pl.LightningModule):
             **(scheduler or {}),
         }
         self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
-        self.no_decay = tuple(no_decay)
+        self.no_decay = (*no_decay, *self.extra_no_decay)
         self.inference_cfg = {"mode": "whole", "crop": 512, "stride": 341, **(inference or {})}
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dgss.errors import ConfigError
-from dgss.methods.base import DEFAULT_NO_DECAY, SegmentationMethod
+from dgss.methods.base import SegmentationMethod
 
 
 class ReinLayers(nn.Module):
@@ -168,10 +168,10 @@ class Rein(SegmentationMethod):
     (Mask2Former); the light head takes none, and untrained link parameters would stall DDP.
     """
 
+    extra_no_decay = ("learnable_tokens",)  # Rein's recipe; the scalar scale is 0-d, so no decay either
+
     def __init__(self, *args, rein: dict | None = None, **kwargs):
-        self.rein_cfg = dict(rein or {})
-        # Rein's recipe: no weight decay on the tokens (and the scalar scale, 0-d like every scalar)
-        kwargs["no_decay"] = (*kwargs.get("no_decay", DEFAULT_NO_DECAY), "learnable_tokens")
+        self.rein_cfg = dict(rein or {})  # read by configure_tuning, which the base __init__ calls
         super().__init__(*args, **kwargs)
 
     def configure_tuning(self) -> None:

@@ -45,7 +45,6 @@ TINY_KWARGS = {
     "eva": dict(depth=4, embed_dim=64, num_heads=2),
     "sam": dict(depth=4, embed_dim=64, num_heads=2, global_attn_indexes=(1, 3), window_size=4, neck_chans=32),
 }
-# the families' own default pretraining resolution is large; a smaller one keeps pos-embeds small on CPU
 DEFAULT_OUT_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1)  # 24 blocks -> [7, 11, 15, 23]; 12 -> [3, 5, 7, 11]
 
 
@@ -149,7 +148,6 @@ class Backbone(nn.Module):
         self.weights_sha256: str | None = None
         if weights:
             self.load_weights(weights)
-        self.model.reset_classifier(0)
         if self.family == "sam":
             self.model.neck = nn.Identity()  # the SAM neck is not used for segmentation features
         self.depth = len(self.model.blocks)
