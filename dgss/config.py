@@ -19,6 +19,8 @@ from dgss.errors import ConfigError
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
+# a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps
+OmegaConf.register_new_resolver("steps", lambda x, f: max(1, int(round(float(x) * float(f)))), replace=True)
 
 MODEL_KEYS = ("backbone", "head", "method")
 

@@ -1,0 +1,618 @@
+"""FisherTune (CVPR'25): fine-tune only the backbone elements that the domain-related Fisher information ranks
+highest, growing the selection from δ_min to δ_max; the head trains throughout. Spec: specs/fishertune.md.
+
+Phases, in optimizer steps t (T1 = ``warmup_iters``):
+
+1. warm-up, t < T1: backbone frozen, head only, no statistics.
+2. growth, T1 ≤ t ≤ ``growth_end``: selected fraction ratio(t) = δ_max − (δ_max − δ_min)·exp(−(t − T1)/τ), snapping to
+   δ_max at ``growth_end``; refreshes at T1, T1 + R, … and ``growth_end``. In the ``window`` steps before each refresh
+   a step makes a perturbed pass (feature statistics of early blocks re-drawn, a simulated domain shift x′) and the
+   clean pass, and keeps EMAs of the squared backbone gradients F̂(x′) and F̂(x). At a refresh the not yet
+   selected elements with the highest DR-FIM join the selection (monotone growth).
+3. tuning, t > ``growth_end``: selection fixed, clean pass only; statistics freed, unselected tensors frozen.
+
+DR-FIM with the variational stabilisation (spec §1, §3.3): with Λ = F̂/γ + τ⁻² (Gaussian posterior, prior N(θ_pt, τ²)),
+DRF = γ(Λ_x − τ⁻²) + exp(−(ε_μ+ε_σ)) · γ · |Λ_x − Λ_x′| / (min(Λ_x, Λ_x′) + ε): the task term is F̂(x) and the prior
+precision τ⁻² floors the ratio's denominator. F̂ is normalised by its mean over the candidates first.
+
+Only selected elements move: :class:`SelectedAdamW` holds state (and applies decay) for them alone, so every other
+backbone element stays bit-identical to the pretrained weights. Checkpoints store the selected elements as a sparse
+delta (indices and values) over the backbone's weights file plus the head.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from dgss.errors import ConfigError
+from dgss.methods.base import SegmentationMethod
+from dgss.methods.selected_adamw import SelectedAdamW
+from dgss.models.style_perturb import ChannelStatPerturbation
+
+KINDS = ("q", "k", "v", "proj", "fc1", "fc2", "norm", "other")
+DEFAULTS = {
+    "schedule": dict(warmup_iters=2000, delta_min=0.005, delta_max=0.05, budget=None, ratio_base="all_backbone",
+                     growth_tau=2000, growth_end=12000, refresh_every=500, monotone=True),
+    "selection": dict(granularity="element", scope="global",
+                      exclude=["pos_embed", "cls_token", "reg_token", "mask_token", "patch_embed"]),
+    "fisher": dict(loss="train_loss", per_sample=False, ema_decay=0.99, interval=1, window=200, normalize="mean",
+                   gamma=1.0, prior_precision=1.0, eps=1e-8, ratio_factor="mul_gamma", estimator="ema"),
+    "perturb": dict(type="dsu", scale=1.0, after_blocks=[0, 1, 2], train_aug=False, seed=0),
+    "optim": dict(backbone_lr_mult=0.1, backbone_wd=0.0, prior_l2=0.0, clip_grad_norm=None),
+    "finalize": dict(drop_fisher=True, prune_frozen_tensors=True),
+}  # fmt: skip
+CHOICES = {
+    ("schedule", "ratio_base"): ("all_backbone", "candidates"),
+    ("selection", "granularity"): ("element", "row", "tensor"),
+    ("selection", "scope"): ("global", "per_block", "per_tensor"),
+    ("fisher", "loss"): ("train_loss",),
+    ("fisher", "per_sample"): (False,),
+    ("fisher", "normalize"): ("mean", "none"),
+    ("fisher", "ratio_factor"): ("mul_gamma", "div_gamma"),
+    ("fisher", "estimator"): ("ema",),
+    ("perturb", "type"): ("dsu",),
+}
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def growth_ratio(t: int, warmup: int, delta_min: float, delta_max: float, tau: float, growth_end: int) -> float:
+    """Scheduled selected fraction at step t (0 before the growth phase, δ_max from ``growth_end`` on)."""
+    if t < warmup:
+        return 0.0
+    if t >= growth_end:
+        return delta_max
+    return delta_max - (delta_max - delta_min) * math.exp(-(t - warmup) / tau)
+
+
+def dr_fim(
+    fx: torch.Tensor,
+    fp: torch.Tensor,
+    eps_bar: float,
+    gamma: float = 1.0,
+    prior_precision: float = 1.0,
+    eps: float = 1e-8,
+    ratio_factor: str = "mul_gamma",
+) -> torch.Tensor:
+    """Domain-related Fisher score from (normalised) Fisher estimates on x and on the shifted x′.
+
+    ``eps_bar`` = ε_μ + ε_σ. With Λ = F/γ + τ⁻², the score is γ(Λ_x − τ⁻²) + exp(−ε̄)·c·|Λ_x − Λ_x′| / (min(Λ_x, Λ_x′) + ε)
+    with c = γ (``mul_gamma``) or 1/γ (``div_gamma``).
+    """
+    lam_x = fx / gamma + prior_precision
+    lam_p = fp / gamma + prior_precision
+    task = fx  # = γ(Λ_x − τ⁻²), without the rounding of the round trip
+    c = gamma if ratio_factor == "mul_gamma" else 1.0 / gamma
+    domain = math.exp(-eps_bar) * c * (lam_x - lam_p).abs() / (torch.minimum(lam_x, lam_p) + eps)
+    return task + domain
+
+
+def top_k_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k highest finite scores; ties broken by the lower index (identical on all ranks)."""
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    k = min(k, int(torch.isfinite(scores).sum()))
+    if k <= 0:
+        return out
+    thr = torch.topk(scores, k, sorted=False).values.min()
+    out = scores > thr
+    need = k - int(out.sum())
+    out[(scores == thr).nonzero().squeeze(1)[:need]] = True
+    return out
+
+
+def apportion(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over groups in proportion to ``sizes`` (largest remainder; sums to ``total``)."""
+    n = sum(sizes)
+    raw = [total * s / n for s in sizes]
+    out = [int(math.floor(r)) for r in raw]
+    for i in sorted(range(len(sizes)), key=lambda i: (out[i] - raw[i], i))[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def block_of(name: str) -> int:
+    """Block index in a parameter name (``blocks.7.…``), -1 outside the blocks."""
+    m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def kind_counts(name: str, mask: torch.Tensor) -> dict[str, int]:
+    """Selected elements of one tensor per module kind; a fused qkv splits into thirds along its output rows."""
+    if ".qkv." in name:
+        parts = mask.reshape(3, -1).sum(1).tolist()
+        return dict(zip(("q", "k", "v"), (int(x) for x in parts)))
+    leaf = name.split(".")[-2:]
+    joined = ".".join(leaf)
+    for kind, pats in (
+        ("q", ("q_proj", "q_bias")),
+        ("k", ("k_proj", "k_bias")),
+        ("v", ("v_proj", "v_bias")),
+        ("fc1", ("fc1", "lin1", "w1", "w12")),
+        ("fc2", ("fc2", "lin2", "w3")),
+        ("norm", ("norm",)),
+    ):
+        if any(p in joined for p in pats):
+            return {kind: int(mask.sum())}
+    if ".attn.proj." in name:
+        return {"proj": int(mask.sum())}
+    return {"other": int(mask.sum())}
+
+
+# ------------------------------------------------------------------------------------------------- method
+class FisherTune(SegmentationMethod):
+    """Selective fine-tuning of backbone elements ranked by DR-FIM; head trained throughout.
+
+    Option groups (see ``conf/method/fishertune.yaml`` and docs/methods.md): ``schedule``, ``selection``,
+    ``fisher``, ``perturb``, ``optim``, ``finalize``; every key not given takes :data:`DEFAULTS`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.ft = {g: {**d, **(kwargs.pop(g, None) or {})} for g, d in DEFAULTS.items()}
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    # ------------------------------------------------------------------------------------ set-up
+    def configure_tuning(self) -> None:
+        for (group, key), allowed in CHOICES.items():
+            if self.ft[group][key] not in allowed:
+                raise ConfigError(
+                    f"method.{group}.{key}={self.ft[group][key]!r} is not supported; choose one of {list(allowed)}"
+                )
+        self.freeze(self.backbone)  # eval mode throughout: the unselected majority stays the pretrained model
+        exclude = tuple(self.ft["selection"]["exclude"])
+        named = dict(self.backbone.model.named_parameters())
+        self.candidates = {n: p for n, p in named.items() if not any(e in n for e in exclude)}
+        if not self.candidates:
+            raise ConfigError(f"method.selection.exclude={list(exclude)} leaves no backbone parameter to select")
+        s = self.ft["schedule"]
+        n_cand = sum(p.numel() for p in self.candidates.values())
+        self.n_base = n_cand if s["ratio_base"] == "candidates" else sum(p.numel() for p in named.values())
+        self.delta_max = s["budget"] / self.n_base if s["budget"] else float(s["delta_max"])
+        k_final = round(self.delta_max * self.n_base)
+        if k_final > n_cand or not 0 <= s["delta_min"] <= self.delta_max:
+            raise ConfigError(
+                f"method.schedule: a final selection of {k_final:,} elements (budget / delta_max) with delta_min="
+                f"{s['delta_min']} does not fit the {n_cand:,} candidate elements; lower budget or delta_max"
+            )
+        if not 0 <= s["warmup_iters"] <= s["growth_end"] or s["refresh_every"] < 1 or s["growth_tau"] <= 0:
+            raise ConfigError(
+                "method.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
+                f"warmup_iters={s['warmup_iters']}, growth_end={s['growth_end']}, "
+                f"refresh_every={s['refresh_every']}, growth_tau={s['growth_tau']}"
+            )
+        p = self.ft["perturb"]
+        bad = [b for b in p["after_blocks"] if not 0 <= b < self.backbone.num_blocks]
+        if bad:
+            raise ConfigError(
+                f"method.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
+            )
+        self.perturb_seed = int(p.get("seed", 0))
+        self.perturbation = ChannelStatPerturbation(p["after_blocks"], p["scale"], self.backbone.num_prefix_tokens)
+        self.backbone.register_block_hook(self.perturbation)
+        o = self.ft["optim"]
+        self.selected_opt = SelectedAdamW(
+            self.candidates, weight_decay=o["backbone_wd"], prior_l2=o["prior_l2"], **self._adam_kwargs()
+        )
+        self.masks: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, dict[str, torch.Tensor]] = {}  # "x" / "p" -> name -> EMA of squared gradients
+        self.stat_counts = {"x": 0, "p": 0, "eps": 0}
+        self.eps_ema = torch.zeros(2)
+        self.history: list[dict] = []  # one row per refresh: step, ratio, target, selected
+        self._growing = False  # candidates require grad (applied in training_step, after any DDP wrap)
+        self._final = False
+
+    def _adam_kwargs(self) -> dict:
+        f = self.optimizer_factory
+        kw = getattr(f, "keywords", {}) or {}
+        return {k: kw[k] for k in ("betas", "eps") if k in kw}
+
+    def param_groups(self) -> list[dict]:
+        """The head's groups for the torch optimizer, plus an empty group that carries the backbone lr through the
+        scheduler (and LearningRateMonitor): backbone elements are stepped by :class:`SelectedAdamW`."""
+        groups = []
+        for g in super().param_groups():
+            keep = [i for i, n in enumerate(g["names"]) if not n.startswith("backbone.")]
+            if keep:
+                groups.append({**g, "params": [g["params"][i] for i in keep], "names": [g["names"][i] for i in keep]})
+        mult = self.ft["optim"]["backbone_lr_mult"]
+        groups.append({"params": [], "names": [], "lr_mult": mult, "decay": False, "name": "backbone_selected"})
+        return groups
+
+    def backbone_lr(self) -> float:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        return next(g["lr"] for g in opt.param_groups if g.get("name") == "backbone_selected")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        prec = str(self.trainer.precision)
+        if prec.startswith("16"):
+            raise ConfigError(
+                f"trainer.precision={prec} is not supported by FisherTune (its selected-element optimizer "
+                "bypasses the fp16 grad scaler); use bf16-mixed or 32-true"
+            )
+        if self.trainer.gradient_clip_val or self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                "FisherTune steps its optimizers itself: set trainer.gradient_clip_val=null (use "
+                "method.optim.clip_grad_norm) and trainer.accumulate_grad_batches=1"
+            )
+        s = self.ft["schedule"]
+        if self.trainer.max_steps > 0 and s["growth_end"] > self.trainer.max_steps:
+            rank_zero_warn(
+                f"method.schedule.growth_end={s['growth_end']} is past trainer.max_steps={self.trainer.max_steps}: "
+                f"the selection will not reach delta_max"
+            )
+        rank_zero_info(
+            f"[dgss] FisherTune: {len(self.candidates)} candidate tensors "
+            f"({sum(p.numel() for p in self.candidates.values()):,} elements); final selection "
+            f"{self.k_target(s['growth_end']):,} of {self.n_base:,} backbone elements"
+        )
+
+    # ---------------------------------------------------------------------------------- schedule
+    def k_target(self, t: int) -> int:
+        s = self.ft["schedule"]
+        r = growth_ratio(t, s["warmup_iters"], s["delta_min"], self.delta_max, s["growth_tau"], s["growth_end"])
+        return round(r * self.n_base)
+
+    def next_refresh(self, t: int) -> int | None:
+        s = self.ft["schedule"]
+        t1, end, every = s["warmup_iters"], s["growth_end"], s["refresh_every"]
+        if t < t1 or t > end:
+            return None
+        return min(t1 + math.ceil((t - t1) / every) * every, end)
+
+    def is_refresh(self, t: int) -> bool:
+        return self.next_refresh(t) == t
+
+    def is_stat_step(self, t: int) -> bool:
+        r = self.next_refresh(t)
+        if r is None:
+            return False
+        f = self.ft["fisher"]
+        return (f["window"] is None or r - t < f["window"]) and (r - t) % f["interval"] == 0
+
+    # ------------------------------------------------------------------------------------ steps
+    def _loss(self, batch: dict) -> torch.Tensor:
+        losses = self.head.loss(self(batch["image"]), batch["label"])
+        return sum(losses.values())
+
+    def _start_growth(self) -> None:
+        """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
+        for name, p in self.candidates.items():
+            p.requires_grad_(True)
+            self.masks[name] = self.masks[name].to(p.device) if name in self.masks else torch.zeros_like(p, dtype=torch.bool)
+            for which in self.fisher.values():
+                if name in which:
+                    which[name] = which[name].to(p.device)
+            if name in self.selected_opt.state:
+                self.selected_opt.state[name] = {k: v.to(p.device) for k, v in self.selected_opt.state[name].items()}
+        self._growing = True
+        if self._final:
+            self._prune()
+
+    def _backbone_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad for n, p in self.candidates.items() if p.grad is not None}
+
+    def _sync_backbone_grads(self) -> None:
+        """Candidates start training after DDP wrapped the module, so their gradients are averaged here."""
+        if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+            return
+        for g in self._backbone_grads().values():
+            dist.all_reduce(g)
+            g.div_(self.trainer.world_size)
+
+    @torch.no_grad()
+    def _accumulate(self, which: str, scale: float = 1.0) -> None:
+        """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
+        beta = self.ft["fisher"]["ema_decay"]
+        store = self.fisher.setdefault(which, {})
+        for name, g in self._backbone_grads().items():
+            sq = (g.float() * scale) ** 2
+            if name not in store:
+                store[name] = sq if beta is None else sq.mul_(1 - beta)
+            elif beta is None:
+                store[name].add_(sq)
+            else:
+                store[name].mul_(beta).add_(sq, alpha=1 - beta)
+        self.stat_counts[which] += 1
+
+    def _debias(self, n: int) -> float:
+        """Factor that turns an accumulated statistic after n updates into the estimate (0 before any)."""
+        beta = self.ft["fisher"]["ema_decay"]
+        if not n:
+            return 0.0
+        return 1.0 / n if beta is None else 1.0 / (1 - beta**n)
+
+    def _zero_grads(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        t = self.global_step
+        s, f = self.ft["schedule"], self.ft["fisher"]
+        if t >= s["warmup_iters"] and not self._growing:
+            self._start_growth()
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        stats = self._growing and not self._final and self.is_stat_step(t)
+        aug = stats and self.ft["perturb"]["train_aug"]
+        w = 0.5 if aug else 1.0
+        saved: dict[torch.nn.Parameter, torch.Tensor] = {}
+        if stats:
+            with self.perturbation.active(seed=hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF):
+                loss_p = self._loss(batch)
+            self.manual_backward(loss_p * w)
+            self._sync_backbone_grads()
+            self._accumulate("p", 1.0 / w)
+            mag = self.perturbation.magnitudes().to(self.device)
+            if self.trainer.world_size > 1:
+                mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
+            beta = f["ema_decay"]
+            self.eps_ema = self.eps_ema.to(self.device)
+            self.eps_ema = self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+            self.stat_counts["eps"] += 1
+            if aug:  # set the perturbed gradients aside (no copy) so the clean ones arrive alone
+                saved = {p: p.grad for p in self.parameters() if p.grad is not None}
+            self._zero_grads()
+        loss = self._loss(batch)
+        self.manual_backward(loss * w)
+        self._sync_backbone_grads()
+        if stats:
+            self._accumulate("x", 1.0 / w)
+            for p, g in saved.items():
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        if self._growing and not self._final and self.is_refresh(t):
+            self.refresh(t)
+        if self._growing:
+            for name, g in self._backbone_grads().items():
+                g.mul_(self.masks[name])  # before clipping: unselected gradients must not count
+        clip = self.ft["optim"]["clip_grad_norm"]
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip)
+        opt.step()
+        self.selected_opt.step(lr=self.backbone_lr())
+        self._zero_grads()
+        sched.step()
+        if self._growing and not self._final and t >= s["growth_end"]:
+            self._finalize()
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        n = self.selected_opt.num_selected()
+        self.log_dict({"fishertune/selected": float(n), "fishertune/selected_fraction": n / self.n_base,
+                       "fishertune/stat_step": float(stats)}, batch_size=bs)  # fmt: skip
+        return loss.detach()
+
+    # -------------------------------------------------------------------------------- selection
+    @torch.no_grad()
+    def scores(self) -> dict[str, torch.Tensor]:
+        """DR-FIM per candidate element from the current statistics (one tensor at a time)."""
+        f = self.ft["fisher"]
+        fx, fp = self.fisher_estimate("x"), self.fisher_estimate("p")
+        norm = 1.0
+        if f["normalize"] == "mean":
+            total = sum(float(v.double().sum()) for v in fx.values())
+            norm = max(total / sum(v.numel() for v in fx.values()), torch.finfo(torch.float32).tiny)
+        eps_bar = float(self.eps_ema.sum()) * self._debias(self.stat_counts["eps"])
+        out = {}
+        for k in list(fx):
+            x, p = fx.pop(k).div_(norm), fp.pop(k).div_(norm)
+            out[k] = dr_fim(x, p, eps_bar, f["gamma"], f["prior_precision"], f["eps"], f["ratio_factor"])
+        return out
+
+    def fisher_estimate(self, which: str) -> dict[str, torch.Tensor]:
+        """Bias-corrected EMA of squared gradients, new tensors (zeros before any statistic)."""
+        corr = self._debias(self.stat_counts[which])
+        store = self.fisher.get(which, {})
+        return {k: store[k] * corr if k in store else torch.zeros_like(p, dtype=torch.float32)
+                for k, p in self.candidates.items()}  # fmt: skip
+
+    def _groups(self) -> list[list[str]]:
+        scope = self.ft["selection"]["scope"]
+        names = list(self.candidates)
+        if scope == "global":
+            return [names]
+        if scope == "per_tensor":
+            return [[n] for n in names]
+        blocks: dict[int, list[str]] = {}
+        for n in names:
+            blocks.setdefault(block_of(n), []).append(n)
+        return list(blocks.values())
+
+    @torch.no_grad()
+    def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """New elements (flat indices per tensor) that bring the selection to ``k`` (monotone) or the fresh
+        top-k mask (not monotone): highest scores within each scope group, ``granularity`` units at a time."""
+        monotone = self.ft["schedule"]["monotone"]
+        gran = self.ft["selection"]["granularity"]
+        groups = self._groups()
+        targets = apportion(k, [sum(self.candidates[n].numel() for n in g) for g in groups])
+        chosen: dict[str, torch.Tensor] = {}
+        for names, target in zip(groups, targets):
+            have = sum(int(self.masks[n].sum()) for n in names) if monotone else 0
+            units, sizes, shapes = [], [], []
+            for n in names:
+                sc = scores[n].float().clone()
+                if monotone:
+                    sc[self.masks[n]] = -math.inf
+                if gran == "element" or (gran == "row" and sc.ndim < 2):
+                    u, size = sc.reshape(-1), 1
+                elif gran == "row":
+                    u, size = sc.reshape(sc.shape[0], -1).mean(1), sc[0].numel()
+                else:
+                    u, size = sc.reshape(1, -1).mean(1), sc.numel()
+                units.append(u)
+                sizes.append(torch.full_like(u, size, dtype=torch.long))
+                shapes.append((n, u.numel(), size))
+            u, sz = torch.cat(units), torch.cat(sizes)
+            need = max(target - have, 0)
+            if bool((sz == 1).all()):
+                pick = top_k_first(u, need)
+            else:  # coarse units: best first (stable order) while the budget lasts
+                order = torch.sort(u, descending=True, stable=True).indices
+                order = order[torch.isfinite(u[order])]
+                order = order[torch.cumsum(sz[order], 0) <= need]
+                pick = torch.zeros_like(u, dtype=torch.bool)
+                pick[order] = True
+            offset = 0
+            for n, count, size in shapes:
+                sel = pick[offset : offset + count]
+                offset += count
+                if size > 1:
+                    sel = sel.repeat_interleave(size) if count > 1 else sel.expand(size)
+                chosen[n] = sel.reshape(-1).nonzero().squeeze(1)
+        return chosen
+
+    @torch.no_grad()
+    def refresh(self, t: int) -> None:
+        k = self.k_target(t)
+        chosen = self.select(self.scores(), k)
+        monotone = self.ft["schedule"]["monotone"]
+        for name, idx in chosen.items():
+            mask = self.masks[name]
+            if not monotone:
+                new = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+                new[idx] = True
+                self.selected_opt.retain(name, new[self.selected_opt.index(name)])
+                idx = idx[~mask.view(-1)[idx]]
+                mask.view(-1).copy_(new)
+            else:
+                mask.view(-1)[idx] = True
+            self.selected_opt.add(name, idx)
+        self._check_ranks_agree()
+        selected = self.selected_opt.num_selected()
+        self.history.append({"step": t, "target": k, "selected": selected, "fraction": selected / self.n_base})
+        self._log_selection(t)
+
+    def _check_ranks_agree(self) -> None:
+        if self.trainer.world_size <= 1:
+            return
+        digest = torch.tensor(
+            [float(sum(int(i.sum()) for i in (self.selected_opt.index(n) for n in self.candidates)))],
+            device=self.device,
+        )
+        lo = self.trainer.strategy.reduce(digest.clone(), reduce_op="min")
+        hi = -self.trainer.strategy.reduce(-digest, reduce_op="min")
+        if not torch.equal(lo, hi):
+            raise RuntimeError("FisherTune: the selection differs across ranks (gradients were not synchronised)")
+
+    def breakdown(self) -> list[dict]:
+        """Selected elements per block and module kind: rows of block, kind, selected, share of the selection."""
+        counts: dict[tuple[int, str], int] = {}
+        for name, mask in self.masks.items():
+            for kind, c in kind_counts(name, mask).items():
+                key = (block_of(name), kind)
+                counts[key] = counts.get(key, 0) + c
+        total = max(sum(counts.values()), 1)
+        return [{"block": b, "kind": k, "selected": c, "share": c / total} for (b, k), c in sorted(counts.items())]
+
+    def _log_selection(self, t: int) -> None:
+        rows = self.breakdown()
+        by_kind = {k: sum(r["share"] for r in rows if r["kind"] == k) for k in KINDS}
+        by_block = {}
+        for r in rows:
+            by_block[r["block"]] = by_block.get(r["block"], 0.0) + r["share"]
+        if self.trainer.logger is not None:
+            metrics = {f"fishertune/kind/{k}": v for k, v in by_kind.items()}
+            metrics |= {f"fishertune/block/{'embed' if b < 0 else b}": v for b, v in by_block.items()}
+            metrics["fishertune/target"] = float(self.history[-1]["target"])
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step=t)
+        self._write_selection_table(t, rows)
+
+    @rank_zero_only
+    def _write_selection_table(self, t: int, rows: list[dict]) -> None:
+        out = Path(self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "fishertune_selection.csv"
+        new = not path.exists() or t == self.ft["schedule"]["warmup_iters"]
+        with path.open("w" if new else "a") as fh:
+            if new:
+                fh.write("step,block,kind,selected,share\n")
+            for r in rows:
+                fh.write(f"{t},{r['block']},{r['kind']},{r['selected']},{r['share']:.6f}\n")
+        for lg in self.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_table(
+                    "fishertune/selection",
+                    columns=["step", "block", "kind", "selected", "share"],
+                    data=[[t, r["block"], r["kind"], r["selected"], r["share"]] for r in rows],
+                    step=t,
+                )
+
+    def _finalize(self) -> None:
+        """After the last refresh: free the statistics and stop computing gradients of unselected tensors."""
+        self._final = True
+        if self.ft["finalize"]["drop_fisher"]:
+            self.fisher = {}
+        self._prune()
+
+    def _prune(self) -> None:
+        if not self.ft["finalize"]["prune_frozen_tensors"]:
+            return
+        for name, p in self.candidates.items():
+            if not bool(self.masks[name].any()):
+                p.requires_grad_(False)
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        if not self.masks:
+            return
+        path = Path(self.trainer.default_root_dir) / "fishertune_mask.pt"
+        torch.save({"index": {n: self.selected_opt.index(n).cpu() for n in self.candidates},
+                    "shapes": {n: tuple(p.shape) for n, p in self.candidates.items()},
+                    "history": self.history, "breakdown": self.breakdown()}, path)  # fmt: skip
+        rank_zero_info(f"[dgss] FisherTune: final selection saved to {path}")
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def reattachable_keys(self) -> set[str]:
+        """With a weights file the whole backbone is re-attached; selected elements travel as a sparse delta."""
+        if not self.backbone.weights:
+            return set()
+        keys = {f"backbone.{n}" for n, _ in self.backbone.named_parameters()}
+        return keys | {f"backbone.{n}" for n, _ in self.backbone.model.named_buffers()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        delta = {}
+        for name, s in self.selected_opt.state.items():
+            delta[name] = {"index": s["index"].cpu(), "value": self.candidates[name].detach().reshape(-1)[s["index"]].cpu()}
+        checkpoint["fishertune"] = {
+            "delta": delta,
+            "optimizer": {n: {k: v.cpu() for k, v in s.items()} for n, s in self.selected_opt.state.items()},
+            "fisher": {w: {n: v.cpu() for n, v in d.items()} for w, d in self.fisher.items()},
+            "stat_counts": dict(self.stat_counts),
+            "eps_ema": self.eps_ema.cpu(),
+            "history": list(self.history),
+            "final": self._final,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        ft = checkpoint.get("fishertune")
+        if ft is None:
+            raise ConfigError("the checkpoint has no FisherTune state: it was not written by method=fishertune")
+        state = checkpoint["state_dict"]
+        for name, d in ft["delta"].items():
+            key = f"backbone.model.{name}"
+            if key in state:
+                continue  # a full backbone was saved (no weights file)
+            full = self.candidates[name].detach().clone()  # the pretrained tensor from the weights file
+            full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
+            state[key] = full
+        self.selected_opt.load_state_dict(ft["optimizer"])
+        self.masks = {}
+        for name, p in self.candidates.items():
+            m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            m[self.selected_opt.index(name)] = True
+            self.masks[name] = m.view_as(p)
+        self.fisher = {w: {n: v.to(self.candidates[n].device) for n, v in d.items()} for w, d in ft["fisher"].items()}
+        self.stat_counts = dict(ft["stat_counts"])
+        self.eps_ema = ft["eps_ema"].clone()
+        self.history = list(ft["history"])
+        self._final = bool(ft["final"])
+        self._growing = False  # requires_grad is set again at the next training step (after DDP wraps)

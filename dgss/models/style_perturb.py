@@ -1,0 +1,82 @@
+"""Feature-statistics perturbation (DSU-style) as a backbone block hook: a simulated domain shift.
+
+Per sample and channel, the patch tokens' mean μ and std σ are re-drawn around themselves,
+``μ' = μ + z_μ · s · Σ_μ`` and ``σ' = σ + z_σ · s · Σ_σ`` with ``z ~ N(0, 1)`` and Σ the batch std of the statistic,
+and the tokens are re-normalised, ``f' = σ' (f − μ) / σ + μ'``. Prefix tokens (CLS, registers) are untouched;
+SAM's NHWC tokens arrive flattened through :meth:`Backbone.register_block_hook`.
+
+The hook records the mean magnitude of the draws, ``ε_μ = mean(s |z_μ|)`` and ``ε_σ = mean(s |z_σ|)`` over samples,
+channels and insertion points, which FisherTune uses to weight its domain term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+
+class ChannelStatPerturbation:
+    """Call as a block hook ``(tokens, block_idx) -> tokens``; active only inside :meth:`active`.
+
+    Args:
+        after_blocks: block indices after which the statistics are perturbed (independent noise per point).
+        scale: s, the multiple of the batch std of each statistic.
+        num_prefix_tokens: leading tokens left as they are.
+        eps: added to variances before the square root.
+    """
+
+    def __init__(self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0, eps: float = 1e-6):
+        self.after_blocks = {int(b) for b in after_blocks}
+        self.scale = float(scale)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.eps = eps
+        self.enabled = False
+        self._seed: int | None = None
+        self._gen: torch.Generator | None = None
+        self._abs_z: list[torch.Tensor] = []  # per insertion point: (mean s|z_mu|, mean s|z_sigma|)
+
+    @contextmanager
+    def active(self, seed: int | None = None) -> Iterator[None]:
+        """Perturb inside the block; :meth:`magnitudes` then returns (ε_μ, ε_σ) of that forward. With ``seed``
+        the draws come from their own generator (reproducible after a resume), else from torch's global one."""
+        self.enabled, self._abs_z, self._seed, self._gen = True, [], seed, None
+        try:
+            yield
+        finally:
+            self.enabled = False
+
+    def magnitudes(self) -> torch.Tensor:
+        """(ε_μ, ε_σ) of the last perturbed forward, averaged over insertion points (zeros if none ran)."""
+        if not self._abs_z:
+            return torch.zeros(2)
+        return torch.stack(self._abs_z).mean(0)
+
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        if self._seed is None:
+            return torch.randn_like(like)
+        if self._gen is None or self._gen.device != like.device:
+            self._gen = torch.Generator(device=like.device)
+            self._gen.manual_seed(self._seed)
+        return torch.randn(like.shape, generator=self._gen, device=like.device, dtype=like.dtype)
+
+    def __call__(self, tokens: torch.Tensor, block_idx: int) -> torch.Tensor:
+        if not self.enabled or block_idx not in self.after_blocks:
+            return tokens
+        p = self.num_prefix_tokens
+        prefix, f = tokens[:, :p], tokens[:, p:]
+        b = f.shape[0]
+        mu = f.mean(1, keepdim=True)  # (B, 1, C)
+        sigma = (f.var(1, keepdim=True, unbiased=False) + self.eps).sqrt()
+        if b > 1:  # the batch spread of each statistic sets the size of the shift (none for a batch of one)
+            spread_mu = (mu.var(0, keepdim=True) + self.eps).sqrt().detach()
+            spread_sigma = (sigma.var(0, keepdim=True) + self.eps).sqrt().detach()
+        else:
+            spread_mu = spread_sigma = torch.zeros_like(mu)
+        z_mu, z_sigma = self._randn(mu), self._randn(sigma)
+        new_mu = mu + z_mu * self.scale * spread_mu
+        new_sigma = sigma + z_sigma * self.scale * spread_sigma
+        out = (f - mu) / sigma * new_sigma + new_mu
+        self._abs_z.append(torch.stack([z_mu.abs().mean(), z_sigma.abs().mean()]).detach().float() * self.scale)
+        return torch.cat([prefix, out], 1) if p else out

@@ -1,0 +1,309 @@
+"""FisherTune: Fisher estimates, DR-FIM, schedule, selection, masked optimisation, sparse checkpoints."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from test_checkpoint_eval import DATA, RUN
+from test_methods import make_dm, make_method, snapshot, trainer
+
+from dgss.errors import ConfigError
+from dgss.eval import evaluate
+from dgss.methods.fishertune import FisherTune, apportion, dr_fim, growth_ratio, kind_counts, top_k_first
+from dgss.methods.selected_adamw import SelectedAdamW
+from dgss.models.style_perturb import ChannelStatPerturbation
+from dgss.train import train
+
+SCHED = dict(warmup_iters=2, growth_tau=3, growth_end=8, refresh_every=2, delta_min=0.01, delta_max=0.05)
+
+
+def fishertune(**kw):
+    kw.setdefault("schedule", SCHED)
+    kw.setdefault("perturb", dict(after_blocks=[0]))
+    kw.setdefault("fisher", dict(window=2))
+    return make_method(FisherTune, **kw)
+
+
+# ------------------------------------------------------------------------------------------- formulas
+def test_dr_fim_equals_the_formula_on_hand_made_values():
+    fx = torch.tensor([0.0, 1.0, 2.0, 0.5], dtype=torch.float64)
+    fp = torch.tensor([0.0, 3.0, 2.0, 0.0], dtype=torch.float64)
+    gamma, tau_inv2, eps, eps_bar = 2.0, 0.5, 1e-8, 0.3
+    for factor, c in (("mul_gamma", gamma), ("div_gamma", 1 / gamma)):
+        got = dr_fim(fx, fp, eps_bar, gamma, tau_inv2, eps, factor)
+        for i in range(4):
+            lx, lp = fx[i].item() / gamma + tau_inv2, fp[i].item() / gamma + tau_inv2
+            want = gamma * (lx - tau_inv2) + math.exp(-eps_bar) * c * abs(lx - lp) / (min(lx, lp) + eps)
+            assert got[i].item() == pytest.approx(want, rel=1e-12), (factor, i)
+    # element 1 by hand: lx = 1, lp = 2 -> 2*(1-0.5) + e^-0.3 * 2 * 1 / 1
+    assert dr_fim(fx, fp, eps_bar, gamma, tau_inv2, eps)[1].item() == pytest.approx(1.0 + 2 * math.exp(-0.3))
+
+
+def test_dr_fim_stays_finite_because_of_the_prior():
+    zero = torch.zeros(5)
+    assert torch.equal(dr_fim(zero, zero, 0.0), zero)  # F(x) = F(x') = 0: no 0/0
+    fx, fp = torch.zeros(3), torch.tensor([1e30, 1e6, 0.0])
+    s = dr_fim(fx, fp, 0.5, gamma=1.0, prior_precision=1.0)
+    assert torch.isfinite(s).all()
+    # bounded by exp(-eps) * tau^2 * |Fx - Fx'| since min(L_x, L_x') >= tau^-2
+    assert (s <= math.exp(-0.5) * (fp - fx).abs() * (1 + 1e-6)).all()
+    # without the prior the same ratio explodes: the floor is what keeps it finite
+    assert dr_fim(fx, fp, 0.5, prior_precision=0.0, eps=1e-8)[1] > 1e13
+
+
+def test_perturbation_off_reduces_dr_fim_to_the_fisher():
+    fx = torch.rand(100)
+    assert torch.equal(dr_fim(fx, fx.clone(), 0.7), fx)
+    assert torch.equal(top_k_first(dr_fim(fx, fx.clone(), 0.7), 10), top_k_first(fx, 10))
+
+
+def test_growth_ratio_and_top_k_ties():
+    assert growth_ratio(1, 2, 0.01, 0.05, 3, 8) == 0.0
+    assert growth_ratio(2, 2, 0.01, 0.05, 3, 8) == pytest.approx(0.01)
+    assert growth_ratio(5, 2, 0.01, 0.05, 3, 8) == pytest.approx(0.05 - 0.04 * math.exp(-1))
+    assert growth_ratio(8, 2, 0.01, 0.05, 3, 8) == 0.05
+    s = torch.tensor([1.0, 3.0, 1.0, 1.0, -math.inf, 2.0])
+    assert top_k_first(s, 3).tolist() == [True, True, False, False, False, True]  # tie: lowest index
+    assert int(top_k_first(s, 10).sum()) == 5  # never picks -inf (already selected)
+    assert apportion(10, [1, 1, 1]) == [4, 3, 3] and sum(apportion(7, [5, 3, 9])) == 7
+
+
+def test_kind_counts_split_fused_qkv():
+    mask = torch.zeros(12, 4, dtype=torch.bool)
+    mask[0, 0] = mask[5, 1] = mask[9] = True  # q row 0, k row 5, v row 9 (C = 4)
+    assert kind_counts("blocks.3.attn.qkv.weight", mask) == {"q": 1, "k": 1, "v": 4}
+    one = torch.ones(3, dtype=torch.bool)
+    assert kind_counts("blocks.0.attn.q_proj.weight", one) == {"q": 3}
+    assert kind_counts("blocks.0.mlp.fc1_g.weight", one) == {"fc1": 3}
+    assert kind_counts("blocks.0.norm2.bias", one) == {"norm": 3}
+    assert kind_counts("blocks.0.attn.proj.weight", one) == {"proj": 3}
+    assert kind_counts("blocks.0.ls1.gamma", one) == {"other": 3}
+
+
+def test_perturbation_redraws_patch_statistics_and_keeps_prefix():
+    torch.manual_seed(0)
+    hook = ChannelStatPerturbation([1], scale=1.0, num_prefix_tokens=2)
+    x = torch.randn(4, 2 + 10, 8)
+    assert hook(x, 1) is x  # inactive outside `active()`
+    with hook.active(seed=3):
+        y = hook(x, 1)
+        assert hook(x, 0) is x  # not an insertion point
+    with hook.active(seed=3):
+        y2 = hook(x, 1)
+    assert torch.equal(y, y2)  # seeded draws: identical again (resume)
+    assert torch.equal(y[:, :2], x[:, :2]) and not torch.allclose(y[:, 2:], x[:, 2:])
+    # normalised patch tokens are unchanged: only mean and std moved
+    norm = lambda t: (t - t.mean(1, keepdim=True)) / t.std(1, keepdim=True, unbiased=False)  # noqa: E731
+    assert torch.allclose(norm(y[:, 2:]), norm(x[:, 2:]), atol=1e-4)
+    e_mu, e_sigma = hook.magnitudes().tolist()
+    assert 0.2 < e_mu < 2 and 0.2 < e_sigma < 2  # mean |z| of a normal is 0.8
+
+
+def test_selected_adamw_matches_torch_adamw_when_everything_is_selected():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(6, 5))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
+    mine = SelectedAdamW({"w": b}, weight_decay=0.1)
+    mine.add("w", torch.arange(30))
+    for _ in range(5):
+        g = torch.randn(6, 5)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        mine.step(lr=1e-2)
+    assert torch.allclose(a, b, atol=1e-6)
+    # a subset: the others are never written, even with weight decay
+    c = torch.nn.Parameter(torch.randn(10))
+    before = c.detach().clone()
+    opt = SelectedAdamW({"c": c}, weight_decay=0.5)
+    opt.add("c", torch.tensor([2, 7]))
+    c.grad = torch.ones(10)
+    opt.step(lr=0.1)
+    changed = (c.detach() != before).nonzero().squeeze(1).tolist()
+    assert changed == [2, 7]
+    opt.retain("c", torch.tensor([True, False]))  # deselect element 7: back to its value at selection
+    assert c[7].item() == before[7].item() and opt.index("c").tolist() == [2]
+
+
+# -------------------------------------------------------------------------------------- the estimator
+def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
+    """A known loss, linear in the parameters with batch-dependent slopes: its gradient is the slope."""
+    torch.manual_seed(0)
+    m = fishertune(fisher=dict(window=None, ema_decay=None), schedule={**SCHED, "growth_end": 50})
+    slopes, base = [], {n: torch.randn_like(p) for n, p in m.candidates.items()}
+
+    def known_loss(batch):
+        a = float(batch["image"].mean())  # differs per batch
+        if m.is_stat_step(m.global_step) and not m.perturbation.enabled:
+            slopes.append(a)
+        head = sum(0 * p.sum() for p in m.head.parameters())  # the warm-up trains the head only
+        return head + sum((a * base[n] * p).sum() for n, p in m.candidates.items())
+
+    m._loss = known_loss
+    trainer(tmp_path, steps=6).fit(m, make_dm())
+    assert len(slopes) == 4 == m.stat_counts["x"]  # steps 2..5
+    est = m.fisher_estimate("x")
+    for n in m.candidates:
+        want = torch.stack([(a * base[n]) ** 2 for a in slopes]).mean(0)
+        assert torch.allclose(est[n], want, rtol=1e-5), n
+
+
+def test_ema_estimate_matches_the_bias_corrected_recursion():
+    m = fishertune(fisher=dict(ema_decay=0.9))
+    name, p = next(iter(m.candidates.items()))
+    gs = [torch.randn_like(p) for _ in range(3)]
+    for g in gs:
+        p.grad = g.clone()
+        m._accumulate("x")
+    p.grad = None
+    f = torch.zeros_like(p)
+    for g in gs:
+        f = 0.9 * f + 0.1 * g**2
+    assert torch.allclose(m.fisher_estimate("x")[name], f / (1 - 0.9**3), rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- selection
+def test_global_ranking_follows_the_scores_across_blocks():
+    m = fishertune()
+    m.masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in m.candidates.items()}
+    scores = {n: (torch.rand_like(p) + 1 if n.startswith("blocks.1.") else torch.rand_like(p))
+              for n, p in m.candidates.items()}  # fmt: skip
+    block1 = sum(p.numel() for n, p in m.candidates.items() if n.startswith("blocks.1."))
+    chosen = m.select(scores, block1 // 2)
+    assert sum(len(i) for i in chosen.values()) == block1 // 2
+    assert all(len(i) == 0 for n, i in chosen.items() if not n.startswith("blocks.1."))
+    # per-block budgets: each block gets its share whatever the scores
+    m.ft["selection"]["scope"] = "per_block"
+    chosen = m.select(scores, 1000)
+    per_block = {b: sum(len(i) for n, i in chosen.items() if n.startswith(f"blocks.{b}.")) for b in (0, 1)}
+    assert per_block[0] > 400 and per_block[1] > 400 and sum(len(i) for i in chosen.values()) == 1000
+    # rows: whole rows of 2-d tensors, the budget met to within one row
+    m.ft["selection"].update(scope="global", granularity="row")
+    chosen = m.select(scores, 1000)
+    n_sel = sum(len(i) for i in chosen.values())
+    assert 1000 - 32 < n_sel <= 1000
+    for n, idx in chosen.items():
+        p = m.candidates[n]
+        if p.ndim == 2 and len(idx):
+            rows = torch.zeros(p.numel(), dtype=torch.bool)
+            rows[idx] = True
+            rows = rows.view_as(p)
+            assert (rows.all(1) | ~rows.any(1)).all()
+
+
+def test_bad_options_get_one_line_errors():
+    with pytest.raises(ConfigError, match=r"method.selection.scope='layer' is not supported"):
+        fishertune(selection=dict(scope="layer"))
+    with pytest.raises(ConfigError, match="does not fit the .* candidate elements"):
+        fishertune(schedule={**SCHED, "budget": 10**9})
+    with pytest.raises(ConfigError, match="warmup_iters <= growth_end"):
+        fishertune(schedule={**SCHED, "warmup_iters": 9})
+
+
+# -------------------------------------------------------------------------------------- training
+class Watch(pl.Callback):
+    """Records the state at the start of every step: backbone snapshot at T1, masks at each refresh."""
+
+    def __init__(self):
+        self.at_t1, self.masks = None, {}
+
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        t = m.global_step
+        if t == m.ft["schedule"]["warmup_iters"]:
+            self.at_t1 = (snapshot(m.backbone), dict(m.stat_counts))
+
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+        t = m.global_step - 1
+        if m.is_refresh(t):
+            self.masks[t] = {n: k.clone() for n, k in m.masks.items()}
+
+
+def test_training_moves_only_the_scheduled_selection(tmp_path):
+    torch.manual_seed(0)
+    m = fishertune()
+    pretrained, head0 = snapshot(m.backbone), snapshot(m.head)
+    watch = Watch()
+    trainer(tmp_path, steps=12, callbacks=[watch]).fit(m, make_dm())
+    # warm-up: no backbone element moved, no statistics collected, the head trained
+    bb_t1, counts_t1 = watch.at_t1
+    assert all(torch.equal(bb_t1[k], pretrained[k]) for k in pretrained)
+    assert counts_t1 == {"x": 0, "p": 0, "eps": 0}
+    # the schedule at each refresh, non-decreasing, nested masks
+    assert [h["step"] for h in m.history] == [2, 4, 6, 8]
+    for h in m.history:
+        assert h["selected"] == h["target"] == m.k_target(h["step"])
+    steps = sorted(watch.masks)
+    for a, b in zip(steps, steps[1:]):
+        assert all((watch.masks[a][n] <= watch.masks[b][n]).all() for n in m.candidates)
+    k_final = round(0.05 * m.n_base)
+    assert m.selected_opt.num_selected() == k_final
+    # every unselected element bit-identical; selected ones moved; excluded tensors untouched
+    changed = 0
+    for name, p in m.backbone.model.named_parameters():
+        now, before = p.detach(), pretrained[f"model.{name}"]
+        if name not in m.candidates:
+            assert torch.equal(now, before), name
+            continue
+        diff = now != before
+        assert not (diff & ~m.masks[name]).any(), name
+        changed += int(diff.sum())
+    assert k_final - 5 <= changed <= k_final  # an element whose gradient is exactly 0 may stay put
+    assert all(not torch.equal(v, head0[k]) for k, v in snapshot(m.head).items())
+    assert m.fisher == {} and m._final  # statistics freed after the last refresh
+    assert all(not p.requires_grad for n, p in m.candidates.items() if not m.masks[n].any())
+    assert (tmp_path / "fishertune_mask.pt").is_file() and (tmp_path / "fishertune_selection.csv").is_file()
+    saved = torch.load(tmp_path / "fishertune_mask.pt")
+    assert sum(len(v) for v in saved["index"].values()) == k_final
+
+
+def test_the_budget_of_a_vit_l_is_15_2m():
+    with torch.device("meta"):
+        m = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=512, patch_size=16)
+    m.norm = torch.nn.Identity()  # the final norm is not used (backbone.final_norm=false)
+    n_base = sum(p.numel() for p in m.parameters())
+    assert round(0.05 * n_base) == pytest.approx(15.2e6, rel=0.005)
+
+
+# ---------------------------------------------------------------------- families, sparse checkpoints
+FT_SMALL = ["method=fishertune", "method.schedule.warmup_iters=1", "method.schedule.growth_end=3",
+            "method.schedule.refresh_every=1", "method.schedule.growth_tau=2", "method.fisher.window=1",
+            "method.perturb.after_blocks=[0,1]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "eva02_l", "samvit_b", "clip_l"])
+def test_trains_and_evaluates_on_every_family(compose_cfg, tmp_path, backbone):
+    cfg = compose_cfg([f"backbone={backbone}", "debug=tiny", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                       "synthetic.val_length=2", "callbacks=minimal", "~logger", *FT_SMALL])  # fmt: skip
+    metrics = train(cfg)
+    assert "val/mean_mIoU" in metrics and math.isfinite(metrics["train/loss"])
+    saved = torch.load(tmp_path / "fishertune_mask.pt")
+    assert [h["step"] for h in saved["history"]] == [1, 2, 3]
+    n_base = sum(math.prod(s) for s in saved["shapes"].values())  # candidates; the base adds the embeddings
+    assert 0.04 * n_base < saved["history"][-1]["selected"] == sum(len(i) for i in saved["index"].values())
+    kinds = {r["kind"] for r in saved["breakdown"] if r["selected"]}
+    assert kinds & {"q", "k", "v"} and kinds & {"fc1", "fc2"}  # fused or separate projections are classified
+
+
+def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_path):
+    m = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=64, depth=2, embed_dim=64,
+                          num_heads=2, patch_size=16)  # fmt: skip
+    weights = tmp_path / "pretrained.pth"
+    torch.save(m.state_dict(), weights)
+    from test_checkpoint_eval import backbone_args
+
+    run = [x for x in RUN if not x.startswith("trainer.max_steps") and not x.startswith("trainer.val_check")]
+    cfg = compose_cfg([*DATA, *run, *backbone_args(weights), "trainer.max_steps=5", "trainer.val_check_interval=5",
+                       *FT_SMALL])  # fmt: skip
+    metrics = train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # the backbone lives in the delta
+    delta = ckpt["fishertune"]["delta"]
+    n_delta = sum(len(d["index"]) for d in delta.values())
+    total = sum(p.numel() for p in m.parameters())
+    assert 0 < n_delta <= 0.05 * total + 1
+    ecfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu"], config_name="eval")
+    again = evaluate(ecfg)
+    for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
+        assert again[k] == metrics[k], k
