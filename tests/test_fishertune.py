@@ -9,6 +9,7 @@ import torch
 from test_checkpoint_eval import DATA, RUN
 from test_methods import make_dm, make_method, snapshot, trainer
 
+from dgss.config import build_method
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.methods.fishertune import FisherTune, apportion, dr_fim, growth_ratio, kind_counts, top_k_first
@@ -282,8 +283,14 @@ def test_trains_and_evaluates_on_every_family(compose_cfg, tmp_path, backbone):
     assert [h["step"] for h in saved["history"]] == [1, 2, 3]
     n_base = sum(math.prod(s) for s in saved["shapes"].values())  # candidates; the base adds the embeddings
     assert 0.04 * n_base < saved["history"][-1]["selected"] == sum(len(i) for i in saved["index"].values())
-    kinds = {r["kind"] for r in saved["breakdown"] if r["selected"]}
-    assert kinds & {"q", "k", "v"} and kinds & {"fc1", "fc2"}  # fused or separate projections are classified
+    assert sum(r["selected"] for r in saved["breakdown"]) == saved["history"][-1]["selected"]
+    # every module kind of the family is recognised (fused qkv split, EVA's q/k/v_proj and SwiGLU, SAM's blocks)
+    m = build_method(cfg)
+    kinds = set()
+    for name, p in m.candidates.items():
+        if name.startswith("blocks."):
+            kinds |= set(kind_counts(name, torch.ones_like(p, dtype=torch.bool)))
+    assert {"q", "k", "v", "proj", "fc1", "fc2", "norm"} <= kinds
 
 
 def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_path):
