@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format bench docs clean
+.PHONY: help install pretrain demo test test-all lint format bench docs clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -22,8 +22,15 @@ $(BIN)/dgss-train: pyproject.toml
 
 install: $(BIN)/dgss-train ## create .venv with torch 2.14.1 + torchvision 0.29.1, then dgss and its extras (editable)
 
-demo: install ## train the demo on the embedded synthetic data (CPU, < 10 min) and print per-domain IoU tables
-	$(BIN)/dgss-train experiment=demo hydra.run.dir=logs/demo
+TINY_WEIGHTS ?= weights/tiny_mim.safetensors
+
+$(TINY_WEIGHTS): scripts/pretrain_tiny.py | $(BIN)/dgss-train
+	$(BIN)/python scripts/pretrain_tiny.py --out $@
+
+pretrain: $(TINY_WEIGHTS) ## pretrain the demo's tiny ViT without labels (cached in weights/; ~3 min on 2 cores)
+
+demo: install $(TINY_WEIGHTS) ## FisherTune from the tiny pretrained ViT on the embedded domains (CPU, < 10 min incl. pretraining)
+	$(BIN)/dgss-train experiment=demo backbone.weights=$(TINY_WEIGHTS) hydra.run.dir=logs/demo
 
 test: install ## the default test suite (no slow tests; < 15 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow"
@@ -39,8 +46,10 @@ format: install ## ruff autofix + format
 	$(BIN)/ruff check --fix dgss tests scripts
 	$(BIN)/ruff format dgss tests scripts
 
-bench: install ## one dgss training step vs a hand-written loop; writes docs/benchmarks.md
+bench: install ## training-step overhead, Rein and FisherTune vs full fine-tuning; rows in docs/benchmarks.md
 	$(BIN)/python scripts/bench_step.py
+	$(BIN)/python scripts/bench_rein.py
+	$(BIN)/python scripts/bench_fishertune.py
 
 docs: install ## re-render the synthetic-domain sample grid for docs/datasets.md
 	$(BIN)/python scripts/render_synthetic.py

@@ -13,20 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
-import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
 import time
 
-from benchmarks_md import append_row
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+from benchmarks_md import append_row, device_name, rss_mb, run_isolated
 
 
 def run_variant(method: str, a: argparse.Namespace, out: mp.Queue) -> None:
@@ -40,7 +31,7 @@ def run_variant(method: str, a: argparse.Namespace, out: mp.Queue) -> None:
 
     torch.manual_seed(0)
     dev = torch.device(a.device)
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     bb = Backbone("vit_base_patch16_224", img_size=a.size, model_kwargs={"dynamic_img_size": True})
     cls = Rein if method == "rein" else FullFineTune
     m = cls(bb, functools.partial(LightHead, channels=256), num_classes=19).to(dev)
@@ -87,30 +78,11 @@ def main() -> None:
     p.add_argument("--mmap-threshold", type=int, default=1 << 20,
                    help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for the workers, so freed tensors leave the RSS (0 = glibc default)")  # fmt: skip
     a = p.parse_args()
-    if a.device == "cpu" and a.mmap_threshold:
-        # glibc raises its mmap threshold after frees and then keeps freed tensors in the heap; a fixed threshold
-        # returns them, so the RSS high-water mark follows live memory. Read at process start: set before spawning.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
-    ctx = mp.get_context("spawn")
-    res = {}
-    for method in ("full", "rein"):
-        q = ctx.Queue()
-        proc = ctx.Process(target=run_variant, args=(method, a, q))
-        proc.start()
-        res[method] = q.get()
-        proc.join()
-        print(json.dumps(res[method]))
+    res = run_isolated(run_variant, ("full", "rein"), a, a.device, a.mmap_threshold)
     t_ratio = res["rein"]["step_s"] / res["full"]["step_s"]
     m_ratio = res["rein"]["peak_mb"] / res["full"]["peak_mb"]
     print(f"Rein / full: step time {t_ratio:.3f}, peak memory {m_ratio:.3f} (target <= 0.6)")
-    import torch
-
-    dev = (
-        torch.cuda.get_device_name()
-        if a.device == "cuda"
-        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    )
-    row = [str(datetime.date.today()), f"{dev}, torch {torch.__version__}, {a.precision}", f"ViT-B/16 @ {a.size}², batch {a.batch}",
+    row = [str(datetime.date.today()), f"{device_name(a.device)}, {a.precision}", f"ViT-B/16 @ {a.size}², batch {a.batch}",
            f"{res['full']['step_s']:.2f} / {res['rein']['step_s']:.2f}", f"{res['full']['peak_mb']:.0f} / {res['rein']['peak_mb']:.0f}",
            f"{t_ratio:.3f}", f"**{m_ratio:.3f}**", f"{res['full']['trainable']:,} / {res['rein']['trainable']:,}"]  # fmt: skip
     append_row(

@@ -310,7 +310,9 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     n_delta = sum(len(d["index"]) for d in delta.values())
     total = sum(p.numel() for p in m.parameters())
     assert 0 < n_delta <= 0.05 * total + 1
-    ecfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu"], config_name="eval")
+    ecfg = compose_cfg(
+        [f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu"], config_name="eval"
+    )
     again = evaluate(ecfg)
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
         assert again[k] == metrics[k], k

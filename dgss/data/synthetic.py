@@ -27,7 +27,12 @@ from dgss.data.classes import CITYSCAPES_CLASSES
 from dgss.errors import ConfigError
 
 C = {name: i for i, name in enumerate(CITYSCAPES_CLASSES)}
-SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+SPLIT_OFFSETS = {
+    "train": 0,
+    "val": 10_000_000,
+    "test": 20_000_000,
+    "unlabelled": 30_000_000,
+}  # unlabelled: pretraining
 
 
 # ----------------------------------------------------------------------------------------------- layout

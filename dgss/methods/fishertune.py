@@ -62,7 +62,9 @@ CHOICES = {
 
 
 # ------------------------------------------------------------------------------------------ pure functions
-def growth_ratio(t: int, warmup: int, delta_min: float, delta_max: float, tau: float, growth_end: int) -> float:
+def growth_ratio(
+    t: int, warmup: int, delta_min: float, delta_max: float, tau: float, growth_end: int
+) -> float:
     """Scheduled selected fraction at step t (0 before the growth phase, δ_max from ``growth_end`` on)."""
     if t < warmup:
         return 0.0
@@ -169,7 +171,9 @@ class FisherTune(SegmentationMethod):
         named = dict(self.backbone.model.named_parameters())
         self.candidates = {n: p for n, p in named.items() if not any(e in n for e in exclude)}
         if not self.candidates:
-            raise ConfigError(f"method.selection.exclude={list(exclude)} leaves no backbone parameter to select")
+            raise ConfigError(
+                f"method.selection.exclude={list(exclude)} leaves no backbone parameter to select"
+            )
         s = self.ft["schedule"]
         n_cand = sum(p.numel() for p in self.candidates.values())
         self.n_base = n_cand if s["ratio_base"] == "candidates" else sum(p.numel() for p in named.values())
@@ -193,7 +197,9 @@ class FisherTune(SegmentationMethod):
                 f"method.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
             )
         self.perturb_seed = int(p.get("seed", 0))
-        self.perturbation = ChannelStatPerturbation(p["after_blocks"], p["scale"], self.backbone.num_prefix_tokens)
+        self.perturbation = ChannelStatPerturbation(
+            p["after_blocks"], p["scale"], self.backbone.num_prefix_tokens
+        )
         self.backbone.register_block_hook(self.perturbation)
         o = self.ft["optim"]
         self.selected_opt = SelectedAdamW(
@@ -219,9 +225,13 @@ class FisherTune(SegmentationMethod):
         for g in super().param_groups():
             keep = [i for i, n in enumerate(g["names"]) if not n.startswith("backbone.")]
             if keep:
-                groups.append({**g, "params": [g["params"][i] for i in keep], "names": [g["names"][i] for i in keep]})
+                groups.append(
+                    {**g, "params": [g["params"][i] for i in keep], "names": [g["names"][i] for i in keep]}
+                )
         mult = self.ft["optim"]["backbone_lr_mult"]
-        groups.append({"params": [], "names": [], "lr_mult": mult, "decay": False, "name": "backbone_selected"})
+        groups.append(
+            {"params": [], "names": [], "lr_mult": mult, "decay": False, "name": "backbone_selected"}
+        )
         return groups
 
     def backbone_lr(self) -> float:
@@ -257,7 +267,9 @@ class FisherTune(SegmentationMethod):
     # ---------------------------------------------------------------------------------- schedule
     def k_target(self, t: int) -> int:
         s = self.ft["schedule"]
-        r = growth_ratio(t, s["warmup_iters"], s["delta_min"], self.delta_max, s["growth_tau"], s["growth_end"])
+        r = growth_ratio(
+            t, s["warmup_iters"], s["delta_min"], self.delta_max, s["growth_tau"], s["growth_end"]
+        )
         return round(r * self.n_base)
 
     def next_refresh(self, t: int) -> int | None:
@@ -286,12 +298,16 @@ class FisherTune(SegmentationMethod):
         """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
         for name, p in self.candidates.items():
             p.requires_grad_(True)
-            self.masks[name] = self.masks[name].to(p.device) if name in self.masks else torch.zeros_like(p, dtype=torch.bool)
+            self.masks[name] = (
+                self.masks[name].to(p.device) if name in self.masks else torch.zeros_like(p, dtype=torch.bool)
+            )
             for which in self.fisher.values():
                 if name in which:
                     which[name] = which[name].to(p.device)
             if name in self.selected_opt.state:
-                self.selected_opt.state[name] = {k: v.to(p.device) for k, v in self.selected_opt.state[name].items()}
+                self.selected_opt.state[name] = {
+                    k: v.to(p.device) for k, v in self.selected_opt.state[name].items()
+                }
         self._growing = True
         if self._final:
             self._prune()
@@ -354,7 +370,9 @@ class FisherTune(SegmentationMethod):
                 mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
             beta = f["ema_decay"]
             self.eps_ema = self.eps_ema.to(self.device)
-            self.eps_ema = self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+            self.eps_ema = (
+                self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+            )
             self.stat_counts["eps"] += 1
             if aug:  # set the perturbed gradients aside (no copy) so the clean ones arrive alone
                 saved = {p: p.grad for p in self.parameters() if p.grad is not None}
@@ -485,7 +503,9 @@ class FisherTune(SegmentationMethod):
             self.selected_opt.add(name, idx)
         self._check_ranks_agree()
         selected = self.selected_opt.num_selected()
-        self.history.append({"step": t, "target": k, "selected": selected, "fraction": selected / self.n_base})
+        self.history.append(
+            {"step": t, "target": k, "selected": selected, "fraction": selected / self.n_base}
+        )
         self._log_selection(t)
 
     def _check_ranks_agree(self) -> None:
@@ -498,7 +518,9 @@ class FisherTune(SegmentationMethod):
         lo = self.trainer.strategy.reduce(digest.clone(), reduce_op="min")
         hi = -self.trainer.strategy.reduce(-digest, reduce_op="min")
         if not torch.equal(lo, hi):
-            raise RuntimeError("FisherTune: the selection differs across ranks (gradients were not synchronised)")
+            raise RuntimeError(
+                "FisherTune: the selection differs across ranks (gradients were not synchronised)"
+            )
 
     def breakdown(self) -> list[dict]:
         """Selected elements per block and module kind: rows of block, kind, selected, share of the selection."""
@@ -508,7 +530,9 @@ class FisherTune(SegmentationMethod):
                 key = (block_of(name), kind)
                 counts[key] = counts.get(key, 0) + c
         total = max(sum(counts.values()), 1)
-        return [{"block": b, "kind": k, "selected": c, "share": c / total} for (b, k), c in sorted(counts.items())]
+        return [
+            {"block": b, "kind": k, "selected": c, "share": c / total} for (b, k), c in sorted(counts.items())
+        ]
 
     def _log_selection(self, t: int) -> None:
         rows = self.breakdown()
@@ -580,7 +604,10 @@ class FisherTune(SegmentationMethod):
         super().on_save_checkpoint(checkpoint)
         delta = {}
         for name, s in self.selected_opt.state.items():
-            delta[name] = {"index": s["index"].cpu(), "value": self.candidates[name].detach().reshape(-1)[s["index"]].cpu()}
+            delta[name] = {
+                "index": s["index"].cpu(),
+                "value": self.candidates[name].detach().reshape(-1)[s["index"]].cpu(),
+            }
         checkpoint["fishertune"] = {
             "delta": delta,
             "optimizer": {n: {k: v.cpu() for k, v in s.items()} for n, s in self.selected_opt.state.items()},
@@ -595,7 +622,9 @@ class FisherTune(SegmentationMethod):
         super().on_load_checkpoint(checkpoint)
         ft = checkpoint.get("fishertune")
         if ft is None:
-            raise ConfigError("the checkpoint has no FisherTune state: it was not written by method=fishertune")
+            raise ConfigError(
+                "the checkpoint has no FisherTune state: it was not written by method=fishertune"
+            )
         state = checkpoint["state_dict"]
         for name, d in ft["delta"].items():
             key = f"backbone.model.{name}"
@@ -610,7 +639,9 @@ class FisherTune(SegmentationMethod):
             m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             m[self.selected_opt.index(name)] = True
             self.masks[name] = m.view_as(p)
-        self.fisher = {w: {n: v.to(self.candidates[n].device) for n, v in d.items()} for w, d in ft["fisher"].items()}
+        self.fisher = {
+            w: {n: v.to(self.candidates[n].device) for n, v in d.items()} for w, d in ft["fisher"].items()
+        }
         self.stat_counts = dict(ft["stat_counts"])
         self.eps_ema = ft["eps_ema"].clone()
         self.history = list(ft["history"])

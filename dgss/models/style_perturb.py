@@ -27,7 +27,9 @@ class ChannelStatPerturbation:
         eps: added to variances before the square root.
     """
 
-    def __init__(self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0, eps: float = 1e-6):
+    def __init__(
+        self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0, eps: float = 1e-6
+    ):
         self.after_blocks = {int(b) for b in after_blocks}
         self.scale = float(scale)
         self.num_prefix_tokens = int(num_prefix_tokens)
@@ -78,5 +80,7 @@ class ChannelStatPerturbation:
         new_mu = mu + z_mu * self.scale * spread_mu
         new_sigma = sigma + z_sigma * self.scale * spread_sigma
         out = (f - mu) / sigma * new_sigma + new_mu
-        self._abs_z.append(torch.stack([z_mu.abs().mean(), z_sigma.abs().mean()]).detach().float() * self.scale)
+        self._abs_z.append(
+            torch.stack([z_mu.abs().mean(), z_sigma.abs().mean()]).detach().float() * self.scale
+        )
         return torch.cat([prefix, out], 1) if p else out
