@@ -20,7 +20,7 @@ import time
 from benchmarks_md import append_row, device_name, rss_mb, run_isolated
 
 
-def run_variant(method: str, a: argparse.Namespace, out: mp.Queue) -> None:
+def run_variant(method: str, a: argparse.Namespace, out) -> None:
     import torch
     import torch.nn.functional as F
 
