@@ -54,3 +54,34 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert set(single) == set(ddp) == {"photo", "night"}
     for d in single:
         assert torch.equal(torch.nan_to_num(single[d], nan=-1.0), torch.nan_to_num(ddp[d], nan=-1.0)), d
+
+
+class SaveSelection(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, m):
+        torch.save({"masks": m.masks, "history": m.history, "backbone": m.backbone.state_dict(),
+                    "head": dict(m.head.named_parameters())}, self.folder / f"rank{trainer.global_rank}.pt")  # fmt: skip
+
+
+def test_fishertune_selects_identically_on_every_rank(tmp_path):
+    """Each rank sees other images and perturbation draws; the averaged statistics give one selection."""
+    from dgss.methods.fishertune import FisherTune
+
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
+                  model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    m = FisherTune(bb, functools.partial(LightHead, channels=16), num_classes=19, perturb={"after_blocks": [0]},
+                   fisher={"window": 2}, schedule={"warmup_iters": 1, "growth_tau": 2, "growth_end": 5,
+                                                   "refresh_every": 2})  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=7, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0, callbacks=[SaveSelection(tmp_path)],
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(m, datamodule=_dm())
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert [h["step"] for h in r0["history"]] == [1, 3, 5] and r0["history"] == r1["history"]
+    assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
+    assert all(torch.equal(r0["backbone"][k], r1["backbone"][k]) for k in r0["backbone"])  # same updates
+    assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])  # (BN buffers are per rank)

@@ -156,9 +156,7 @@ def test_ema_estimate_matches_the_bias_corrected_recursion():
     name, p = next(iter(m.candidates.items()))
     gs = [torch.randn_like(p) for _ in range(3)]
     for g in gs:
-        p.grad = g.clone()
-        m._accumulate("x")
-    p.grad = None
+        m._accumulate("x", {name: g.clone()})
     f = torch.zeros_like(p)
     for g in gs:
         f = 0.9 * f + 0.1 * g**2

@@ -315,20 +315,21 @@ class FisherTune(SegmentationMethod):
     def _backbone_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for n, p in self.candidates.items() if p.grad is not None}
 
-    def _sync_backbone_grads(self) -> None:
-        """Candidates start training after DDP wrapped the module, so their gradients are averaged here."""
+    def _all_reduce_mean(self, grads) -> None:
+        """Average over ranks the gradients DDP does not: the candidates (they start training after DDP wrapped
+        the module) and everything of the perturbed pass (taken with autograd.grad, outside DDP's reducer)."""
         if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
             return
-        for g in self._backbone_grads().values():
+        for g in grads:
             dist.all_reduce(g)
             g.div_(self.trainer.world_size)
 
     @torch.no_grad()
-    def _accumulate(self, which: str, scale: float = 1.0) -> None:
+    def _accumulate(self, which: str, grads: dict[str, torch.Tensor], scale: float = 1.0) -> None:
         """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
         beta = self.ft["fisher"]["ema_decay"]
         store = self.fisher.setdefault(which, {})
-        for name, g in self._backbone_grads().items():
+        for name, g in grads.items():
             sq = (g.float() * scale) ** 2
             if name not in store:
                 store[name] = sq if beta is None else sq.mul_(1 - beta)
@@ -337,6 +338,27 @@ class FisherTune(SegmentationMethod):
             else:
                 store[name].mul_(beta).add_(sq, alpha=1 - beta)
         self.stat_counts[which] += 1
+
+    def _perturbed_pass(self, batch: dict, t: int, weight: float, with_head: bool) -> dict:
+        """Gradients of the loss on x′ (parameter -> gradient), by autograd.grad: one backward per DDP forward
+        stays the clean pass's, so DDP's reducer syncs exactly that one."""
+        seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
+        with self.perturbation.active(seed=seed):
+            loss_p = self._loss(batch)
+        params = [p for p in self.candidates.values() if p.requires_grad]
+        if with_head:
+            params += [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        grads = torch.autograd.grad(loss_p * weight, params, allow_unused=True)
+        out = {p: g for p, g in zip(params, grads) if g is not None}
+        self._all_reduce_mean(out.values())
+        mag = self.perturbation.magnitudes().to(self.device)
+        if self.trainer.world_size > 1:
+            mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
+        beta = self.ft["fisher"]["ema_decay"]
+        self.eps_ema = self.eps_ema.to(self.device)
+        self.eps_ema = self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+        self.stat_counts["eps"] += 1
+        return out
 
     def _debias(self, n: int) -> float:
         """Factor that turns an accumulated statistic after n updates into the estimate (0 before any)."""
@@ -358,32 +380,22 @@ class FisherTune(SegmentationMethod):
         stats = self._growing and not self._final and self.is_stat_step(t)
         aug = stats and self.ft["perturb"]["train_aug"]
         w = 0.5 if aug else 1.0
-        saved: dict[torch.nn.Parameter, torch.Tensor] = {}
+        perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
         if stats:
-            with self.perturbation.active(seed=hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF):
-                loss_p = self._loss(batch)
-            self.manual_backward(loss_p * w)
-            self._sync_backbone_grads()
-            self._accumulate("p", 1.0 / w)
-            mag = self.perturbation.magnitudes().to(self.device)
-            if self.trainer.world_size > 1:
-                mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
-            beta = f["ema_decay"]
-            self.eps_ema = self.eps_ema.to(self.device)
-            self.eps_ema = (
-                self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
-            )
-            self.stat_counts["eps"] += 1
-            if aug:  # set the perturbed gradients aside (no copy) so the clean ones arrive alone
-                saved = {p: p.grad for p in self.parameters() if p.grad is not None}
-            self._zero_grads()
+            perturbed = self._perturbed_pass(batch, t, w, with_head=aug)
+            by_name = {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}
+            self._accumulate("p", by_name, 1.0 / w)
+            del by_name
+            if not aug:
+                perturbed = {}  # free them before the clean pass
         loss = self._loss(batch)
         self.manual_backward(loss * w)
-        self._sync_backbone_grads()
+        self._all_reduce_mean(self._backbone_grads().values())
         if stats:
-            self._accumulate("x", 1.0 / w)
-            for p, g in saved.items():
+            self._accumulate("x", self._backbone_grads(), 1.0 / w)
+            for p, g in perturbed.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
                 p.grad = g if p.grad is None else p.grad.add_(g)
+            perturbed = {}
         if self._growing and not self._final and self.is_refresh(t):
             self.refresh(t)
         if self._growing:
