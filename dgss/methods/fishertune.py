@@ -347,7 +347,9 @@ class FisherTune(SegmentationMethod):
             loss_p = self._loss(batch)
         params = [p for p in self.candidates.values() if p.requires_grad]
         if with_head:
-            params += [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+            params += [
+                p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")
+            ]
         grads = torch.autograd.grad(loss_p * weight, params, allow_unused=True)
         out = {p: g for p, g in zip(params, grads) if g is not None}
         self._all_reduce_mean(out.values())
@@ -356,7 +358,9 @@ class FisherTune(SegmentationMethod):
             mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
         beta = self.ft["fisher"]["ema_decay"]
         self.eps_ema = self.eps_ema.to(self.device)
-        self.eps_ema = self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+        self.eps_ema = (
+            self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
+        )
         self.stat_counts["eps"] += 1
         return out
 
@@ -373,7 +377,7 @@ class FisherTune(SegmentationMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         t = self.global_step
-        s, f = self.ft["schedule"], self.ft["fisher"]
+        s = self.ft["schedule"]
         if t >= s["warmup_iters"] and not self._growing:
             self._start_growth()
         opt, sched = self.optimizers(), self.lr_schedulers()
