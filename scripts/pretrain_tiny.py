@@ -98,7 +98,7 @@ def main() -> None:
         "--crop", type=int, nargs=2, default=[64, 128], help="training crop: fewer tokens per step"
     )
     ap.add_argument("--per-domain", type=int, default=300, help="unlabelled scenes rendered per domain")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--mask-ratio", type=float, default=0.6)
