@@ -170,17 +170,17 @@ def test_global_ranking_follows_the_scores_across_blocks():
     scores = {n: (torch.rand_like(p) + 1 if n.startswith("blocks.1.") else torch.rand_like(p))
               for n, p in m.candidates.items()}  # fmt: skip
     block1 = sum(p.numel() for n, p in m.candidates.items() if n.startswith("blocks.1."))
-    chosen = m.select(scores, block1 // 2)
+    chosen = m.select(dict(scores), block1 // 2)
     assert sum(len(i) for i in chosen.values()) == block1 // 2
     assert all(len(i) == 0 for n, i in chosen.items() if not n.startswith("blocks.1."))
     # per-block budgets: each block gets its share whatever the scores
     m.ft["selection"]["scope"] = "per_block"
-    chosen = m.select(scores, 1000)
+    chosen = m.select(dict(scores), 1000)
     per_block = {b: sum(len(i) for n, i in chosen.items() if n.startswith(f"blocks.{b}.")) for b in (0, 1)}
     assert per_block[0] > 400 and per_block[1] > 400 and sum(len(i) for i in chosen.values()) == 1000
     # rows: whole rows of 2-d tensors, the budget met to within one row
     m.ft["selection"].update(scope="global", granularity="row")
-    chosen = m.select(scores, 1000)
+    chosen = m.select(dict(scores), 1000)
     n_sel = sum(len(i) for i in chosen.values())
     assert 1000 - 32 < n_sel <= 1000
     for n, idx in chosen.items():
@@ -314,3 +314,21 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     again = evaluate(ecfg)
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
         assert again[k] == metrics[k], k
+
+
+def test_scores_use_both_estimates_normalised_by_the_clean_mean():
+    torch.manual_seed(0)
+    m = fishertune(fisher=dict(gamma=2.0, prior_precision=0.5))
+    for _ in range(2):
+        m._accumulate("x", {n: torch.randn_like(p) for n, p in m.candidates.items()})
+        m._accumulate("p", {n: 2 * torch.randn_like(p) for n, p in m.candidates.items() if "blocks.1." in n})
+    m.eps_ema, m.stat_counts["eps"] = (
+        torch.tensor([0.008, 0.004]),
+        1,
+    )  # EMA (beta 0.99) after one update of (0.8, 0.4)
+    fx, fp = m.fisher_estimate("x"), m.fisher_estimate("p")
+    mean = sum(v.sum() for v in fx.values()) / sum(v.numel() for v in fx.values())
+    got = m.scores()
+    for n in m.candidates:
+        want = dr_fim(fx[n] / mean, fp[n] / mean, 1.2, gamma=2.0, prior_precision=0.5)
+        assert torch.allclose(got[n], want, rtol=1e-5), n

@@ -424,19 +424,27 @@ class FisherTune(SegmentationMethod):
     # -------------------------------------------------------------------------------- selection
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
-        """DR-FIM per candidate element from the current statistics (one tensor at a time)."""
+        """DR-FIM per candidate element from the current statistics (temporaries one tensor at a time)."""
         f = self.ft["fisher"]
-        fx, fp = self.fisher_estimate("x"), self.fisher_estimate("p")
+        corr = {w: self._debias(self.stat_counts[w]) for w in ("x", "p")}
+        store = {w: self.fisher.get(w, {}) for w in ("x", "p")}
         norm = 1.0
         if f["normalize"] == "mean":
-            total = sum(float(v.double().sum()) for v in fx.values())
-            norm = max(total / sum(v.numel() for v in fx.values()), torch.finfo(torch.float32).tiny)
+            total = sum(float(v.double().sum()) for v in store["x"].values()) * corr["x"]
+            count = sum(p.numel() for p in self.candidates.values())
+            norm = max(total / count, torch.finfo(torch.float32).tiny)
         eps_bar = float(self.eps_ema.sum()) * self._debias(self.stat_counts["eps"])
-        out = {}
-        for k in list(fx):
-            x, p = fx.pop(k).div_(norm), fp.pop(k).div_(norm)
-            out[k] = dr_fim(x, p, eps_bar, f["gamma"], f["prior_precision"], f["eps"], f["ratio_factor"])
-        return out
+
+        def estimate(w: str, k: str) -> torch.Tensor:
+            if k not in store[w]:
+                return torch.zeros_like(self.candidates[k], dtype=torch.float32)
+            return store[w][k] * (corr[w] / norm)
+
+        return {
+            k: dr_fim(estimate("x", k), estimate("p", k), eps_bar, f["gamma"], f["prior_precision"], f["eps"],
+                      f["ratio_factor"])
+            for k in self.candidates
+        }  # fmt: skip
 
     def fisher_estimate(self, which: str) -> dict[str, torch.Tensor]:
         """Bias-corrected EMA of squared gradients, new tensors (zeros before any statistic)."""
@@ -460,7 +468,8 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """New elements (flat indices per tensor) that bring the selection to ``k`` (monotone) or the fresh
-        top-k mask (not monotone): highest scores within each scope group, ``granularity`` units at a time."""
+        top-k mask (not monotone): highest scores within each scope group, ``granularity`` units at a time.
+        Consumes ``scores`` (edited in place and released tensor by tensor, to keep the peak memory low)."""
         monotone = self.ft["schedule"]["monotone"]
         gran = self.ft["selection"]["granularity"]
         groups = self._groups()
@@ -468,11 +477,11 @@ class FisherTune(SegmentationMethod):
         chosen: dict[str, torch.Tensor] = {}
         for names, target in zip(groups, targets):
             have = sum(int(self.masks[n].sum()) for n in names) if monotone else 0
-            units, sizes, shapes = [], [], []
+            units, shapes = [], []
             for n in names:
-                sc = scores[n].float().clone()
+                sc = scores.pop(n).float()
                 if monotone:
-                    sc[self.masks[n]] = -math.inf
+                    sc.masked_fill_(self.masks[n], -math.inf)
                 if gran == "element" or (gran == "row" and sc.ndim < 2):
                     u, size = sc.reshape(-1), 1
                 elif gran == "row":
@@ -480,18 +489,20 @@ class FisherTune(SegmentationMethod):
                 else:
                     u, size = sc.reshape(1, -1).mean(1), sc.numel()
                 units.append(u)
-                sizes.append(torch.full_like(u, size, dtype=torch.long))
                 shapes.append((n, u.numel(), size))
-            u, sz = torch.cat(units), torch.cat(sizes)
+            u = torch.cat(units)
+            del units
             need = max(target - have, 0)
-            if bool((sz == 1).all()):
+            if all(size == 1 for _, _, size in shapes):
                 pick = top_k_first(u, need)
             else:  # coarse units: best first (stable order) while the budget lasts
+                sz = torch.cat([torch.full((count,), size, dtype=torch.long) for _, count, size in shapes])
                 order = torch.sort(u, descending=True, stable=True).indices
                 order = order[torch.isfinite(u[order])]
-                order = order[torch.cumsum(sz[order], 0) <= need]
+                order = order[torch.cumsum(sz.to(order.device)[order], 0) <= need]
                 pick = torch.zeros_like(u, dtype=torch.bool)
                 pick[order] = True
+            del u
             offset = 0
             for n, count, size in shapes:
                 sel = pick[offset : offset + count]
