@@ -9,7 +9,7 @@ period of the growth phase, steps (T1 + R, T1 + 2R]: ``window`` statistic steps 
 proportion (window / refresh_every = 200 / 500 at 40k steps). Peak memory: CUDA allocator peak, or on CPU the peak
 RSS above the process size before the model was built. Appends a row to docs/benchmarks.md.
 
-    python scripts/bench_fishertune.py [--model vit_base_patch16_224] [--size 224] [--batch 4] [--refresh 25]
+    python scripts/bench_fishertune.py [--model vit_small_patch16_224] [--size 224] [--batch 4] [--refresh 25]
                                        [--window 10] [--device cpu|cuda] [--precision 32|bf16]
 """
 
@@ -88,7 +88,7 @@ def run_variant(method: str, a: argparse.Namespace, out) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
