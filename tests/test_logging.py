@@ -50,3 +50,34 @@ def test_wandb_offline_run_has_metrics_table_summary_and_images(compose_cfg, tmp
     )  # segmentation masks travelled with the images
     assert (tmp_path / "tensorboard").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+@pytest.mark.slow
+def test_fishertune_selection_reaches_wandb_as_table_plot_and_series(compose_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    schedule = ["method=fishertune", "method.schedule.warmup_iters=1", "method.schedule.growth_end=1",
+                "method.schedule.refresh_every=1", "method.fisher.window=1"]  # fmt: skip
+    cfg = compose_cfg([*TINY, "logger=wandb", *schedule])
+    try:
+        train(cfg)
+    finally:
+        import wandb
+
+        wandb.finish()
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    records = next(run.glob("run-*.wandb")).read_bytes()
+    for key in (
+        "fishertune/selected_fraction",
+        "fishertune/kind/q",
+        "fishertune/kind/fc1",
+        "fishertune/block/0",
+    ):
+        assert key.encode() in records, key
+    tables = [p.name for p in (run / "files").rglob("*.table.json")]
+    assert any(n.startswith("selection_") for n in tables) and any(
+        n.startswith("kind_share") for n in tables
+    ), tables
+    rows = (tmp_path / "fishertune_selection.csv").read_text().splitlines()
+    assert rows[0] == "step,block,kind,selected,share" and {r.split(",")[0] for r in rows[1:]} == {"1"}

@@ -573,10 +573,10 @@ class FisherTune(SegmentationMethod):
             metrics["fishertune/target"] = float(self.history[-1]["target"])
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=t)
-        self._write_selection_table(t, rows)
+        self._write_selection_table(t, rows, by_kind)
 
     @rank_zero_only
-    def _write_selection_table(self, t: int, rows: list[dict]) -> None:
+    def _write_selection_table(self, t: int, rows: list[dict], by_kind: dict[str, float]) -> None:
         out = Path(self.trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "fishertune_selection.csv"
@@ -592,6 +592,17 @@ class FisherTune(SegmentationMethod):
                     "fishertune/selection",
                     columns=["step", "block", "kind", "selected", "share"],
                     data=[[t, r["block"], r["kind"], r["selected"], r["share"]] for r in rows],
+                    step=t,
+                )
+                import wandb
+
+                kinds = wandb.Table(columns=["kind", "share"], data=[[k, v] for k, v in by_kind.items()])
+                lg.experiment.log(
+                    {
+                        "fishertune/kind_share": wandb.plot.bar(
+                            kinds, "kind", "share", title="selection per kind"
+                        )
+                    },
                     step=t,
                 )
 
