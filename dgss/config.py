@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -84,7 +85,12 @@ def user_error(e: BaseException) -> str | None:
             return str(err).strip().splitlines()[0]
     for err in chain[1:]:
         if isinstance(err, (TypeError, ValueError)) and full_key:
-            return f"bad value for {full_key}: {str(err).strip().splitlines()[0]}"
+            msg = str(err).strip().splitlines()[0]
+            m = re.search(r"unexpected keyword argument '(\w+)'", msg)
+            if m:  # e.g. experiment=demo (FisherTune keys) with method=frozen
+                return (f"{full_key} does not take the key {m.group(1)!r} (set for another {full_key} by an "
+                        f"experiment or override); drop it with ~{full_key}.{m.group(1)}")  # fmt: skip
+            return f"bad value for {full_key}: {msg}"
     return None
 
 

@@ -111,3 +111,19 @@ def test_bf16_mixed_is_a_trainer_option(compose_cfg):
     cfg = compose_cfg(["debug=tiny", "trainer.precision=bf16-mixed", *FAST])
     metrics = train(cfg)
     assert metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
+
+
+def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_cfg):
+    from dgss.config import user_error
+
+    m = build_method(
+        compose_cfg(["experiment=demo", "method=rein", "debug=tiny"])
+    )  # no FisherTune keys left over
+    assert type(m).__name__ == "Rein"
+    cfg = compose_cfg(["debug=tiny", "method=frozen", "+method.schedule.delta_max=0.2"])
+    with pytest.raises(Exception) as e:
+        build_method(cfg)
+    assert user_error(e.value) == (
+        "method does not take the key 'schedule' (set for another method by an experiment or override); "
+        "drop it with ~method.schedule"
+    )
