@@ -1,0 +1,262 @@
+"""Classic PEFT on a frozen backbone: LoRA, AdaptFormer and VPT-deep (the Rein paper's baselines, COBOT's bases).
+
+All three freeze the backbone (kept in eval mode) and train their own modules plus the head; checkpoints hold
+those alone (the base drops the frozen backbone tensors). Modules are placed through
+:meth:`Backbone.block_parts`, so the same code covers DINOv2 / CLIP (fused ``qkv``), EVA02 (``q_proj`` / ``v_proj``,
+SwiGLU MLP) and SAM (NHWC tokens: the wrappers act on the last dimension).
+
+A *core* is an optional callable ``core(h) -> h`` on a wrapper's low-dimensional hidden code (LoRA's r, AdaptFormer's
+bottleneck V); COBOT (``dgss/methods/cobot.py``) plugs its cross-block coefficients and quaternion heads in there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+
+from dgss.errors import ConfigError
+from dgss.methods.base import SegmentationMethod
+
+Core = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LowRank(nn.Module):
+    """x ↦ up(core(down(x))), no biases. ``init``: ``official`` (both Xavier-normal, as SAM-COBOT's code) or
+    ``identity`` (up zero: the wrapped layer is unchanged at step 0)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, init: str = "identity"):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        if init == "official":
+            nn.init.xavier_normal_(self.down.weight)
+            nn.init.xavier_normal_(self.up.weight)
+        elif init == "identity":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        else:
+            raise ConfigError(f"method.lora.init={init!r}; choose official or identity")
+        self.core: Core | None = (
+            None  # a plain callable, not a submodule: shared COBOT state is owned elsewhere
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        if self.core is not None:
+            h = self.core(h)
+        return self.up(h)
+
+
+class FusedQKVLoRA(nn.Module):
+    """LoRA on the q and v slices of a fused ``qkv`` Linear(C, 3C); k untouched."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, init: str = "identity"):
+        super().__init__()
+        self.qkv = qkv
+        c = qkv.in_features
+        self.q = LowRank(c, c, rank, init)
+        self.v = LowRank(c, c, rank, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.cat([q + self.q(x), k, v + self.v(x)], dim=-1)
+
+
+class LinearLoRA(nn.Module):
+    """LoRA beside one Linear (EVA02's separate ``q_proj`` / ``v_proj``)."""
+
+    def __init__(self, base: nn.Linear, rank: int, init: str = "identity"):
+        super().__init__()
+        self.base = base
+        self.lora = LowRank(base.in_features, base.out_features, rank, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora(x)
+
+
+class Adapter(nn.Module):
+    """AdaptFormer: mlp′(u) = mlp(u) + s · up(dropout(relu(core(down(norm(u)))))), beside the block's MLP.
+
+    ``norm``: the adapter's own LayerNorm (SAM-COBOT's recipe; the Rein table's baseline has none). Down keeps
+    nn.Linear's Kaiming-uniform weight with a zero bias; up is zero, so the block is unchanged at step 0.
+    """
+
+    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int = 16, scale: float = 1.0, dropout: float = 0.1,
+                 norm: bool = True):  # fmt: skip
+        super().__init__()
+        self.mlp = mlp
+        self.ln = nn.LayerNorm(dim) if norm else nn.Identity()  # not `norm`: SwiGLU MLPs have their own
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.drop = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.core: Core | None = None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.ln(u))
+        if self.core is not None:
+            h = self.core(h)
+        return self.mlp(u) + self.scale * self.up(self.drop(torch.relu(h)))
+
+
+class PromptedBlock(nn.Module):
+    """VPT-deep: ``num_tokens`` learnable tokens enter the block after the prefix tokens and leave after it, so
+    hooks and features never see them. EVA's attention treats them as prefix (no rotary embedding)."""
+
+    def __init__(self, block: nn.Module, dim: int, num_tokens: int, num_prefix_tokens: int):
+        super().__init__()
+        self.block = block
+        self.prompts = nn.Parameter(torch.empty(1, num_tokens, dim))
+        val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))  # VPT's uniform init (patch 16)
+        nn.init.uniform_(self.prompts, -val, val)
+        self.p = num_prefix_tokens
+        attn = getattr(block, "attn", None)
+        if attn is not None and hasattr(attn, "num_prefix_tokens"):  # EVA: rope only on the patch tokens
+            attn.num_prefix_tokens = num_prefix_tokens + num_tokens
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        n = self.prompts.shape[1]
+        x = torch.cat(
+            [x[:, : self.p], self.prompts.expand(x.shape[0], -1, -1).to(x.dtype), x[:, self.p :]], 1
+        )
+        y = self.block(x, **kwargs)
+        return torch.cat([y[:, : self.p], y[:, self.p + n :]], 1)
+
+
+class PromptedSAMAttention(nn.Module):
+    """VPT-deep for SAM's (windowed) attention: prompts can only matter through the keys and values they offer
+    the patch tokens (VPT-deep drops their outputs after every block), so they are normed like the block input,
+    projected by the block's qkv and appended as extra keys / values in every window (no relative-position bias)."""
+
+    def __init__(self, attn: nn.Module, norm: nn.Module, dim: int, num_tokens: int):
+        super().__init__()
+        if not getattr(attn, "use_rel_pos", False) and getattr(attn, "rope", None) is not None:
+            raise ConfigError(
+                "method=vpt supports SAM attention with relative positions, not rotary embeddings"
+            )
+        self.attn = attn
+        self._norm = [norm]  # the block's own norm1, not registered twice
+        self.prompts = nn.Parameter(torch.empty(1, num_tokens, dim))
+        val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+        nn.init.uniform_(self.prompts, -val, val)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        b, h, w, c = x.shape
+        n, heads = h * w, a.num_heads
+        p = self._norm[0](self.prompts.to(x.dtype)).expand(b, -1, -1)
+        qkv = (
+            a.qkv(torch.cat([x.reshape(b, n, c), p], 1))
+            .view(b, n + p.shape[1], 3, heads, -1)
+            .permute(2, 0, 3, 1, 4)
+        )
+        q, k, v = qkv.reshape(3, b * heads, n + p.shape[1], -1).unbind(0)
+        q, k = a.q_norm(q[:, :n]), a.k_norm(k)
+        bias = None
+        if a.use_rel_pos:
+            rel = timm.models.vision_transformer_sam.get_decomposed_rel_pos_bias(
+                q, a.rel_pos_h, a.rel_pos_w, (h, w), (h, w)
+            )
+            bias = torch.nn.functional.pad(rel, (0, p.shape[1]))  # prompts: no positional bias
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=a.attn_drop.p if self.training else 0.0
+        )
+        out = out.view(b, heads, n, -1).transpose(1, 2).reshape(b, n, -1)
+        return a.proj_drop(a.proj(out)).view(b, h, w, -1)
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def wrap_lora(backbone, rank: int, init: str) -> list[tuple[LowRank, LowRank]]:
+    """LoRA on q and v of every block; returns the (q, v) low-rank pairs in block order."""
+    pairs = []
+    for i in range(backbone.num_blocks):
+        parts = backbone.block_parts(i)
+        if parts.qkv is not None:
+            if parts.qkv_bias_in_attn:
+                raise ConfigError(
+                    f"backbone.name={backbone.name!r} has a fused qkv whose bias is applied inside the attention "
+                    "(EVA with qkv_fused=True); LoRA needs separate q/v projections: set "
+                    "+backbone.model_kwargs.qkv_fused=false"
+                )
+            w = FusedQKVLoRA(parts.qkv, rank, init)
+            parts.attn.qkv = w
+            pairs.append((w.q, w.v))
+        else:
+            q, v = LinearLoRA(parts.q, rank, init), LinearLoRA(parts.v, rank, init)
+            parts.attn.q_proj, parts.attn.v_proj = q, v
+            pairs.append((q.lora, v.lora))
+    return pairs
+
+
+def wrap_adapters(backbone, **adapter) -> list[Adapter]:
+    out = []
+    for i in range(backbone.num_blocks):
+        parts = backbone.block_parts(i)
+        a = Adapter(parts.mlp, backbone.embed_dim, **adapter)
+        parts.block.mlp = a
+        out.append(a)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ methods
+class PEFTMethod(SegmentationMethod):
+    """Frozen backbone (eval mode) + modules placed by :meth:`place`; they and the head train."""
+
+    def __init__(self, *args, peft: dict | None = None, **kwargs):
+        self.peft_cfg = dict(peft or {})  # read by configure_tuning, which the base __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def configure_tuning(self) -> None:
+        self.freeze(self.backbone)
+        self.place(self.backbone)  # new modules require grad; the frozen modules they wrap stay frozen
+
+    def place(self, backbone) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for a in getattr(self, "adapters", []):  # adapter dropout sits inside the eval-mode backbone
+            a.drop.train(mode)
+        return self
+
+    def peft_parameters(self) -> int:
+        """Trainable parameters inside the backbone (the method's own, head excluded)."""
+        return sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+
+
+class LoRA(PEFTMethod):
+    """``peft``: ``rank`` (4), ``init`` (identity | official)."""
+
+    def place(self, backbone) -> None:
+        self.lora_pairs = wrap_lora(
+            backbone, int(self.peft_cfg.get("rank", 4)), self.peft_cfg.get("init", "identity")
+        )
+
+
+class AdaptFormer(PEFTMethod):
+    """``peft``: ``bottleneck`` (16), ``scale`` (1.0), ``dropout`` (0.1), ``norm`` (true)."""
+
+    def place(self, backbone) -> None:
+        keys = ("bottleneck", "scale", "dropout", "norm")
+        self.adapters = wrap_adapters(backbone, **{k: self.peft_cfg[k] for k in keys if k in self.peft_cfg})
+
+
+class VPT(PEFTMethod):
+    """VPT-deep; ``peft``: ``num_tokens`` (150, the Rein table's baseline). SAM: :class:`PromptedSAMAttention`."""
+
+    def place(self, backbone) -> None:
+        n = int(self.peft_cfg.get("num_tokens", 150))
+        for i, blk in enumerate(backbone.model.blocks):
+            if backbone.family == "sam":
+                blk.attn = PromptedSAMAttention(blk.attn, blk.norm1, backbone.embed_dim, n)
+            else:
+                backbone.model.blocks[i] = PromptedBlock(
+                    blk, backbone.embed_dim, n, backbone.num_prefix_tokens
+                )

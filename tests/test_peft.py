@@ -1,0 +1,200 @@
+"""LoRA, AdaptFormer, VPT-deep and SAM-COBOT: parameter counts, the quaternion head, cross-block gradients,
+identity at init, what trains, and every method on every family."""
+
+import functools
+import math
+
+import pytest
+import torch
+from test_methods import make_dm, snapshot, trainer
+
+from dgss.methods.cobot import Cobot, CobotState, quaternion_matrix
+from dgss.methods.peft import VPT, AdaptFormer, LoRA
+from dgss.models.backbone import Backbone
+from dgss.models.heads.light import LightHead
+from dgss.train import train
+
+
+def build(cls, name, meta=True, img_size=224, model_kwargs=None, **kw):
+    """A method on a full-size backbone; on the meta device (shapes only) for counting."""
+    ctx = torch.device("meta") if meta else torch.device("cpu")
+    with ctx:
+        bb = Backbone(name, img_size=img_size, model_kwargs=model_kwargs)
+        return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+
+
+# ------------------------------------------------------------------------------------------- counts
+@pytest.mark.parametrize(
+    "cls, name, kw, want",
+    [(LoRA, "vit_base_patch16_224", {"peft": {"rank": 4}}, 147_456),
+     (AdaptFormer, "vit_base_patch16_224", {"peft": {"bottleneck": 16}}, 322_752),
+     (LoRA, "vit_large_patch14_dinov2", {"peft": {"rank": 8}}, 786_432),
+     (AdaptFormer, "vit_large_patch14_dinov2", {"peft": {"bottleneck": 64, "norm": False}}, 3_171_840),
+     (VPT, "vit_large_patch14_dinov2", {"peft": {"num_tokens": 150}}, 3_686_400)],
+)  # fmt: skip
+def test_base_parameter_counts(cls, name, kw, want):
+    assert build(cls, name, **kw).peft_parameters() == want
+
+
+@pytest.mark.parametrize(
+    "base, name, extra, base_count",
+    [("lora", "samvit_base_patch16", 864, 147_456),
+     ("adaptformer", "vit_base_patch16_224", 1_296, 322_752),
+     ("lora", "vit_large_patch14_dinov2", 2_880, 393_216),
+     ("adaptformer", "vit_large_patch14_dinov2", 2_880, 860_544)],
+)  # fmt: skip
+def test_cobot_extra_parameter_counts(base, name, extra, base_count):
+    m = build(Cobot, name, img_size=1024 if "sam" in name else 224, base=base)
+    assert m.cobot_parameters() == extra and m.peft_parameters() == base_count
+    # shared C and S are registered once: in the module's parameters and in the optimizer groups
+    names = [n for n, _ in m.named_parameters() if n.startswith("cobot.")]
+    assert sorted(names) == sorted(
+        {f"cobot.{n}" for n in ("coef", "relation", "gamma", "q_r", "q_i", "q_j", "q_k")}
+    )
+    grouped = [n for g in m.param_groups() for n in g["names"] if n.startswith("cobot.")]
+    assert sorted(grouped) == sorted(names)
+
+
+# ------------------------------------------------------------------------------------ quaternion head
+def test_quaternion_head_is_the_hamilton_block_product():
+    torch.manual_seed(0)
+    state = CobotState(hidden=8, slices=3, init="identity").double()
+    n = 2
+    with torch.no_grad():
+        for p in (state.q_r, state.q_i, state.q_j, state.q_k):
+            p.copy_(torch.randn_like(p))
+    assert sum(p[0].numel() for p in (state.q_r, state.q_i, state.q_j, state.q_k)) == 8 * 8 // 4
+    h = torch.randn(5, 8, dtype=torch.float64)
+    hr, hi, hj, hk = h.split(n, -1)
+    R, I, J, K = (p[1] for p in (state.q_r, state.q_i, state.q_j, state.q_k))  # noqa: E741 (the paper's names)
+    want = torch.cat([hr @ R - hi @ I - hj @ J - hk @ K,
+                      hr @ I + hi @ R - hj @ K + hk @ J,
+                      hr @ J + hi @ K + hj @ R - hk @ I,
+                      hr @ K - hi @ J + hj @ I + hk @ R], -1)  # fmt: skip
+    # identity init: coefficients C S + gamma = 1, so the code reaches the head unchanged
+    assert torch.allclose(state(h, 1), want)
+    eye = quaternion_matrix(torch.eye(2), torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2))
+    assert torch.equal(eye, torch.eye(8))
+
+
+def test_a_loss_on_one_block_reaches_every_blocks_coefficients_through_s():
+    torch.manual_seed(0)
+    state = CobotState(hidden=4, slices=6, init="official")
+    with torch.no_grad():
+        state.relation.add_(0.1 * torch.rand(6, 6))  # a trained S is no longer the identity
+    state(torch.randn(3, 4), 2).pow(2).sum().backward()
+    assert (state.coef.grad.abs().sum(0) > 0).all()  # every slice's column of C
+    assert (state.relation.grad[:, 2].abs() > 0).all() and (
+        state.relation.grad[:, [0, 1, 3, 4, 5]] == 0
+    ).all()
+    assert (state.gamma.grad[2].abs() > 0).all() and (state.gamma.grad[[0, 1, 3, 4, 5]] == 0).all()
+    # at init (S = I) the gradient already reaches every relation entry of the slice
+    fresh = CobotState(hidden=4, slices=6, init="official")
+    fresh(torch.randn(3, 4), 2).pow(2).sum().backward()
+    assert (fresh.relation.grad[:, 2].abs() > 0).all()
+
+
+def test_cobot_on_a_backbone_couples_the_blocks():
+    """Through the real wrappers: a loss on block 0's output moves S entries that tie block 0 to the others."""
+    torch.manual_seed(0)
+    m = build(Cobot, "vit_small_patch14_dinov2", meta=False, img_size=32, base="lora", cobot={"init": "official"},
+              model_kwargs=dict(depth=3, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    out = {}
+    m.backbone.register_block_hook(lambda t, i: out.setdefault(i, t) if i == 0 else t)
+    m.backbone(torch.randn(2, 3, 32, 32))
+    out[0].pow(2).mean().backward()
+    g = m.cobot.relation.grad
+    assert (g[:, 0].abs() > 0).all() and (g[:, 1].abs() > 0).all()  # slices 0 (q) and 1 (v) of block 0
+    assert (g[:, 2:] == 0).all()  # later blocks cannot affect block 0's output
+
+
+# ----------------------------------------------------------------------------------- identity at init
+FAMILIES = {
+    "dinov2": "vit_small_patch14_reg4_dinov2",
+    "eva02": "eva02_large_patch14_224.mim_m38m",
+    "sam": "samvit_base_patch16",
+    "clip": "vit_large_patch14_clip_224.openai",
+}
+
+
+PATCH = {"dinov2": 14, "eva02": 14, "sam": 16, "clip": 14}
+
+
+def tiny(cls, family, **kw):
+    torch.manual_seed(0)
+    bb = Backbone(FAMILIES[family], tiny=True, img_size=4 * PATCH[family])
+    return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize(
+    "cls, kw",
+    [(LoRA, {}), (AdaptFormer, {}), (Cobot, {"base": "lora"}), (Cobot, {"base": "adaptformer"})],
+    ids=["lora", "adaptformer", "cobot_lora", "cobot_adaptformer"],
+)
+def test_identity_init_equals_the_frozen_backbone(cls, kw, family):
+    torch.manual_seed(0)
+    size = 4 * PATCH[family]
+    frozen = Backbone(FAMILIES[family], tiny=True, img_size=size).eval()
+    m = tiny(cls, family, **kw).eval()  # same seed: the same backbone weights before wrapping
+    assert torch.equal(m.backbone.model.patch_embed.proj.weight, frozen.model.patch_embed.proj.weight)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        for a, b in zip(m.backbone(x), frozen(x)):
+            assert torch.equal(a, b)
+
+
+def test_official_lora_init_moves_the_model():
+    m = tiny(Cobot, "dinov2", base="lora", cobot={"init": "official"})
+    q = m.backbone.model.blocks[0].attn.qkv.q
+    assert q.up.weight.abs().sum() > 0 and m.cobot.gamma.eq(1).all() and m.cobot.q_r.eq(0).all()
+
+
+def test_vpt_on_sam_reimplements_timms_attention_and_prompts_act_as_keys():
+    from dgss.methods.peft import PromptedSAMAttention
+
+    torch.manual_seed(0)
+    bb = Backbone("samvit_base_patch16", tiny=True, img_size=64)
+    for blk in bb.model.blocks[:2]:  # a windowed and a global block
+        x = torch.randn(2, 4, 4, 64)
+        ref = blk.attn(x)
+        assert torch.allclose(PromptedSAMAttention(blk.attn, blk.norm1, 64, 0)(x), ref, atol=1e-5)
+        wrapped = PromptedSAMAttention(blk.attn, blk.norm1, 64, 3)
+        out = wrapped(x)
+        assert out.shape == ref.shape and not torch.allclose(out, ref)
+        out.sum().backward()
+        assert wrapped.prompts.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------- what trains
+@pytest.mark.parametrize(
+    "cls, kw",
+    [(LoRA, {}), (AdaptFormer, {}), (VPT, {"peft": {"num_tokens": 3}}), (Cobot, {"base": "lora", "cobot": {"init": "official"}}),
+     (Cobot, {"base": "adaptformer"})],
+    ids=["lora", "adaptformer", "vpt", "cobot_lora", "cobot_adaptformer"],
+)  # fmt: skip
+def test_only_peft_and_head_change(tmp_path, cls, kw):
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
+                  model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    m = cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    before = snapshot(m)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    trainer(tmp_path, steps=3).fit(m, make_dm())
+    after = dict(m.named_parameters())
+    frozen_keys = {n for n in after if n not in trainable}
+    assert frozen_keys and all(n.startswith("backbone.") for n in frozen_keys)
+    assert all(torch.equal(after[n].detach(), before[n]) for n in frozen_keys)  # backbone bit-identical
+    changed = {n for n in trainable if not torch.equal(after[n].detach(), before[n])}
+    assert changed == trainable, trainable - changed
+    assert not m.backbone.model.training  # frozen backbone stays in eval mode
+
+
+# ------------------------------------------------------------------------------- every method x family
+@pytest.mark.parametrize("backbone", ["tiny", "eva02_l", "samvit_b", "clip_l"])
+@pytest.mark.parametrize("method", ["lora", "adaptformer", "vpt", "cobot_lora", "cobot_adaptformer"])
+def test_every_peft_method_trains_and_evaluates_on_every_family(compose_cfg, method, backbone):
+    cfg = compose_cfg([f"method={method}", f"backbone={backbone}", "debug=tiny", "trainer.max_steps=2",
+                       "synthetic.val_length=2", "callbacks=minimal", "~logger"])  # fmt: skip
+    metrics = train(cfg)
+    assert math.isfinite(metrics["train/loss"]) and "val/mean_mIoU" in metrics
