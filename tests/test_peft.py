@@ -198,3 +198,25 @@ def test_every_peft_method_trains_and_evaluates_on_every_family(compose_cfg, met
                        "synthetic.val_length=2", "callbacks=minimal", "~logger"])  # fmt: skip
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and "val/mean_mIoU" in metrics
+
+
+def test_cobot_core_at_identity_is_plain_lora_for_any_a_b_and_its_lr_multipliers():
+    torch.manual_seed(1)
+    cob = tiny(Cobot, "dinov2", base="lora", cobot={"lr_mult": 10.0})
+    plain = tiny(LoRA, "dinov2")
+    with torch.no_grad():
+        for blk_c, blk_p in zip(cob.backbone.model.blocks, plain.backbone.model.blocks):
+            for part in ("q", "v"):
+                lc, lp = getattr(blk_c.attn.qkv, part), getattr(blk_p.attn.qkv, part)
+                lc.up.weight.normal_()
+                lp.up.weight.copy_(lc.up.weight)
+                lp.down.weight.copy_(lc.down.weight)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        for a, b in zip(cob.backbone(x), plain.backbone(x)):
+            assert torch.allclose(a, b, atol=1e-6)
+    mults = {n: g["lr_mult"] for g in cob.param_groups() for n in g["names"]}
+    assert mults["cobot.coef"] == mults["cobot.relation"] == mults["cobot.q_r"] == 10.0
+    assert mults["cobot.gamma"] == 1.0 and mults["head.classifier.weight"] == 1.0
+    decay = {n for g in cob.param_groups() if g["decay"] for n in g["names"]}
+    assert not any(n.startswith("cobot.") for n in decay)
