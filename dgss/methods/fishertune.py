@@ -633,10 +633,8 @@ class FisherTune(SegmentationMethod):
     # ------------------------------------------------------------------------------ checkpoints
     def reattachable_keys(self) -> set[str]:
         """With a weights file the whole backbone is re-attached; selected elements travel as a sparse delta."""
-        if not self.backbone.weights:
-            return set()
-        keys = {f"backbone.{n}" for n, _ in self.backbone.named_parameters()}
-        return keys | {f"backbone.{n}" for n, _ in self.backbone.model.named_buffers()}
+        keys = super().reattachable_keys()  # frozen tensors and buffers (empty without a weights file)
+        return keys | {f"backbone.{n}" for n, _ in self.backbone.named_parameters()} if keys else keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

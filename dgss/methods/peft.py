@@ -106,6 +106,12 @@ class Adapter(nn.Module):
         return self.mlp(u) + self.scale * self.up(self.drop(torch.relu(h)))
 
 
+def vpt_prompts(num_tokens: int, dim: int) -> nn.Parameter:
+    """(1, num_tokens, dim) prompts with VPT's uniform init (its patch-16 bound)."""
+    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+    return nn.Parameter(torch.empty(1, num_tokens, dim).uniform_(-val, val))
+
+
 class PromptedBlock(nn.Module):
     """VPT-deep: ``num_tokens`` learnable tokens enter the block after the prefix tokens and leave after it, so
     hooks and features never see them. EVA's attention treats them as prefix (no rotary embedding)."""
@@ -113,9 +119,7 @@ class PromptedBlock(nn.Module):
     def __init__(self, block: nn.Module, dim: int, num_tokens: int, num_prefix_tokens: int):
         super().__init__()
         self.block = block
-        self.prompts = nn.Parameter(torch.empty(1, num_tokens, dim))
-        val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))  # VPT's uniform init (patch 16)
-        nn.init.uniform_(self.prompts, -val, val)
+        self.prompts = vpt_prompts(num_tokens, dim)
         self.p = num_prefix_tokens
         attn = getattr(block, "attn", None)
         if attn is not None and hasattr(attn, "num_prefix_tokens"):  # EVA: rope only on the patch tokens
@@ -143,9 +147,7 @@ class PromptedSAMAttention(nn.Module):
             )
         self.attn = attn
         self._norm = [norm]  # the block's own norm1, not registered twice
-        self.prompts = nn.Parameter(torch.empty(1, num_tokens, dim))
-        val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
-        nn.init.uniform_(self.prompts, -val, val)
+        self.prompts = vpt_prompts(num_tokens, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
