@@ -1,0 +1,110 @@
+"""Real data sets: label maps against the spec's tables, the Rein on-disk layouts on fixtures, one-line errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dgss.data.label_maps import (
+    CITYSCAPES_ID_TO_TRAIN,
+    MAPILLARY_V12_TO_TRAIN,
+    SYNTHIA_ID_TO_TRAIN,
+    lookup_table,
+    to_train_ids,  # fmt: skip
+)
+from dgss.data.real import LAYOUTS, RealDataset
+from dgss.errors import ConfigError
+
+
+def test_label_maps_follow_the_spec_tables():
+    city = lookup_table(CITYSCAPES_ID_TO_TRAIN)
+    assert [int(city[i]) for i in (7, 8, 11, 24, 26, 31, 33)] == [0, 1, 2, 11, 13, 16, 18]
+    assert all(city[i] == 255 for i in (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34, 255))
+    syn = lookup_table(SYNTHIA_ID_TO_TRAIN, 65536)
+    assert [int(syn[i]) for i in (3, 4, 2, 21, 1, 10, 8, 12, 11)] == [0, 1, 2, 3, 10, 11, 13, 17, 18]
+    assert syn[0] == 255 and syn[13] == 255 and syn[22] == 255
+    assert len(MAPILLARY_V12_TO_TRAIN) == 66 and sorted(set(MAPILLARY_V12_TO_TRAIN) - {255}) == list(
+        range(19)
+    )
+    mp = lookup_table(MAPILLARY_V12_TO_TRAIN)
+    named = {
+        2: 1,
+        7: 0,
+        13: 0,
+        20: 12,
+        23: 0,
+        27: 10,
+        44: 5,
+        46: 7,
+        48: 6,
+        49: 7,
+        52: 18,
+        55: 13,
+        58: 16,
+        61: 14,
+    }
+    assert {k: int(mp[k]) for k in named} == named
+    assert all(mp[i] == 255 for i in (0, 4, 5, 12, 16, 31, 43, 51, 56, 59, 63, 64, 65))
+    raw = np.array([[7, 26, 300], [0, 33, 24]])
+    assert to_train_ids(raw, city).tolist() == [[0, 13, 255], [255, 18, 11]]
+
+
+def _write_pair(root, image_rel, label_rel, size=(8, 6), values=(0, 5, 18, 255)):
+    w, h = size
+    img = root / image_rel
+    lab = root / label_rel
+    img.parent.mkdir(parents=True, exist_ok=True)
+    lab.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(img)
+    label = np.resize(np.array(values, dtype=np.uint8), h * w).reshape(h, w)
+    Image.fromarray(label).save(lab)
+    return label
+
+
+FIXTURES = {
+    ("gta", "all"): ("gta/images/00001.png", "gta/labels/00001_labelTrainIds.png"),
+    ("synthia", "all"): ("synthia/RGB/0000001.png", "synthia/GT/LABELS/0000001_labelTrainIds.png"),
+    ("cityscapes", "val"): ("cityscapes/leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png",
+                            "cityscapes/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"),
+    ("bdd100k", "val"): ("bdd100k/images/10k/val/7d2f7975-e0c1c5a7.jpg", "bdd100k/labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png"),
+    ("mapillary", "train"): ("mapillary/training/images/abc.jpg", "mapillary/cityscapes_trainIdLabel/train/label/abc.png"),
+    ("mapillary", "val"): ("mapillary/half/val_img/xyz.jpg", "mapillary/half/val_label/xyz.png"),
+    ("acdc", "night/val"): ("acdc/rgb_anon/night/val/GOPR0351/GOPR0351_frame_000159_rgb_anon.png",
+                            "acdc/gt/night/val/GOPR0351/GOPR0351_frame_000159_gt_labelTrainIds.png"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", list(FIXTURES), ids=["/".join(k) for k in FIXTURES])
+def test_each_dataset_reads_its_layout(tmp_path, key):
+    dataset, split = key
+    label = _write_pair(tmp_path, *FIXTURES[key])
+    ds = RealDataset(dataset, split, tmp_path)
+    assert len(ds) == 1 and split in LAYOUTS[dataset]
+    sample = ds[0]
+    assert sample["image"].shape == (3, 6, 8) and sample["image"].dtype.is_floating_point is False
+    assert np.array_equal(sample["label"].numpy(), label)  # trainIds unchanged, 255 kept
+
+
+def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
+    with pytest.raises(ConfigError, match="data root .* does not exist; set DGSS_DATA_ROOT"):
+        RealDataset("gta", "all", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"no images; expected .*gta/images/\*.png with labels"):
+        RealDataset("gta", "all", tmp_path)
+    with pytest.raises(ConfigError, match="cityscapes has no split 'test'"):
+        RealDataset("cityscapes", "test", tmp_path)
+    _write_pair(tmp_path, "gta/images/1.png", "gta/labels/1_labelTrainIds.png")
+    (tmp_path / "gta/images/2.png").write_bytes((tmp_path / "gta/images/1.png").read_bytes())
+    with pytest.raises(ConfigError, match=r"1 of 2 images have no trainId label, e.g. .*2_labelTrainIds.png"):
+        RealDataset("gta", "all", tmp_path)
+    Image.fromarray(np.zeros((6, 4), np.uint8)).save(tmp_path / "gta/labels/2_labelTrainIds.png")
+    with pytest.raises(ConfigError, match=r"2.png is 8x6 but its label .*2_labelTrainIds.png is 4x6"):
+        RealDataset("gta", "all", tmp_path)[1]
+    _write_pair(tmp_path, "gta/images/2.png", "gta/labels/2_labelTrainIds.png", values=(7, 26, 33))
+    ds = RealDataset("gta", "all", tmp_path)
+    with pytest.raises(ConfigError, match=r"values \[26, 33\] outside 0..18 and 255: not converted"):
+        ds[1]
+    (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"cannot read .*2_labelTrainIds.png"):
+        ds[1]
+    skipping = RealDataset("gta", "all", tmp_path, on_bad="skip")
+    assert skipping[1]["name"] == "gta/1.png" and skipping.skipped == 1  # the next good one, counted
