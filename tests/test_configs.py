@@ -2,6 +2,7 @@
 
 import hydra
 import pytest
+import torch
 from conftest import config_names
 from omegaconf import OmegaConf
 
@@ -34,10 +35,21 @@ def test_real_backbone_configs_name_a_local_weights_file(compose_cfg, backbone):
 
 
 @pytest.mark.parametrize("data", config_names("data"))
-def test_every_data_config_instantiates(compose_cfg, data):
-    cfg = compose_cfg([f"data={data}"])
+def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
+    from test_real_data import write_all_fixtures
+
+    write_all_fixtures(tmp_path / "data")  # real data sets: fixtures in their on-disk layouts
+    cfg = compose_cfg([f"data={data}", f"paths.data_dir={tmp_path / 'data'}"])
     dm = hydra.utils.instantiate(cfg.data)
     assert dm.num_classes == cfg.data.num_classes and dm.target_names
+    for name, ds in dm.targets.items():
+        sample = ds[0]
+        assert sample["image"].dtype == torch.float32 and sample["label"].ndim == 2, name
+        if data == "gta2cbm":
+            assert (
+                ds.test_size
+                == {"cityscapes": (1024, 512), "bdd100k": (1280, 720), "mapillary": (1024, 512)}[name]
+            )
 
 
 def test_default_groups_instantiate(compose_cfg):

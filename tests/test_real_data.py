@@ -108,3 +108,20 @@ def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
         ds[1]
     skipping = RealDataset("gta", "all", tmp_path, on_bad="skip")
     assert skipping[1]["name"] == "gta/1.png" and skipping.skipped == 1  # the next good one, counted
+
+
+def write_all_fixtures(root):
+    """One pair per split that a data config names."""
+    for img, lab in FIXTURES.values():
+        _write_pair(root, img, lab)
+    _write_pair(
+        root,
+        "cityscapes/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
+        "cityscapes/gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",
+    )
+    for c in ("fog", "rain", "snow"):
+        _write_pair(
+            root,
+            f"acdc/rgb_anon/{c}/val/GP1/GP1_frame_000001_rgb_anon.png",
+            f"acdc/gt/{c}/val/GP1/GP1_frame_000001_gt_labelTrainIds.png",
+        )

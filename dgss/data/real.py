@@ -82,11 +82,13 @@ class RealDataset(torch.utils.data.Dataset):
         root: the data root.
         num_classes: label values must lie in 0..num_classes−1 or be 255.
         on_bad: ``error`` (default) or ``skip`` (count in ``skipped``, serve the next good sample).
+        test_size: (long, short) the image is resized to fit at evaluation (Rein protocol: Cityscapes 1024×512,
+            BDD100K 1280×720); the label keeps its full resolution. ``None``: the DataModule's test pipeline.
         transform: ``transform(image, label)`` on uint8 CHW / HW tensors.
     """
 
     def __init__(self, dataset: str, split: str, root: str | Path, num_classes: int = 19, on_bad: str = "error",
-                 transform=None):  # fmt: skip
+                 test_size: tuple[int, int] | None = None, transform=None):  # fmt: skip
         if dataset not in LAYOUTS:
             raise ConfigError(f"dataset={dataset!r} is not known; choose one of {', '.join(LAYOUTS)}")
         if split not in LAYOUTS[dataset]:
@@ -98,6 +100,7 @@ class RealDataset(torch.utils.data.Dataset):
         self.dataset, self.split, self.root = dataset, split, Path(root).expanduser()
         self.layout = LAYOUTS[dataset][split]
         self.num_classes, self.on_bad, self.transform = num_classes, on_bad, transform
+        self.test_size = tuple(test_size) if test_size else None
         self.skipped = 0
         expected = f"{self.root}/{self.layout.images} with labels {self.root}/{self.layout.labels}"
         if not self.root.is_dir():
