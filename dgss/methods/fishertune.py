@@ -381,7 +381,8 @@ class FisherTune(SegmentationMethod):
         if t >= s["warmup_iters"] and not self._growing:
             self._start_growth()
         opt, sched = self.optimizers(), self.lr_schedulers()
-        stats = self._growing and not self._final and self.is_stat_step(t)
+        growing = self._growing and not self._final  # selection still changing
+        stats = growing and self.is_stat_step(t)
         aug = stats and self.ft["perturb"]["train_aug"]
         w = 0.5 if aug else 1.0
         perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -400,7 +401,7 @@ class FisherTune(SegmentationMethod):
             for p, g in perturbed.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
                 p.grad = g if p.grad is None else p.grad.add_(g)
             perturbed = {}
-        if self._growing and not self._final and self.is_refresh(t):
+        if growing and self.is_refresh(t):
             self.refresh(t)
         if self._growing:
             for name, g in self._backbone_grads().items():
@@ -412,7 +413,7 @@ class FisherTune(SegmentationMethod):
         self.selected_opt.step(lr=self.backbone_lr())
         self._zero_grads()
         sched.step()
-        if self._growing and not self._final and t >= s["growth_end"]:
+        if growing and t >= s["growth_end"]:
             self._finalize()
         bs = batch["image"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -422,36 +423,33 @@ class FisherTune(SegmentationMethod):
         return loss.detach()
 
     # -------------------------------------------------------------------------------- selection
+    def _estimate(self, which: str, name: str, scale: float = 1.0) -> torch.Tensor:
+        """Bias-corrected statistic of one tensor × ``scale``, a new tensor (zeros before any statistic)."""
+        store = self.fisher.get(which, {})
+        if name not in store:
+            return torch.zeros_like(self.candidates[name], dtype=torch.float32)
+        return store[name] * (self._debias(self.stat_counts[which]) * scale)
+
+    def fisher_estimate(self, which: str) -> dict[str, torch.Tensor]:
+        """Bias-corrected EMA of squared gradients per candidate (``x`` clean, ``p`` perturbed)."""
+        return {k: self._estimate(which, k) for k in self.candidates}
+
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
         """DR-FIM per candidate element from the current statistics (temporaries one tensor at a time)."""
         f = self.ft["fisher"]
-        corr = {w: self._debias(self.stat_counts[w]) for w in ("x", "p")}
-        store = {w: self.fisher.get(w, {}) for w in ("x", "p")}
         norm = 1.0
         if f["normalize"] == "mean":
-            total = sum(float(v.double().sum()) for v in store["x"].values()) * corr["x"]
+            total = sum(float(v.double().sum()) for v in self.fisher.get("x", {}).values())
+            total *= self._debias(self.stat_counts["x"])
             count = sum(p.numel() for p in self.candidates.values())
             norm = max(total / count, torch.finfo(torch.float32).tiny)
         eps_bar = float(self.eps_ema.sum()) * self._debias(self.stat_counts["eps"])
-
-        def estimate(w: str, k: str) -> torch.Tensor:
-            if k not in store[w]:
-                return torch.zeros_like(self.candidates[k], dtype=torch.float32)
-            return store[w][k] * (corr[w] / norm)
-
         return {
-            k: dr_fim(estimate("x", k), estimate("p", k), eps_bar, f["gamma"], f["prior_precision"], f["eps"],
-                      f["ratio_factor"])
+            k: dr_fim(self._estimate("x", k, 1 / norm), self._estimate("p", k, 1 / norm), eps_bar, f["gamma"],
+                      f["prior_precision"], f["eps"], f["ratio_factor"])
             for k in self.candidates
         }  # fmt: skip
-
-    def fisher_estimate(self, which: str) -> dict[str, torch.Tensor]:
-        """Bias-corrected EMA of squared gradients, new tensors (zeros before any statistic)."""
-        corr = self._debias(self.stat_counts[which])
-        store = self.fisher.get(which, {})
-        return {k: store[k] * corr if k in store else torch.zeros_like(p, dtype=torch.float32)
-                for k, p in self.candidates.items()}  # fmt: skip
 
     def _groups(self) -> list[list[str]]:
         scope = self.ft["selection"]["scope"]

@@ -237,9 +237,7 @@ class LoRA(PEFTMethod):
     """``peft``: ``rank`` (4), ``init`` (identity | official)."""
 
     def place(self, backbone) -> None:
-        self.lora_pairs = wrap_lora(
-            backbone, int(self.peft_cfg.get("rank", 4)), self.peft_cfg.get("init", "identity")
-        )
+        wrap_lora(backbone, int(self.peft_cfg.get("rank", 4)), self.peft_cfg.get("init", "identity"))
 
 
 class AdaptFormer(PEFTMethod):
