@@ -22,43 +22,88 @@ from dgss.errors import ConfigError
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a split's images are (a glob under the root) and how an image path gives its label path."""
+    """A split on disk: images matched by ``pattern`` under ``image_dir``; an image's label lies at the same relative
+    folder under ``label_dir``, named by the image's base name (its name less ``image_suffix``) + ``label_suffix``."""
 
-    images: str
-    image_suffix: str  # removed from the image file name to get the sample's base name
-    labels: str  # label path pattern with {dir} (image's parent relative to the image root) and {base}
+    image_dir: str
+    pattern: str
+    image_suffix: str
+    label_dir: str
+    label_suffix: str
+    prepare: str = ""  # the command that produces the trainId labels
+
+    def label_of(self, root: Path, image: Path) -> Path:
+        rel = image.relative_to(root / self.image_dir)
+        base = rel.name[: -len(self.image_suffix)]
+        return root / self.label_dir / rel.parent / f"{base}{self.label_suffix}"
+
+    def describe(self, root: Path) -> str:
+        return f"{root}/{self.image_dir}/{self.pattern} with labels {root}/{self.label_dir}/**/*{self.label_suffix}"
+
+
+def _convert(name: str) -> str:
+    return f"python scripts/convert_datasets.py {name} --root <data root>"
 
 
 LAYOUTS: dict[str, dict[str, Layout]] = {
-    "gta": {"all": Layout("gta/images/*.png", ".png", "gta/labels/{base}_labelTrainIds.png")},
-    "synthia": {"all": Layout("synthia/RGB/*.png", ".png", "synthia/GT/LABELS/{base}_labelTrainIds.png")},
+    "gta": {
+        "all": Layout("gta/images", "*.png", ".png", "gta/labels", "_labelTrainIds.png", _convert("gta"))
+    },
+    "synthia": {
+        "all": Layout(
+            "synthia/RGB", "*.png", ".png", "synthia/GT/LABELS", "_labelTrainIds.png", _convert("synthia")
+        )
+    },
     "cityscapes": {
         s: Layout(
-            f"cityscapes/leftImg8bit/{s}/*/*_leftImg8bit.png",
+            f"cityscapes/leftImg8bit/{s}",
+            "*/*_leftImg8bit.png",
             "_leftImg8bit.png",
-            f"cityscapes/gtFine/{s}/{{dir}}/{{base}}_gtFine_labelTrainIds.png",
+            f"cityscapes/gtFine/{s}",
+            "_gtFine_labelTrainIds.png",
+            _convert("cityscapes"),
         )
         for s in ("train", "val")
     },  # fmt: skip
     "bdd100k": {
-        s: Layout(f"bdd100k/images/10k/{s}/*.jpg", ".jpg", f"bdd100k/labels/sem_seg/masks/{s}/{{base}}.png")
+        s: Layout(
+            f"bdd100k/images/10k/{s}",
+            "*.jpg",
+            ".jpg",
+            f"bdd100k/labels/sem_seg/masks/{s}",
+            ".png",
+            "nothing to convert: unpack bdd100k_images_10k.zip and bdd100k_sem_seg_labels_trainval.zip",
+        )
         for s in ("train", "val")
-    },
+    },  # fmt: skip
     "mapillary": {
         "train": Layout(
-            "mapillary/training/images/*.jpg",
+            "mapillary/training/images",
+            "*.jpg",
             ".jpg",
-            "mapillary/cityscapes_trainIdLabel/train/label/{base}.png",
+            "mapillary/cityscapes_trainIdLabel/train/label",
+            ".png",
+            _convert("mapillary"),
         ),
-        "val": Layout("mapillary/half/val_img/*.jpg", ".jpg", "mapillary/half/val_label/{base}.png"),
+        "val": Layout(
+            "mapillary/half/val_img",
+            "*.jpg",
+            ".jpg",
+            "mapillary/half/val_label",
+            ".png",
+            _convert("mapillary"),
+        ),
     },  # fmt: skip
     "acdc": {
         f"{c}/{s}": Layout(
-            f"acdc/rgb_anon/{c}/{s}/*/*_rgb_anon.png",
+            "acdc/rgb_anon",
+            f"{'*' if c == 'all' else c}/{s}/*/*_rgb_anon.png",
             "_rgb_anon.png",
-            f"acdc/gt/{c}/{s}/{{dir}}/{{base}}_gt_labelTrainIds.png",
+            "acdc/gt",
+            "_gt_labelTrainIds.png",
+            "nothing to convert: unpack rgb_anon_trainvaltest.zip and gt_trainval.zip",
         )
-        for c in ("fog", "night", "rain", "snow")
+        for c in ("fog", "night", "rain", "snow", "all")  # all: the four conditions as one set
         for s in ("train", "val")
     },  # fmt: skip
 }
@@ -78,7 +123,7 @@ class RealDataset(torch.utils.data.Dataset):
     Args:
         dataset: gta | synthia | cityscapes | bdd100k | mapillary | acdc.
         split: ``all`` (GTAV, Synthia), ``train`` / ``val`` (Cityscapes, BDD100K, Mapillary) or ``<condition>/<split>``
-            (ACDC: fog, night, rain, snow).
+            (ACDC: fog, night, rain, snow or all).
         root: the data root.
         num_classes: label values must lie in 0..num_classes−1 or be 255.
         on_bad: ``error`` (default) or ``skip`` (count in ``skipped``, serve the next good sample).
@@ -102,26 +147,24 @@ class RealDataset(torch.utils.data.Dataset):
         self.num_classes, self.on_bad, self.transform = num_classes, on_bad, transform
         self.test_size = tuple(test_size) if test_size else None
         self.skipped = 0
-        expected = f"{self.root}/{self.layout.images} with labels {self.root}/{self.layout.labels}"
+        expected = self.layout.describe(self.root)
         if not self.root.is_dir():
             raise ConfigError(
                 f"data root {self.root} does not exist; set DGSS_DATA_ROOT or paths.data_dir ({expected})"
             )
-        images = sorted(self.root.glob(self.layout.images))
+        images = sorted(self.root.glob(f"{self.layout.image_dir}/{self.layout.pattern}"))
         if not images:
-            raise ConfigError(f"{dataset} split {split!r}: no images; expected {expected}")
-        self.pairs = [(img, self._label_path(img)) for img in images]
+            raise ConfigError(
+                f"{dataset} split {split!r}: no images; expected {expected} (prepare: {self.layout.prepare})"
+            )
+        self.pairs = [(img, self.layout.label_of(self.root, img)) for img in images]
         missing = [str(lab) for _, lab in self.pairs if not lab.is_file()]
         if missing:
             more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ConfigError(
                 f"{dataset} split {split!r}: {len(missing)} of {len(images)} images have no trainId label, e.g. "
-                f"{missing[0]}{more}; expected {expected}"
+                f"{missing[0]}{more}; expected {expected} (prepare: {self.layout.prepare})"
             )
-
-    def _label_path(self, image: Path) -> Path:
-        base = image.name[: -len(self.layout.image_suffix)]
-        return self.root / self.layout.labels.format(dir=image.parent.name, base=base)
 
     def __len__(self) -> int:
         return len(self.pairs)
