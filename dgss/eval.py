@@ -44,6 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
     datamodule = hydra.utils.instantiate(data_cfg)
+    datamodule.set_normalization(*method.backbone.normalization)
     out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[IoUTables(out)], logger=instantiate_group(cfg.get("logger")) or False

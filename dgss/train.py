@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_method(cfg)
+    datamodule.set_normalization(*model.backbone.normalization)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):

@@ -8,9 +8,12 @@ each image is evaluated exactly once (the default sampler pads with duplicates a
 
 from __future__ import annotations
 
+import bisect
+import logging
 from collections.abc import Mapping, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -24,8 +27,21 @@ from torch.utils.data import (
 )
 
 from dgss.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ClassSet
+from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.errors import ConfigError
+
+log = logging.getLogger("dgss.data")
+
+
+class _Sources(ConcatDataset):
+    """The concatenated sources; an item may carry a preferred class from rare-class sampling: (index, class)."""
+
+    def __getitem__(self, i):
+        index, prefer = split_index(i)
+        d = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[d - 1] if d else 0)
+        return self.datasets[d][local if prefer is None else (local, prefer)]
 
 
 class DGSSDataModule(pl.LightningDataModule):
@@ -37,6 +53,8 @@ class DGSSDataModule(pl.LightningDataModule):
         exclude_from_mean: targets that are evaluated and logged but not part of ``val/mean_mIoU``
             (e.g. the source's own validation split).
         seed: seeds the training order (identically on every rank).
+        rare_class_sampling: ``None``, or ``{temperature, min_pixels, cache_dir}`` (DAFormer rare-class sampling
+            over the concatenated sources; excludes ``source_weights``).
         num_classes / class_names / palette: the label space (default: the 19 Cityscapes classes; a custom
             space is labels 0..K-1 plus 255 = ignore).
     """
@@ -57,6 +75,7 @@ class DGSSDataModule(pl.LightningDataModule):
         class_names: Sequence[str] | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
+        rare_class_sampling: Mapping | None = None,
     ):
         super().__init__()
         if not sources:
@@ -106,6 +125,24 @@ class DGSSDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.seed = int(seed)
+        self.rare_class_sampling = dict(rare_class_sampling) if rare_class_sampling else None
+        if self.rare_class_sampling and self.source_weights:
+            raise ConfigError(
+                "data.rare_class_sampling and data.source_weights both set; keep one (null the other)"
+            )
+        unknown = set(self.rare_class_sampling or {}) - {"temperature", "min_pixels", "cache_dir"}
+        if unknown:
+            raise ConfigError(
+                f"data.rare_class_sampling has unknown keys {sorted(unknown)}; use temperature, min_pixels, cache_dir"
+            )
+        self._rcs_sampler: RareClassSampler | None = None
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise with the backbone's pretrained mean / std wherever the config left them unset."""
+        pipes = [self.train_pipeline, self.test_pipeline, *(ds.transform for ds in self.targets.values())]
+        for pipe in pipes:
+            if getattr(pipe, "auto_norm", False):
+                pipe.set_normalization(mean, std)
 
     # ------------------------------------------------------------------------------- naming
     @property
@@ -129,7 +166,7 @@ class DGSSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         names = list(self.sources)
-        data = ConcatDataset([self.sources[n] for n in names])
+        data = _Sources([self.sources[n] for n in names])
         # the same generator seed on every rank: all ranks draw one order and each takes its own share
         gen = torch.Generator().manual_seed(self.seed)
         if self.source_weights:
@@ -138,6 +175,8 @@ class DGSSDataModule(pl.LightningDataModule):
             sampler = WeightedRandomSampler(
                 per_sample, num_samples=len(data), replacement=True, generator=gen
             )
+        elif self.rare_class_sampling:
+            sampler = self.rcs_sampler(data, gen)
         else:
             sampler = RandomSampler(data, generator=gen)
         dist = self._dist()
@@ -149,6 +188,22 @@ class DGSSDataModule(pl.LightningDataModule):
             )
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def rcs_sampler(self, data: ConcatDataset, generator: torch.Generator) -> RareClassSampler:
+        if self._rcs_sampler is None:
+            cfg = self.rare_class_sampling
+            counts = np.concatenate([
+                class_pixel_counts(ds, self.num_classes, cfg.get("cache_dir"), self.num_workers) for ds in data.datasets
+            ])  # fmt: skip
+            self._rcs_sampler = RareClassSampler(
+                counts, cfg.get("temperature", 0.01), cfg.get("min_pixels", 3000)
+            )
+            probs = ", ".join(
+                f"{self.classes.names[c]} {p:.3f}" for c, p in self._rcs_sampler.class_probabilities().items()
+            )
+            log.info(f"rare-class sampling: P(class) = {probs}")
+        self._rcs_sampler.generator = generator
+        return self._rcs_sampler
 
     def _eval_loader(self, ds: Dataset) -> DataLoader:
         dist = self._dist()

@@ -9,6 +9,7 @@ next good one and counted in ``skipped`` (never silently other data: the count i
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from dgss.data.classes import IGNORE_INDEX
+from dgss.data.rare_class import split_index
 from dgss.errors import ConfigError
 
 
@@ -188,7 +190,17 @@ class RealDataset(torch.utils.data.Dataset):
             )
         return image, label.astype(np.uint8)
 
-    def __getitem__(self, i: int) -> dict:
+    def read_label(self, i: int) -> np.ndarray:
+        """The trainId label alone (rare-class statistics)."""
+        return _read(self.pairs[i][1], "L")
+
+    @property
+    def cache_key(self) -> str:
+        files = "\n".join(str(p[1].relative_to(self.root)) for p in self.pairs)
+        return f"{self.dataset}/{self.split}/{len(self.pairs)}/{hashlib.sha256(files.encode()).hexdigest()}"
+
+    def __getitem__(self, i) -> dict:
+        i, prefer = split_index(i)
         for k in range(len(self)):
             j = (i + k) % len(self)
             try:
@@ -203,5 +215,5 @@ class RealDataset(torch.utils.data.Dataset):
         img = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         lab = torch.from_numpy(label)
         if self.transform is not None:
-            img, lab = self.transform(img, lab)
+            img, lab = self.transform(img, lab) if prefer is None else self.transform(img, lab, prefer)
         return {"image": img, "label": lab, "name": f"{self.dataset}/{self.pairs[j][0].name}"}

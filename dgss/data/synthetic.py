@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from dgss.data.classes import CITYSCAPES_CLASSES
+from dgss.data.rare_class import split_index
 from dgss.errors import ConfigError
 
 C = {name: i for i, name in enumerate(CITYSCAPES_CLASSES)}
@@ -596,7 +597,17 @@ class SyntheticDomain(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict:
+    def read_label(self, i: int) -> np.ndarray:
+        return np.array(
+            render_sample(self.domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed)[1]
+        )
+
+    @property
+    def cache_key(self) -> str:
+        return f"synthetic/{self.domain}/{self.split}/{self.length}/{self.height}x{self.width}/{self.seed}"
+
+    def __getitem__(self, i) -> dict:
+        i, prefer = split_index(i)
         if not 0 <= i < self.length:
             raise IndexError(i)
         img, lab = render_sample(
@@ -607,5 +618,7 @@ class SyntheticDomain(torch.utils.data.Dataset):
             torch.from_numpy(np.array(lab)),
         )
         if self.transform is not None:
-            image, label = self.transform(image, label)
+            image, label = (
+                self.transform(image, label) if prefer is None else self.transform(image, label, prefer)
+            )
         return {"image": image, "label": label, "name": f"{self.domain}/{self.split}/{i:06d}"}

@@ -1,7 +1,8 @@
 """Train and test pipelines on torchvision.transforms.v2 (image and label transformed together).
 
-Train (Rein's 512 recipe by default): random shortest-edge resize (16 scales in ``short_edge``, long edge
-capped), random crop padded with image 0 / label 255, horizontal flip, photometric distortion, normalise.
+Train (Rein's 512 recipe, data spec §5): random shortest edge from a list (long edge capped), random crop with
+``cat_max_ratio`` padded with image 0 / label 255, horizontal flip, mmseg's photometric distortion, normalisation
+(the backbone's pretrained mean / std unless set).
 Test: keep-ratio resize of the image only to fit ``size`` (long, short); the label keeps its original
 resolution, and logits are upsampled to it (Rein protocol, data spec §4).
 """
@@ -21,48 +22,180 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def shortest_edges(short_edge: Sequence[int], num_scales: int) -> list[int]:
+    """``num_scales`` evenly spaced shortest edges from ``short_edge`` = [low, high] (ints, truncated)."""
+    lo, hi = (int(v) for v in short_edge)
+    if not 0 < lo <= hi:
+        raise ConfigError(f"data.train_pipeline.short_edge=[{lo}, {hi}] must satisfy 0 < low <= high")
+    n = max(int(num_scales), 1)
+    return sorted({int(lo + (hi - lo) * k / max(n - 1, 1) + 1e-6) for k in range(n)})
+
+
+class CatMaxRatioCrop:
+    """mmseg's ``RandomCrop`` with ``cat_max_ratio``: up to ``tries`` random crops until one has more than one class
+    and none covering ``cat_max_ratio`` or more of its labelled pixels; after ``tries`` failures one more crop,
+    unchecked (as mmseg). Then pad bottom/right to the crop size (image 0, label 255).
+
+    With ``prefer`` (rare-class sampling) the rule is instead: the first crop holding ≥ ``min_prefer_pixels`` of
+    that class, else the try that held most of it.
+    """
+
+    def __init__(
+        self, size: Sequence[int], cat_max_ratio: float = 0.75, tries: int = 10, min_prefer_pixels: int = 1500
+    ):
+        self.size = (int(size[0]), int(size[1]))
+        self.cat_max_ratio, self.tries, self.min_prefer_pixels = (
+            float(cat_max_ratio),
+            int(tries),
+            int(min_prefer_pixels),
+        )
+
+    def _box(self, h: int, w: int) -> tuple[int, int]:
+        y = int(torch.randint(max(h - self.size[0], 0) + 1, ()))
+        x = int(torch.randint(max(w - self.size[1], 0) + 1, ()))
+        return y, x
+
+    def _crop(self, t: torch.Tensor, box: tuple[int, int]) -> torch.Tensor:
+        return t[..., box[0] : box[0] + self.size[0], box[1] : box[1] + self.size[1]]
+
+    def choose(self, label: torch.Tensor, prefer: int | None = None) -> tuple[int, int]:
+        h, w = label.shape[-2:]
+        box, best = self._box(h, w), (-1, None)
+        if prefer is None and self.cat_max_ratio >= 1.0:
+            return box
+        for _ in range(self.tries):
+            crop = self._crop(label, box)
+            if prefer is not None:
+                n = int((crop == prefer).sum())
+                if n >= self.min_prefer_pixels:
+                    return box
+                best = max(best, (n, box), key=lambda b: b[0])
+            else:
+                counts = torch.bincount(crop.flatten().long(), minlength=256)[:IGNORE_INDEX]
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                    return box
+            box = self._box(h, w)
+        return best[1] if prefer is not None else box
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
+        box = self.choose(label, prefer)
+        image, label = self._crop(image, box), self._crop(label, box)
+        ph, pw = self.size[0] - image.shape[-2], self.size[1] - image.shape[-1]
+        if ph or pw:
+            image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0)
+            label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+        return image, label
+
+
+class PhotoMetricDistortion:
+    """mmseg's ``PhotoMetricDistortion`` on uint8 CHW, each step with probability 0.5: additive brightness
+    ±``brightness`` (of 255), contrast ×[lo, hi] (mmseg scales the pixel values), saturation ×[lo, hi], hue
+    ±``hue`` on OpenCV's 0-180 hue scale (18 = 36°); contrast first or last at random."""
+
+    def __init__(self, brightness: int = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue: int = 18):
+        self.brightness, self.contrast, self.saturation, self.hue = (
+            brightness,
+            tuple(contrast),
+            tuple(saturation),
+            hue,
+        )
+
+    @staticmethod
+    def _coin() -> bool:
+        return bool(torch.rand(()) < 0.5)
+
+    @staticmethod
+    def _uniform(lo: float, hi: float) -> float:
+        return float(torch.empty(()).uniform_(lo, hi))
+
+    def _contrast(self, img: torch.Tensor) -> torch.Tensor:
+        if self._coin():
+            img = (img.float() * self._uniform(*self.contrast)).clamp(0, 255).to(torch.uint8)
+        return img
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        F = v2.functional
+        if self._coin():
+            img = (
+                (img.float() + self._uniform(-self.brightness, self.brightness)).clamp(0, 255).to(torch.uint8)
+            )
+        contrast_first = self._coin()
+        if contrast_first:
+            img = self._contrast(img)
+        if self._coin():
+            img = F.adjust_saturation(img, self._uniform(*self.saturation))
+        if self._coin():
+            img = F.adjust_hue(img, self._uniform(-self.hue, self.hue) / 180.0)
+        if not contrast_first:
+            img = self._contrast(img)
+        return img
+
+
 class TrainPipeline:
+    """Rein's 512 recipe by default: a random shortest edge from ``scales`` (long edge ≤ ``max_long_edge``),
+    a ``crop`` with ``cat_max_ratio``, horizontal flip, photometric distortion, normalisation.
+
+    Args:
+        scales: the shortest edges to draw from (Rein: int(512·k·0.1), k = 5..20); or ``short_edge`` = [low, high]
+            with ``num_scales`` evenly spaced values; neither = no resize.
+        mean / std: RGB in [0, 1]; ``None`` = the backbone's pretrained config (set by the DataModule), ImageNet
+            until then.
+    """
+
     def __init__(
         self,
         crop: Sequence[int] = (512, 512),
-        short_edge: Sequence[int] | None = (256, 1024),
-        max_long_edge: int = 2048,
+        scales: Sequence[int] | None = None,
+        short_edge: Sequence[int] | None = None,
         num_scales: int = 16,
+        max_long_edge: int = 2048,
+        cat_max_ratio: float = 0.75,
         flip: float = 0.5,
         photometric: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        min_prefer_pixels: int = 1500,
     ):
         crop = (int(crop), int(crop)) if isinstance(crop, int) else tuple(int(c) for c in crop)
         if len(crop) != 2 or min(crop) <= 0:
             raise ConfigError(
                 f"data.train_pipeline.crop={list(crop)} must be [height, width] with positive sizes"
             )
-        steps: list[v2.Transform] = []
+        if scales is not None and short_edge is not None:
+            raise ConfigError(
+                "data.train_pipeline sets both scales and short_edge; keep one (null the other)"
+            )
         if short_edge is not None:
-            lo, hi = (int(v) for v in short_edge)
-            if not 0 < lo <= hi:
-                raise ConfigError(f"data.train_pipeline.short_edge=[{lo}, {hi}] must satisfy 0 < low <= high")
-            n = max(int(num_scales), 1)
-            sizes = sorted({round(lo + (hi - lo) * k / max(n - 1, 1)) for k in range(n)})
-            steps.append(v2.RandomShortestSize(min_size=sizes, max_size=max_long_edge, antialias=True))
-        steps.append(
-            v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
-        )
-        if flip:
-            steps.append(v2.RandomHorizontalFlip(flip))
-        if (
-            photometric
-        ):  # mmseg PhotoMetricDistortion ranges: brightness ±32/255, contrast/saturation 0.5-1.5, hue ±18°
-            steps.append(v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05))
-        steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-                  v2.Normalize(mean, std)]  # fmt: skip
+            scales = shortest_edges(short_edge, num_scales)
+        if scales is not None and (not scales or min(int(s) for s in scales) <= 0):
+            raise ConfigError(f"data.train_pipeline.scales={list(scales)} must be positive shortest edges")
+        self.scales = [int(s) for s in scales] if scales is not None else None
+        self.resize = (v2.RandomShortestSize(min_size=self.scales, max_size=max_long_edge, antialias=True)
+                       if self.scales else None)  # fmt: skip
         self.crop = crop
-        self.transform = v2.Compose(steps)
+        self.cropper = CatMaxRatioCrop(crop, cat_max_ratio, min_prefer_pixels=min_prefer_pixels)
+        self.flip = float(flip)
+        self.photometric = PhotoMetricDistortion() if photometric else None
+        self.auto_norm = mean is None
+        self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img, lab = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
-        return img.as_subclass(torch.Tensor), lab.as_subclass(torch.Tensor)
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        )
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
+        if self.resize is not None:
+            image, label = self.resize(tv_tensors.Image(image), tv_tensors.Mask(label))
+            image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+        image, label = self.cropper(image, label, prefer)
+        if self.flip and torch.rand(()) < self.flip:
+            image, label = image.flip(-1), label.flip(-1)
+        if self.photometric is not None:
+            image = self.photometric(image)
+        return self.normalize(image), label.long()
 
 
 class TestPipeline:
@@ -70,13 +203,18 @@ class TestPipeline:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, size: Sequence[int] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size: Sequence[int] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):  # fmt: skip
         self.size = tuple(size) if size is not None else None
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.auto_norm = mean is None
+        self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
+
+    set_normalization = TrainPipeline.set_normalization
 
     def with_size(self, size: Sequence[int]) -> TestPipeline:
-        return TestPipeline(size, self.mean, self.std)
+        other = TestPipeline(size, self.mean, self.std)
+        other.auto_norm = self.auto_norm
+        return other
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.size is not None:

@@ -186,6 +186,13 @@ class Backbone(nn.Module):
         return 0 if self.family == "sam" else int(self.model.num_prefix_tokens)
 
     @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of RGB in [0, 1] from timm's pretrained config of ``name`` (CLIP / EVA02: the CLIP values)."""
+        cfg = timm.get_pretrained_cfg(self.name)
+        cfg = cfg.to_dict() if cfg is not None else self.model.pretrained_cfg
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+
+    @property
     def out_channels(self) -> list[int]:
         return [self.embed_dim] * len(self.out_indices)
 

@@ -1,0 +1,148 @@
+"""The Rein train pipeline (scales, cat_max_ratio crop, photometric distortion, backbone normalisation) and
+DAFormer rare-class sampling."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dgss.data.datamodule import DGSSDataModule
+from dgss.data.rare_class import RareClassSampler, class_pixel_counts
+from dgss.data.synthetic import SyntheticDomain
+from dgss.data.transforms import (
+    CatMaxRatioCrop,
+    PhotoMetricDistortion,
+    TestPipeline,
+    TrainPipeline,
+    shortest_edges,
+)
+from dgss.errors import ConfigError
+
+REIN_SCALES = [int(512 * k * 0.1) for k in range(5, 21)]
+
+
+def test_rein_scales_in_every_real_data_config():
+    assert shortest_edges((256, 1024), 16) == REIN_SCALES
+    for name in ("gta2cbm", "gtasyn2cbm", "cs2bm", "cs2acdc"):
+        tp = yaml.safe_load(open(f"conf/data/{name}.yaml"))["data"]["train_pipeline"]
+        assert tp["scales"] == REIN_SCALES and tp["crop"] == [512, 512] and tp["cat_max_ratio"] == 0.75
+        assert tp["max_long_edge"] == 2048 and tp["flip"] == 0.5 and tp["photometric"] and tp["mean"] is None
+    pipe = TrainPipeline(scales=REIN_SCALES, photometric=False)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        img, _ = pipe.resize(
+            torch.zeros(3, 1052, 1914, dtype=torch.uint8), torch.zeros(1052, 1914, dtype=torch.uint8)
+        )
+        seen.add(min(img.shape[-2:]))
+    assert seen <= set(REIN_SCALES) and len(seen) >= 12  # long edges stay <= 2048 for GTAV's 1.82 ratio
+    with pytest.raises(ConfigError, match="sets both scales and short_edge"):
+        TrainPipeline(scales=[256], short_edge=[256, 512])
+
+
+def _ok(crop: torch.Tensor, ratio: float) -> bool:
+    counts = torch.bincount(crop.flatten(), minlength=256)[:255]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and bool(counts.max() < ratio * counts.sum())
+
+
+def test_cat_max_ratio_retries_up_to_ten_crops():
+    label = torch.zeros(60, 60, dtype=torch.long)
+    label[:20, :20] = 1  # only crops near the top-left corner mix classes enough
+    label[40:, 40:] = 255
+    crop = CatMaxRatioCrop((30, 30), cat_max_ratio=0.75)
+    offsets = [(y, x) for y in range(31) for x in range(31)]
+    p = sum(_ok(label[y : y + 30, x : x + 30], 0.75) for y, x in offsets) / len(offsets)
+    torch.manual_seed(0)
+    n = 2000
+    hits = sum(_ok(crop(label[None].clone(), label)[1], 0.75) for _ in range(n)) / n
+    assert 0.02 < p < 0.2
+    # mmseg: 10 checked crops, then an 11th drawn and used unchecked
+    assert abs(hits - (1 - (1 - p) ** 11)) < 3 * math.sqrt(0.25 / n)
+    plain = CatMaxRatioCrop((30, 30), cat_max_ratio=1.0)
+    assert abs(sum(_ok(plain(label[None], label)[1], 0.75) for _ in range(n)) / n - p) < 3 * math.sqrt(
+        0.25 / n
+    )
+
+
+def test_crop_pads_bottom_right_with_zero_and_ignore():
+    img, lab = torch.full((3, 20, 25), 7, dtype=torch.uint8), torch.ones(20, 25, dtype=torch.long)
+    out_img, out_lab = CatMaxRatioCrop((32, 32))(img, lab)
+    assert out_img.shape == (3, 32, 32) and (out_img[:, :20, :25] == 7).all() and (out_img[:, 20:] == 0).all()
+    assert (out_lab[:20, :25] == 1).all() and (out_lab[:, 25:] == 255).all() and (out_lab[20:] == 255).all()
+
+
+def test_photometric_distortion_is_mmseg_like():
+    torch.manual_seed(0)
+    img = torch.randint(40, 200, (3, 16, 16), dtype=torch.uint8)
+    pmd = PhotoMetricDistortion()
+    outs = [pmd(img) for _ in range(800)]
+    assert all(o.dtype == torch.uint8 and o.shape == img.shape for o in outs)
+    unchanged = sum(torch.equal(o, img) for o in outs) / len(outs)
+    assert abs(unchanged - 1 / 16) < 0.03  # each of the four steps with probability 1/2
+    diffs = [float((o.float() - img.float()).mean()) for o in outs]
+    assert max(diffs) > 25 and min(diffs) < -25  # brightness ±32 and contrast 0.5-1.5 reach that far
+
+
+def test_normalisation_comes_from_the_backbone_unless_set():
+    clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    src = SyntheticDomain("game", "train", 4, 32, 32)
+    tgt = SyntheticDomain("photo", "val", 2, 32, 32)
+    fixed = TestPipeline(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    dm = DGSSDataModule(
+        {"g": src}, {"p": tgt}, TrainPipeline(crop=(32, 32), photometric=False, flip=0), fixed
+    )
+    dm.set_normalization(*clip)
+    assert dm.train_pipeline.mean == clip[0] and dm.train_pipeline.std == clip[1]
+    assert tgt.transform.mean == (0.5, 0.5, 0.5)  # set in the config: kept
+    x = src[0]["image"]
+    want = (
+        SyntheticDomain("game", "train", 4, 32, 32)[0]["image"].float() / 255
+        - torch.tensor(clip[0])[:, None, None]
+    )
+    assert torch.allclose(x, want / torch.tensor(clip[1])[:, None, None], atol=1e-5)
+
+
+def test_rare_class_sampling_probabilities_images_and_cache(tmp_path, monkeypatch):
+    counts = np.array([[900, 100, 0], [1000, 0, 0], [500, 0, 500], [800, 200, 0]])
+    s = RareClassSampler(counts, temperature=0.1, min_pixels=150, generator=torch.Generator().manual_seed(0))
+    f = counts.sum(0) / counts.sum()  # 0.8, 0.075, 0.125
+    z = np.exp((1 - f) / 0.1)
+    assert s.class_probabilities() == pytest.approx({0: z[0] / z.sum(), 1: z[1] / z.sum(), 2: z[2] / z.sum()})
+    pairs = list(s)
+    assert len(pairs) == 4 and all(counts[i, c] >= 150 for i, c in pairs)
+    s.num_samples = 4000
+    drawn = np.bincount([c for _, c in s], minlength=3) / 4000
+    assert np.allclose(drawn, z / z.sum(), atol=0.03)
+    assert {i for i, c in s if c == 1} == {3}  # image 0 holds only 100 < 150 pixels of class 1
+
+    ds = SyntheticDomain("game", "train", 12, 32, 48)
+    got = class_pixel_counts(ds, 19, tmp_path)
+    want = np.stack(
+        [np.bincount(np.asarray(ds.read_label(i)).ravel(), minlength=256)[:19] for i in range(12)]
+    )
+    assert np.array_equal(got, want) and len(list(tmp_path.glob("class_pixels_*.npy"))) == 1
+    monkeypatch.setattr(SyntheticDomain, "read_label", lambda *a: pytest.fail("cache not used"))
+    assert np.array_equal(class_pixel_counts(ds, 19, tmp_path), want)
+
+
+def test_rare_class_sampling_in_the_datamodule_prefers_crops_with_the_class(tmp_path):
+    src = SyntheticDomain("game", "train", 16, 64, 96)
+    pipe = TrainPipeline(crop=(24, 24), photometric=False, flip=0, min_prefer_pixels=30)
+    dm = DGSSDataModule({"g": src}, {"v": SyntheticDomain("game", "val", 2, 64, 96)}, pipe, batch_size=4, num_workers=0,
+                        pin_memory=False, rare_class_sampling={"temperature": 0.05, "min_pixels": 60, "cache_dir": tmp_path})  # fmt: skip
+    loader = dm.train_dataloader()
+    pairs = list(loader.sampler)
+    assert all(isinstance(p, tuple) for p in pairs)
+    held = [int((src[p]["label"] == p[1]).sum()) for p in pairs]
+    torch.manual_seed(0)
+    plain = [int((src[p[0]]["label"] == p[1]).sum()) for p in pairs]
+    assert np.mean([h >= 30 for h in held]) > np.mean([h >= 30 for h in plain]) + 0.2
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 24, 24)
+    with pytest.raises(ConfigError, match="rare_class_sampling and data.source_weights both set"):
+        DGSSDataModule(
+            {"g": src}, {"v": src}, source_weights={"g": 1.0}, rare_class_sampling={"temperature": 0.01}
+        )
