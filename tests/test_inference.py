@@ -17,12 +17,53 @@ def test_slide_equals_whole_for_a_pointwise_model_and_counts_windows():
         calls.append(tuple(t.shape[-2:]))
         return pointwise(t)
 
-    out = inference.predict(fn, x, (512, 1024), multiple=16, mode="slide", crop=512, stride=341)
+    out = inference.predict(
+        fn, x, (512, 1024), multiple=16, mode="slide", crop=512, stride=341, window_batch=1
+    )
     torch.testing.assert_close(out, pointwise(x))
-    assert calls == [(512, 512)] * 3  # Cityscapes at 1024x512: windows at x = 0, 341, 512 (data spec §4)
-    calls.clear()
-    inference.predict(fn, torch.randn(1, 3, 720, 1280), (720, 1280), 16, "slide", 512, 341)
-    assert len(calls) == 8  # BDD at 1280x720: 2 x 4 windows
+    assert calls == [(512, 512)] * 3
+    # Cityscapes at 1024x512: windows at x = 0, 341, 512 (data spec §4); BDD at 1280x720: 2 x 4
+    assert inference.windows(512, 1024, (512, 512), (341, 341)) == [
+        (0, 0, 512, 512),
+        (0, 341, 512, 853),
+        (0, 512, 512, 1024),
+    ]
+    bdd = inference.windows(720, 1280, (512, 512), (341, 341))
+    assert len(bdd) == 8 and {b[:2] for b in bdd} == {(y, x) for y in (0, 208) for x in (0, 341, 682, 768)}
+
+
+def test_windows_are_batched_across_images_and_windows():
+    x = torch.randn(2, 3, 512, 1024)
+    batches = []
+
+    def fn(t):
+        batches.append(t.shape[0])
+        return pointwise(t)
+
+    out = inference.predict(fn, x, (512, 1024), 16, "slide", 512, 341, window_batch=4)
+    assert batches == [4, 2]  # 3 windows x 2 images in two forwards
+    torch.testing.assert_close(out, pointwise(x))
+
+
+def test_flip_and_multiscale_tta_average_probabilities():
+    x = torch.randn(1, 3, 32, 48)
+    probs = pointwise(x).softmax(1)
+    torch.testing.assert_close(inference.predict(pointwise, x, (32, 48), 16, flip=True), probs)
+    seen = []
+
+    def fn(t):
+        seen.append((tuple(t.shape[-2:]), bool(torch.equal(t, x.flip(-1)))))
+        return pointwise(t)
+
+    out = inference.predict(fn, x, (32, 48), 16, scales=[0.5, 1.0], flip=True)
+    assert [s for s, _ in seen] == [(16, 32), (16, 32), (32, 48), (32, 48)] and seen[3][
+        1
+    ]  # 16x24 padded to 16x32
+    half = torch.nn.functional.interpolate(x, size=(16, 24), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(pointwise(half), size=(32, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, (probs + up.softmax(1)) / 2)
+    with pytest.raises(ValueError, match=r"method.inference.scales=\[0.0\] must be positive"):
+        inference.predict(pointwise, x, (32, 48), 16, scales=[0.0])
 
 
 def test_whole_pads_to_patch_multiple_and_resizes_to_label():

@@ -23,6 +23,15 @@ from torch import nn
 from dgss.errors import ConfigError
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
+
+INFERENCE_DEFAULTS = {
+    "mode": "whole",
+    "crop": 512,
+    "stride": 341,
+    "window_batch": 8,
+    "flip": False,
+    "scales": [1.0],
+}
 from dgss.models.backbone import Backbone
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
@@ -42,7 +51,8 @@ class SegmentationMethod(pl.LightningModule):
         lr_mults: lr multiplier per module path (``backbone``, ``backbone.model.blocks.0``; longest match wins),
             merged over ``default_lr_mults``.
         no_decay: name substrings that get weight decay 0 (norms, biases and 1-d tensors always do).
-        inference: ``mode`` whole | slide, ``crop``, ``stride`` for validation / test.
+        inference: ``mode`` whole | slide, ``crop``, ``stride``, ``window_batch`` (windows per forward), ``flip`` and
+            ``scales`` (TTA) for validation / test.
     """
 
     default_lr_mults: dict[str, float] = {}
@@ -72,7 +82,12 @@ class SegmentationMethod(pl.LightningModule):
         }
         self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
         self.no_decay = (*no_decay, *self.extra_no_decay)
-        self.inference_cfg = {"mode": "whole", "crop": 512, "stride": 341, **(inference or {})}
+        self.inference_cfg = {**INFERENCE_DEFAULTS, **(inference or {})}
+        unknown = set(self.inference_cfg) - set(INFERENCE_DEFAULTS)
+        if unknown:
+            raise ConfigError(
+                f"method.inference has unknown keys {sorted(unknown)}; valid: {', '.join(INFERENCE_DEFAULTS)}"
+            )
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None
@@ -103,10 +118,7 @@ class SegmentationMethod(pl.LightningModule):
 
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731
-        cfg = self.inference_cfg
-        return inference.predict(
-            fn, images, out_size, self.backbone.patch_size, cfg["mode"], cfg["crop"], cfg["stride"]
-        )
+        return inference.predict(fn, images, out_size, self.backbone.patch_size, **self.inference_cfg)
 
     # ---------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

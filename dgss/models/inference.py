@@ -1,4 +1,10 @@
-"""Whole-image and sliding-window inference (mmseg semantics: window logits averaged by overlap count)."""
+"""Whole-image and sliding-window inference with optional flip / multi-scale test-time augmentation.
+
+Sliding windows follow mmseg: windows of ``crop`` every ``stride``, the last one flush with the border, logits
+averaged by the number of windows covering each pixel. The windows of a batch are cut once and run through the
+model ``window_batch`` at a time. TTA averages softmax probabilities over scales × flips, each resized to the
+output size first; without TTA the raw logits are returned.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch.nn.functional as F
 from dgss.errors import ConfigError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, h, w) -> logits (B, K, h, w)
+Box = tuple[int, int, int, int]  # y0, x0, y1, x1
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -24,27 +31,38 @@ def whole(fn: LogitsFn, images: torch.Tensor, multiple: int) -> torch.Tensor:
     return fn(pad_to_multiple(images, multiple))[..., :h, :w]
 
 
-def slide(
-    fn: LogitsFn, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int], multiple: int
-) -> torch.Tensor:
-    """Windows of ``crop`` every ``stride`` (last window flush with the border), logits / overlap count."""
-    ch, cw = crop
-    sh, sw = stride
-    h, w = images.shape[-2:]
-    rows = max(h - ch + sh - 1, 0) // sh + 1
-    cols = max(w - cw + sw - 1, 0) // sw + 1
-    out = count = None
+def windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]) -> list[Box]:
+    """The sliding-window boxes over a ``height`` × ``width`` image (all of one size, at most ``crop``)."""
+    (ch, cw), (sh, sw) = crop, stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
     for r in range(rows):
         for c in range(cols):
-            y0, x0 = min(r * sh, max(h - ch, 0)), min(c * sw, max(w - cw, 0))
-            y1, x1 = min(y0 + ch, h), min(x0 + cw, w)
-            win = whole(fn, images[..., y0:y1, x0:x1], multiple)
-            if out is None:
-                out = images.new_zeros((images.shape[0], win.shape[1], h, w))
-                count = images.new_zeros((1, 1, h, w))
-            out[..., y0:y1, x0:x1] += win
-            count[..., y0:y1, x0:x1] += 1
+            y0, x0 = min(r * sh, max(height - ch, 0)), min(c * sw, max(width - cw, 0))
+            boxes.append((y0, x0, min(y0 + ch, height), min(x0 + cw, width)))
+    return boxes
+
+
+def slide(fn: LogitsFn, images: torch.Tensor, crop: Sequence[int], stride: Sequence[int], multiple: int,
+          window_batch: int = 8) -> torch.Tensor:  # fmt: skip
+    """Windows of every image, ``window_batch`` windows per forward; logits summed and divided by overlap."""
+    b, _, h, w = images.shape
+    boxes = windows(h, w, crop, stride)
+    crops = torch.cat(
+        [images[..., y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]
+    )  # (n·B, 3, ch, cw), window-major
+    logits = torch.cat([whole(fn, chunk, multiple) for chunk in crops.split(max(window_batch, 1))])
+    out = images.new_zeros((b, logits.shape[1], h, w))
+    count = images.new_zeros((1, 1, h, w))
+    for k, (y0, x0, y1, x1) in enumerate(boxes):
+        out[..., y0:y1, x0:x1] += logits[k * b : (k + 1) * b]
+        count[..., y0:y1, x0:x1] += 1
     return out / count
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def predict(
@@ -55,15 +73,36 @@ def predict(
     mode: str = "whole",
     crop: Sequence[int] | int = 512,
     stride: Sequence[int] | int = 341,
+    window_batch: int = 8,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> torch.Tensor:
-    """Logits at ``out_size`` (bilinear), e.g. the original label resolution."""
-    if mode == "whole":
-        logits = whole(fn, images, multiple)
-    elif mode == "slide":
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        logits = slide(fn, images, pair(crop), pair(stride), multiple)
-    else:
+    """Scores at ``out_size`` (bilinear), e.g. the original label resolution: logits, or with TTA (``flip`` or
+    several ``scales``) the mean softmax probabilities."""
+    if mode not in ("whole", "slide"):
         raise ConfigError(f"method.inference.mode={mode!r}; choose 'whole' or 'slide'")
-    if tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return logits
+    scales = [float(s) for s in scales]
+    if not scales or min(scales) <= 0:
+        raise ConfigError(
+            f"method.inference.scales={scales} must be positive factors, e.g. [0.75, 1.0, 1.25]"
+        )
+
+    def once(x: torch.Tensor) -> torch.Tensor:
+        logits = (whole(fn, x, multiple) if mode == "whole"
+                  else slide(fn, x, _pair(crop), _pair(stride), multiple, window_batch))  # fmt: skip
+        if tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+    if not flip and scales == [1.0]:
+        return once(images)
+    h, w = images.shape[-2:]
+    total = None
+    for s in scales:
+        x = images if s == 1.0 else F.interpolate(images, size=(round(h * s), round(w * s)), mode="bilinear",
+                                                  align_corners=False)  # fmt: skip
+        for flipped in (False, True) if flip else (False,):
+            probs = once(x.flip(-1) if flipped else x).softmax(1)
+            probs = probs.flip(-1) if flipped else probs
+            total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
