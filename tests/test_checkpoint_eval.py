@@ -87,3 +87,40 @@ def test_eval_with_wrong_num_classes_is_refused(compose_cfg, tmp_path, weights):
         ConfigError, match="the data has 5 classes but the model was built for num_classes=19"
     ):
         evaluate(ecfg)
+
+
+def test_predict_writes_palettised_masks_overlays_and_label_ids(compose_cfg, tmp_path, weights):
+    import numpy as np
+    from PIL import Image
+
+    from dgss.data.classes import CITYSCAPES_PALETTE
+    from dgss.data.synthetic import render_sample
+    from dgss.data.transforms import TestPipeline
+    from dgss.predict import predict
+
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=full"])
+    train(cfg)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+    src = tmp_path / "street"
+    for i, rel in enumerate(["a.png", "sub/b.jpg"]):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(render_sample("photo", i, 50, 90, 0)[0])).save(src / rel)
+    out = tmp_path / "pred"
+    pcfg = compose_cfg([f"ckpt_path={ckpt_path}", f"input={src}", f"output={out}", "label_ids=true",
+                        "progress=false", "device=cpu"], config_name="predict")  # fmt: skip
+    assert predict(pcfg)["images"] == 2
+    method, _ = load_method(str(ckpt_path))
+    method.eval()
+    rgb = np.array(Image.open(src / "a.png").convert("RGB"))
+    x, _ = TestPipeline()(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(50, 90))
+    with torch.no_grad():
+        want = method.predict_logits(x[None], (50, 90))[0].argmax(0).numpy()
+    mask = Image.open(out / "masks/a.png")
+    assert mask.mode == "P" and np.array_equal(np.array(mask), want)  # pixel values are the trainIds
+    assert mask.getpalette()[:6] == [*CITYSCAPES_PALETTE[0], *CITYSCAPES_PALETTE[1]]
+    assert Image.open(out / "overlays/sub/b.jpg").size == (90, 50) and (out / "masks/sub/b.png").is_file()
+    ids = np.array(Image.open(out / "label_ids/a.png"))
+    assert np.array_equal(ids[want == 13], np.full((want == 13).sum(), 26))  # car: trainId 13 -> labelId 26
+    with pytest.raises(ConfigError, match="holds no images"):
+        predict(compose_cfg([f"ckpt_path={ckpt_path}", f"input={out / 'nothing'}"], config_name="predict")
+                if (out / "nothing").mkdir() is None else None)  # fmt: skip

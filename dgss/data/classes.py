@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dgss.errors import ConfigError
+
 IGNORE_INDEX = 255
 
 CITYSCAPES_CLASSES: tuple[str, ...] = (
@@ -38,6 +40,26 @@ class ClassSet:
             raise ValueError(
                 f"class set has {len(self.names)} names but {len(self.palette)} palette colours; give one colour per class"
             )
+
+    @classmethod
+    def build(cls, num_classes: int | None = None, class_names=None, palette=None) -> ClassSet:
+        """The label space of a data config: Cityscapes by default; custom names (or ``class_<i>``) with their
+        palette, or fixed pseudo-random colours where none is given."""
+        if class_names:
+            names = tuple(class_names)
+        elif num_classes in (None, len(CITYSCAPES_CLASSES)):
+            names = CITYSCAPES_CLASSES
+        else:
+            names = tuple(f"class_{i}" for i in range(num_classes))
+        if num_classes is not None and num_classes != len(names):
+            raise ConfigError(
+                f"data.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree"
+            )
+        if palette is None and len(names) == len(CITYSCAPES_CLASSES):
+            palette = CITYSCAPES_PALETTE
+        elif palette is None:
+            palette = np.random.default_rng(0).integers(0, 256, (len(names), 3)).tolist()
+        return cls(names, tuple(tuple(int(v) for v in c) for c in palette))
 
     @property
     def num_classes(self) -> int:

@@ -26,7 +26,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from dgss.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ClassSet
+from dgss.data.classes import ClassSet
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.errors import ConfigError
@@ -106,22 +106,7 @@ class DGSSDataModule(pl.LightningDataModule):
         for ds in self.targets.values():
             size = getattr(ds, "test_size", None)  # a data set's own test resolution wins
             ds.transform = self.test_pipeline.with_size(size) if size else self.test_pipeline
-        if class_names:
-            names = tuple(class_names)
-        elif num_classes in (None, len(CITYSCAPES_CLASSES)):
-            names = CITYSCAPES_CLASSES
-        else:
-            names = tuple(f"class_{i}" for i in range(num_classes))
-        if num_classes is not None and num_classes != len(names):
-            raise ConfigError(
-                f"data.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree"
-            )
-        if palette is None and len(names) == len(CITYSCAPES_CLASSES):
-            palette = CITYSCAPES_PALETTE
-        elif palette is None:  # custom label space without colours: spread hues
-            palette = [tuple(int(c) for c in torch.randint(0, 256, (3,), generator=torch.Generator().manual_seed(i)))
-                       for i in range(len(names))]  # fmt: skip
-        self.classes = ClassSet(tuple(names), tuple(tuple(int(v) for v in c) for c in palette))
+        self.classes = ClassSet.build(num_classes, class_names, palette)
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.seed = int(seed)

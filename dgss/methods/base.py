@@ -23,6 +23,7 @@ from torch import nn
 from dgss.errors import ConfigError
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
+from dgss.models.backbone import Backbone
 
 INFERENCE_DEFAULTS = {
     "mode": "whole",
@@ -32,7 +33,6 @@ INFERENCE_DEFAULTS = {
     "flip": False,
     "scales": [1.0],
 }
-from dgss.models.backbone import Backbone
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
 DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_token", "rel_pos", "level_embed",

@@ -1,0 +1,113 @@
+"""``dgss-predict ckpt_path=<file> input=<folder> output=<folder>``: segment a folder of images.
+
+For every image (found recursively, the folder structure kept) it writes
+
+- ``masks/<name>.png``: a palettised PNG whose pixel values are the trainIds and whose palette is the class
+  colours, so it is both the prediction and its colourisation;
+- ``overlays/<name>.jpg``: the image blended with the colourised mask (``alpha``);
+- with ``label_ids=true`` also ``label_ids/<name>.png`` in Cityscapes labelIds (the evaluation server's format).
+
+Images are resized to fit ``size`` = [long, short] first (``null``: native; the Rein protocol uses
+[1024, 512] for Cityscapes-like and [1280, 720] for BDD-like images), predicted with the checkpoint's inference
+setting (or ``inference=...``), and the logits resized back to the image's own size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from dgss.config import check_types, run_cli
+from dgss.data.classes import ClassSet
+from dgss.data.label_maps import CITYSCAPES_ID_TO_TRAIN
+from dgss.data.transforms import TestPipeline
+from dgss.errors import ConfigError
+from dgss.eval import load_method
+
+log = logging.getLogger("dgss.predict")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def find_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ConfigError(f"input={str(folder)!r} is not a folder of images")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ConfigError(f"input={str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def _save(image: Image.Image, dst: Path, **kwargs) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="JPEG" if dst.suffix == ".jpg" else "PNG", **kwargs)
+    os.replace(tmp, dst)
+
+
+def write_prediction(pred: np.ndarray, rgb: np.ndarray, classes: ClassSet, out: Path, rel: Path, alpha: float,
+                     label_ids: bool) -> None:  # fmt: skip
+    mask = Image.fromarray(pred.astype(np.uint8), mode="P")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: classes.num_classes] = np.asarray(classes.palette, dtype=np.uint8)
+    mask.putpalette(palette.ravel().tolist())
+    _save(mask, out / "masks" / rel.with_suffix(".png"))
+    blend = (1 - alpha) * rgb.astype(np.float32) + alpha * classes.colorize(pred).astype(np.float32)
+    _save(
+        Image.fromarray(blend.round().astype(np.uint8)),
+        out / "overlays" / rel.with_suffix(".jpg"),
+        quality=90,
+    )
+    if label_ids:
+        lut = np.zeros(256, dtype=np.uint8)  # unlabelled (0) for ignore
+        for label_id, train_id in CITYSCAPES_ID_TO_TRAIN.items():
+            lut[train_id] = label_id
+        _save(Image.fromarray(lut[pred]), out / "label_ids" / rel.with_suffix(".png"))
+
+
+@torch.no_grad()
+def predict(cfg: DictConfig) -> dict:
+    check_types(cfg)
+    images = find_images(Path(cfg.input).expanduser())
+    method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
+    data = saved.get("data") or {}
+    classes = ClassSet.build(data.get("num_classes"), data.get("class_names"), data.get("palette"))
+    if cfg.label_ids and classes.num_classes != len(CITYSCAPES_ID_TO_TRAIN):
+        raise ConfigError(
+            f"label_ids=true needs the 19 Cityscapes classes; this model has {classes.num_classes}"
+        )
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    method.to(device).eval()
+    pipeline = TestPipeline(cfg.size)
+    pipeline.set_normalization(*method.backbone.normalization)
+    out, root = Path(cfg.output).expanduser(), Path(cfg.input).expanduser()
+    for path in tqdm(images, desc="dgss-predict", disable=not cfg.progress):
+        try:
+            with Image.open(path) as im:
+                rgb = np.array(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        x, _ = pipeline(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(rgb.shape[:2]))
+        scores = method.predict_logits(x[None].to(device), rgb.shape[:2])
+        write_prediction(scores[0].argmax(0).cpu().numpy(), rgb, classes, out, path.relative_to(root), cfg.alpha,
+                         cfg.label_ids)  # fmt: skip
+    log.info(f"{len(images)} predictions in {out}")
+    return {"images": len(images), "output": str(out)}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run_cli(predict, cfg, "dgss-predict")
+
+
+if __name__ == "__main__":
+    main()
