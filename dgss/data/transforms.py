@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -90,8 +92,9 @@ class CatMaxRatioCrop:
 
 class PhotoMetricDistortion:
     """mmseg's ``PhotoMetricDistortion`` on uint8 CHW, each step with probability 0.5: additive brightness
-    ±``brightness`` (of 255), contrast ×[lo, hi] (mmseg scales the pixel values), saturation ×[lo, hi], hue
-    ±``hue`` on OpenCV's 0-180 hue scale (18 = 36°); contrast first or last at random."""
+    ±``brightness`` (of 255), contrast ×[lo, hi] (mmseg scales the pixel values), then in HSV saturation ×[lo, hi]
+    and a hue shift of ±``hue`` on OpenCV's 0-180 scale (18 = 36°); contrast first or last at random. The HSV steps
+    use PIL's C conversion (one round trip for both)."""
 
     def __init__(self, brightness: int = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue: int = 18):
         self.brightness, self.contrast, self.saturation, self.hue = (
@@ -109,27 +112,36 @@ class PhotoMetricDistortion:
     def _uniform(lo: float, hi: float) -> float:
         return float(torch.empty(()).uniform_(lo, hi))
 
-    def _contrast(self, img: torch.Tensor) -> torch.Tensor:
+    def _contrast(self, img: np.ndarray) -> np.ndarray:
         if self._coin():
-            img = (img.float() * self._uniform(*self.contrast)).clamp(0, 255).to(torch.uint8)
+            img = (img * np.float32(self._uniform(*self.contrast))).clip(0, 255).astype(np.uint8)
         return img
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        F = v2.functional
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        img = image.permute(1, 2, 0).numpy()  # HWC view
         if self._coin():
             img = (
-                (img.float() + self._uniform(-self.brightness, self.brightness)).clamp(0, 255).to(torch.uint8)
+                (img + np.float32(self._uniform(-self.brightness, self.brightness)))
+                .clip(0, 255)
+                .astype(np.uint8)
             )
         contrast_first = self._coin()
         if contrast_first:
             img = self._contrast(img)
-        if self._coin():
-            img = F.adjust_saturation(img, self._uniform(*self.saturation))
-        if self._coin():
-            img = F.adjust_hue(img, self._uniform(-self.hue, self.hue) / 180.0)
+        sat = self._uniform(*self.saturation) if self._coin() else None
+        hue = int(torch.randint(-self.hue, self.hue + 1, ())) if self._coin() else None
+        if sat is not None or hue is not None:
+            hsv = np.array(Image.fromarray(np.ascontiguousarray(img)).convert("HSV"))
+            if sat is not None:
+                hsv[..., 1] = (hsv[..., 1] * np.float32(sat)).clip(0, 255).astype(np.uint8)
+            if hue is not None:  # PIL's hue spans 0-255 for the circle that OpenCV's 0-180 spans
+                hsv[..., 0] = np.round((hsv[..., 0].astype(np.float32) + hue * 256 / 180) % 256).astype(
+                    np.uint8
+                )
+            img = np.array(Image.fromarray(hsv, mode="HSV").convert("RGB"))
         if not contrast_first:
             img = self._contrast(img)
-        return img
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
 
 
 class TrainPipeline:
@@ -191,11 +203,12 @@ class TrainPipeline:
             image, label = self.resize(tv_tensors.Image(image), tv_tensors.Mask(label))
             image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
         image, label = self.cropper(image, label, prefer)
+        image = image.contiguous()
         if self.flip and torch.rand(()) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
         if self.photometric is not None:
             image = self.photometric(image)
-        return self.normalize(image), label.long()
+        return self.normalize(image).contiguous(), label.long()
 
 
 class TestPipeline:
@@ -222,4 +235,4 @@ class TestPipeline:
             long_t, short_t = max(self.size), min(self.size)
             scale = min(long_t / max(h, w), short_t / min(h, w))
             image = v2.functional.resize(image, [round(h * scale), round(w * scale)], antialias=True)
-        return self.normalize(image), label.long()
+        return self.normalize(image).contiguous(), label.long()
