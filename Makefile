@@ -46,10 +46,11 @@ format: install ## ruff autofix + format
 	$(BIN)/ruff check --fix dgss tests scripts
 	$(BIN)/ruff format dgss tests scripts
 
-bench: install ## training-step overhead, Rein and FisherTune vs full fine-tuning; rows in docs/benchmarks.md
+bench: install ## step overhead (Rein, FisherTune vs full fine-tuning), loader throughput; rows in docs/benchmarks.md
 	$(BIN)/python scripts/bench_step.py
 	$(BIN)/python scripts/bench_rein.py
 	$(BIN)/python scripts/bench_fishertune.py
+	$(BIN)/python scripts/bench_loader.py
 
 docs: install ## re-render the synthetic-domain sample grid for docs/datasets.md
 	$(BIN)/python scripts/render_synthetic.py

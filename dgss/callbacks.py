@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
@@ -47,6 +47,16 @@ def iou_table(
     return table
 
 
+def _protocol(trainer: pl.Trainer, pl_module: pl.LightningModule, domain: str) -> dict:
+    """How a target was evaluated (test resolution changes DGSS numbers by ~2 mIoU: record it with each result)."""
+    dm = getattr(trainer, "datamodule", None)
+    ds = getattr(dm, "targets", {}).get(domain)
+    size = getattr(getattr(ds, "transform", None), "size", None)
+    inference = getattr(pl_module, "inference_cfg", None)
+    out = {"images": len(ds) if ds is not None else None, "test_size": list(size) if size else "native"}
+    return {**out, "inference": dict(inference)} if inference else out
+
+
 class IoUTables(pl.Callback):
     """After every validation: a per-class table in the console, ``metrics.json`` (all validations so far),
     ``iou.csv`` (one row per step, domain and class) in the run dir, and a wandb table."""
@@ -79,6 +89,7 @@ class IoUTables(pl.Callback):
                 d: {
                     "mIoU": scores[f"{d}/mIoU"],
                     "per_class": {n: nan_none(float(v)) for n, v in zip(names, iou)},
+                    **_protocol(trainer, pl_module, d),
                 }
                 for d, iou in per_class.items()
             },  # fmt: skip
@@ -122,6 +133,52 @@ class IoUTables(pl.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._record(trainer, pl_module, "test")
+
+
+class SkippedSamples(pl.Callback):
+    """Counts the samples that a data set with ``on_bad: skip`` replaced by the next good one (each sample says how
+    many it stands in for, in ``skipped``): the training count is logged as ``data/skipped_train``, and every
+    validation that skipped warns with the count per target, so skipping is never silent."""
+
+    def __init__(self):
+        self.train = 0
+        self.val: dict[str, int] = {}
+
+    def state_dict(self) -> dict:
+        return {"train": self.train}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train = state.get("train", 0)
+
+    @staticmethod
+    def _count(batch) -> int:
+        n = batch.get("skipped") if isinstance(batch, dict) else None
+        return int(n.sum()) if isinstance(n, torch.Tensor) else 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self._count(batch)
+        if n:
+            self.train += n
+            rank_zero_warn(
+                f"{self.train} training samples skipped so far (unreadable or bad; data set on_bad=skip)"
+            )
+        if self.train:
+            pl_module.log("data/skipped_train", float(self.train), on_step=True, batch_size=1)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        n = self._count(batch)
+        if n:
+            domain = pl_module.domains[dataloader_idx]
+            self.val[domain] = self.val.get(domain, 0) + n
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.val:
+            counts = ", ".join(f"{d} {n}" for d, n in self.val.items())
+            rank_zero_warn(f"samples skipped in this validation (on_bad=skip; those targets' mIoU is over fewer "
+                           f"images): {counts}")  # fmt: skip
+        self.val = {}
 
 
 class WandbMedia(pl.Callback):

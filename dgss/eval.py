@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dgss.callbacks import IoUTables
+from dgss.callbacks import IoUTables, SkippedSamples
 from dgss.config import build_method, check_types, instantiate_group, run_cli
 from dgss.errors import ConfigError
 
@@ -47,7 +47,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.set_normalization(*method.backbone.normalization)
     out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[IoUTables(out)], logger=instantiate_group(cfg.get("logger")) or False
+        cfg.trainer,
+        callbacks=[IoUTables(out), SkippedSamples()],
+        logger=instantiate_group(cfg.get("logger")) or False,
     )
     trainer.validate(method, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

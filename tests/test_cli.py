@@ -31,6 +31,8 @@ def test_user_experiment_from_any_directory_then_eval(tmp_path):
     assert "FrozenBackbone" in r.stdout + r.stderr  # the user's delta over the packaged demo applied
     hist = json.loads((run_dir / "metrics.json").read_text())
     assert hist[-1]["step"] == 2 and set(hist[-1]["domains"]) == {"game", "photo", "overcast", "fog", "night"}
+    photo = hist[-1]["domains"]["photo"]
+    assert photo["test_size"] == "native" and photo["inference"]["mode"] == "whole" and photo["images"] > 0
     assert "mIoU" in (run_dir / "iou.csv").read_text() and (run_dir / "csv" / "metrics.csv").exists()
     assert "game *" in r.stdout  # the console table marks the source as not in the mean
     ckpt = run_dir / "checkpoints" / "last.ckpt"

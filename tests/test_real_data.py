@@ -88,7 +88,11 @@ def test_each_dataset_reads_its_layout(tmp_path, key):
 def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
     with pytest.raises(ConfigError, match="data root .* does not exist; set DGSS_DATA_ROOT"):
         RealDataset("gta", "all", tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"no images; expected .*gta/images/\*.png with labels"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no images; expected .*gta/images/\*.png with labels .*"
+        r"\(prepare: python scripts/convert_datasets.py gta --root",
+    ):
         RealDataset("gta", "all", tmp_path)
     with pytest.raises(ConfigError, match="cityscapes has no split 'test'"):
         RealDataset("cityscapes", "test", tmp_path)
@@ -108,6 +112,37 @@ def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
         ds[1]
     skipping = RealDataset("gta", "all", tmp_path, on_bad="skip")
     assert skipping[1]["name"] == "gta/1.png" and skipping.skipped == 1  # the next good one, counted
+    assert skipping[1]["skipped"] == 1 and skipping[0]["skipped"] == 0
+
+
+def test_skipped_samples_reach_the_callback_from_loader_workers(tmp_path):
+    import torch
+
+    from dgss.callbacks import SkippedSamples
+
+    for n in range(4):
+        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
+    (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"broken")
+    ds = RealDataset("gta", "all", tmp_path, on_bad="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    batches = list(loader)
+    assert ds.skipped == 0  # the count happened in the worker process ...
+
+    class Module:
+        domains = ["gta"]
+        logged = {}
+
+        def log(self, key, value, **kw):
+            self.logged[key] = value
+
+    cb, module = SkippedSamples(), Module()
+    with pytest.warns(UserWarning, match="1 training samples skipped so far"):
+        for i, b in enumerate(batches):
+            cb.on_train_batch_end(None, module, None, b, i)
+    assert cb.train == 1 and module.logged["data/skipped_train"] == 1.0  # ... and still reaches the log
+    cb.on_validation_batch_end(None, module, None, batches[1], 1)
+    with pytest.warns(UserWarning, match="skipped in this validation .*: gta 1"):
+        cb.on_validation_epoch_end(None, module)
 
 
 def write_all_fixtures(root):
@@ -125,3 +160,10 @@ def write_all_fixtures(root):
             f"acdc/rgb_anon/{c}/val/GP1/GP1_frame_000001_rgb_anon.png",
             f"acdc/gt/{c}/val/GP1/GP1_frame_000001_gt_labelTrainIds.png",
         )
+
+
+def test_acdc_all_is_the_four_conditions(tmp_path):
+    write_all_fixtures(tmp_path)
+    ds = RealDataset("acdc", "all/val", tmp_path)
+    assert sorted(p[0].parts[-4] for p in ds.pairs) == ["fog", "night", "rain", "snow"]
+    assert all(lab.is_file() and lab.parts[-4] == img.parts[-4] for img, lab in ds.pairs)

@@ -212,11 +212,11 @@ class RealDataset(torch.utils.data.Dataset):
             except ConfigError:
                 if self.on_bad == "error":
                     raise
-                self.skipped += 1
+                self.skipped += 1  # in this process (a loader worker); each sample also carries its own count
         else:
             raise ConfigError(f"{self.dataset} split {self.split!r}: no readable sample (on_bad=skip)")
         img = torch.from_numpy(image).permute(2, 0, 1)  # channels-last view: the resize is faster on it
         lab = torch.from_numpy(label)
         if self.transform is not None:
             img, lab = self.transform(img, lab) if prefer is None else self.transform(img, lab, prefer)
-        return {"image": img, "label": lab, "name": f"{self.dataset}/{self.pairs[j][0].name}"}
+        return {"image": img, "label": lab, "name": f"{self.dataset}/{self.pairs[j][0].name}", "skipped": k}

@@ -621,4 +621,4 @@ class SyntheticDomain(torch.utils.data.Dataset):
             image, label = (
                 self.transform(image, label) if prefer is None else self.transform(image, label, prefer)
             )
-        return {"image": image, "label": label, "name": f"{self.domain}/{self.split}/{i:06d}"}
+        return {"image": image, "label": label, "name": f"{self.domain}/{self.split}/{i:06d}", "skipped": 0}
