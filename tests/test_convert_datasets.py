@@ -125,44 +125,72 @@ def test_mapillary_v12_and_half_resolution_validation(tmp_path):
         cd.convert("mapillary", tmp_path, progress=False)
 
 
-def test_interrupted_conversion_resumes_and_reruns_are_noops(tmp_path, monkeypatch, capsys):
-    for root in (tmp_path / "a", tmp_path / "b"):
-        for n in range(5):
-            label = (
-                RNG.integers(0, 34, (H, W)) if root.name == "a" else _read(tmp_path / f"a/gta/labels/{n}.png")
+def _raw_release(dataset: str, root: Path, n: int = 3) -> None:
+    """``n`` samples of a release in its raw layout and id space (deterministic per name)."""
+    rng = np.random.default_rng(1)
+    for k in range(n):
+        if dataset == "gta":
+            _palettised(root / f"gta/labels/{k:05d}.png", rng.integers(0, 40, (H, W)))
+        elif dataset == "synthia":
+            ids = rng.integers(0, 23, (H, W))
+            _png16_rgb(root / f"synthia/GT/LABELS/{k:07d}.png", np.stack([ids, ids * 7, ids * 3]))
+        elif dataset == "cityscapes":
+            lab = root / f"cityscapes/gtFine/train/aachen/aachen_{k:06d}_000019_gtFine_labelIds.png"
+            Image.fromarray(rng.integers(0, 34, (H, W)).astype(np.uint8)).save(_mk(lab))
+        else:
+            for split in ("training", "validation"):
+                _palettised(root / f"mapillary/{split}/v1.2/labels/m{k}.png", rng.integers(0, 66, (H, W)))
+            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
+                _mk(root / f"mapillary/validation/images/m{k}.jpg")
             )
-            _palettised(root / f"gta/labels/{n}.png", label)
-    reference = tmp_path / "b"
-    cd.convert("gta", reference, progress=False)
 
-    work, calls = cd.WORK["cityscapes_ids"], []
 
-    def interrupted(src, dst):
+def _outputs(root: Path) -> dict[str, np.ndarray]:
+    made = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and ("TrainIds" in p.name or "trainId" in str(p) or "half" in str(p))
+    ]
+    return {str(p.relative_to(root)): _read(p) for p in made}
+
+
+@pytest.mark.parametrize("dataset", list(cd.PLANS))
+def test_interrupted_conversion_resumes_and_reruns_are_noops(tmp_path, monkeypatch, dataset):
+    reference, root = tmp_path / "reference", tmp_path / "interrupted"
+    for r in (reference, root):
+        _raw_release(dataset, r)
+    cd.convert(dataset, reference, progress=False)
+    want = _outputs(reference)
+    total = sum(len(step) for _, step in cd.PLANS[dataset](reference))
+    assert len(want) == total >= 3
+
+    run_task, calls = cd.run_task, []
+
+    def interrupted(task):
         if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append(src)
-        work(src, dst)
+        calls.append(task)
+        return run_task(task)
 
-    monkeypatch.setitem(cd.WORK, "cityscapes_ids", interrupted)
-    root = tmp_path / "a"
+    monkeypatch.setattr(cd, "run_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cd.convert("gta", root, progress=False)
-    done = sorted(p.name for p in (root / "gta/labels").glob("*_labelTrainIds.png"))
-    assert done == ["0_labelTrainIds.png", "1_labelTrainIds.png"]
-    (root / "gta/labels/.2_labelTrainIds.png.999.tmp").write_bytes(
-        b"\x89PNG half"
-    )  # a killed worker's leftover
-    monkeypatch.setitem(cd.WORK, "cityscapes_ids", work)
-    mtimes = {p: p.stat().st_mtime_ns for p in (root / "gta/labels").glob("*_labelTrainIds.png")}
+        cd.convert(dataset, root, progress=False)
+    assert set(_outputs(root)) == {str(t.dst.relative_to(root)) for t in calls}  # only finished files exist
+    leftover = calls[0].dst.with_name(f".{calls[-1].dst.name}.999.tmp")
+    leftover.write_bytes(b"\x89PNG half")  # what a killed worker leaves behind
+    monkeypatch.setattr(cd, "run_task", run_task)
+    mtimes = {t.dst: t.dst.stat().st_mtime_ns for t in calls}
 
-    counts = cd.convert("gta", root, progress=False)
-    assert counts == {"converted": 3, "up_to_date": 2, "stale_temporaries_removed": 1}
+    counts = cd.convert(dataset, root, progress=False)
+    assert counts == {"converted": total - 2, "up_to_date": 2, "stale_temporaries_removed": 1}
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished files untouched
-    assert not list((root / "gta/labels").glob(".*"))
-    for n in range(5):
-        name = f"gta/labels/{n}_labelTrainIds.png"
-        assert np.array_equal(_read(root / name), _read(reference / name))
-    assert cd.convert("gta", root, progress=False)["converted"] == 0
+    assert not leftover.exists()
+    got = _outputs(root)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert cd.convert(dataset, root, progress=False)["converted"] == 0
 
-    assert cd.main(["synthia", "--root", str(root), "--workers", "1"]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0  # one line naming the folder and what to unpack
+
+def test_missing_release_is_one_line(tmp_path, capsys):
+    assert cd.main(["synthia", "--root", str(tmp_path), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "synthia/GT/LABELS does not exist: unpack RAND_CITYSCAPES" in err
