@@ -42,7 +42,9 @@ def write_pairs(root: Path, num: int) -> None:
         img_path.parent.mkdir(parents=True, exist_ok=True)
         lab_path.parent.mkdir(parents=True, exist_ok=True)
         small_img, small_lab = render_sample("game", i, H // 4, W // 4, 0)
-        img = np.asarray(Image.fromarray(np.asarray(small_img)).resize((W, H), Image.BICUBIC), dtype=np.float32)
+        img = np.asarray(
+            Image.fromarray(np.asarray(small_img)).resize((W, H), Image.BICUBIC), dtype=np.float32
+        )
         img = (img + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)
         Image.fromarray(img).save(img_path)
         Image.fromarray(np.asarray(small_lab, dtype=np.uint8)).resize((W, H), Image.NEAREST).save(lab_path)
@@ -92,8 +94,15 @@ def main() -> None:
         "One worker (one torch thread), GTAV-sized 1914x1052 PNG pairs in the page cache: training samples/s through "
         "`RealDataset` + the Rein `TrainPipeline` vs PIL decoding alone, measured in the same run. Target: ratio >= 0.6.",
         ["date", "device", "pairs x passes", "image MB", "decode /s", "train samples /s", "ratio"],
-        [datetime.date.today().isoformat(), device_name("cpu"), f"{len(ds)} x {a.passes}", f"{mb:.2f}",
-         f"{r_decode:.2f}", f"{r_train:.2f}", f"**{ratio:.3f}**"],  # fmt: skip
+        [
+            datetime.date.today().isoformat(),
+            device_name("cpu"),
+            f"{len(ds)} x {a.passes}",
+            f"{mb:.2f}",
+            f"{r_decode:.2f}",
+            f"{r_train:.2f}",
+            f"**{ratio:.3f}**",
+        ],  # fmt: skip
     )
 
 

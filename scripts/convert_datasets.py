@@ -239,7 +239,12 @@ def check(root: str | Path, samples: int | None = None) -> list[dict]:
     rows = []
     for dataset, splits in LAYOUTS.items():
         for split, layout in splits.items():
-            if not (Path(root) / layout.image_dir.split("/")[0]).is_dir() or split.startswith("all/"):
+            absent = not (Path(root) / layout.image_dir.split("/")[0]).is_dir()
+            if (
+                absent
+                or split.startswith("all/")
+                or (layout.subset and not (Path(root) / layout.subset[0]).is_file())
+            ):
                 continue
             row = {"dataset": dataset, "split": split}
             try:

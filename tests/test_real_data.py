@@ -167,3 +167,20 @@ def test_acdc_all_is_the_four_conditions(tmp_path):
     ds = RealDataset("acdc", "all/val", tmp_path)
     assert sorted(p[0].parts[-4] for p in ds.pairs) == ["fog", "night", "rain", "snow"]
     assert all(lab.is_file() and lab.parts[-4] == img.parts[-4] for img, lab in ds.pairs)
+
+
+def test_gta_official_split_from_split_mat(tmp_path):
+    from scipy.io import savemat
+
+    for n in range(1, 6):
+        _write_pair(tmp_path, f"gta/images/{n:05d}.png", f"gta/labels/{n:05d}_labelTrainIds.png")
+    assert len(RealDataset("gta", "all", tmp_path)) == 5
+    with pytest.raises(ConfigError, match=r"split 'train' needs .*gta/split.mat .*or use split=all"):
+        RealDataset("gta", "train", tmp_path)
+    savemat(tmp_path / "gta/split.mat", {"trainIds": [[1], [2], [4]], "valIds": [[3]], "testIds": [[5]]})
+    assert [p[0].name for p in RealDataset("gta", "train", tmp_path).pairs] == [
+        "00001.png",
+        "00002.png",
+        "00004.png",
+    ]
+    assert [p[0].name for p in RealDataset("gta", "test", tmp_path).pairs] == ["00005.png"]

@@ -33,6 +33,9 @@ class Layout:
     label_dir: str
     label_suffix: str
     prepare: str = ""  # the command that produces the trainId labels
+    subset: tuple[str, str] | None = (
+        None  # (a .mat file under the root, its key): keep the images numbered there
+    )
 
     def label_of(self, root: Path, image: Path) -> Path:
         rel = image.relative_to(root / self.image_dir)
@@ -49,8 +52,17 @@ def _convert(name: str) -> str:
 
 LAYOUTS: dict[str, dict[str, Layout]] = {
     "gta": {
-        "all": Layout("gta/images", "*.png", ".png", "gta/labels", "_labelTrainIds.png", _convert("gta"))
-    },
+        s: Layout(
+            "gta/images",
+            "*.png",
+            ".png",
+            "gta/labels",
+            "_labelTrainIds.png",
+            _convert("gta"),
+            None if s == "all" else ("gta/split.mat", f"{s}Ids"),
+        )
+        for s in ("all", "train", "val", "test")  # Rein: all; the official split from the release's split.mat
+    },  # fmt: skip
     "synthia": {
         "all": Layout(
             "synthia/RGB", "*.png", ".png", "synthia/GT/LABELS", "_labelTrainIds.png", _convert("synthia")
@@ -124,7 +136,7 @@ class RealDataset(torch.utils.data.Dataset):
 
     Args:
         dataset: gta | synthia | cityscapes | bdd100k | mapillary | acdc.
-        split: ``all`` (GTAV, Synthia), ``train`` / ``val`` (Cityscapes, BDD100K, Mapillary) or ``<condition>/<split>``
+        split: ``all`` (GTAV, Synthia; GTAV also ``train`` / ``val`` / ``test`` from ``gta/split.mat``), ``train`` / ``val`` (Cityscapes, BDD100K, Mapillary) or ``<condition>/<split>``
             (ACDC: fog, night, rain, snow or all).
         root: the data root.
         num_classes: label values must lie in 0..num_classes−1 or be 255.
@@ -159,6 +171,8 @@ class RealDataset(torch.utils.data.Dataset):
             raise ConfigError(
                 f"{dataset} split {split!r}: no images; expected {expected} (prepare: {self.layout.prepare})"
             )
+        if self.layout.subset is not None:
+            images = self._subset(images)
         self.pairs = [(img, self.layout.label_of(self.root, img)) for img in images]
         missing = [str(lab) for _, lab in self.pairs if not lab.is_file()]
         if missing:
@@ -192,6 +206,22 @@ class RealDataset(torch.utils.data.Dataset):
                     f"0..{self.num_classes - 1} and {IGNORE_INDEX}: not converted to trainIds?"
                 )
         return image, label.astype(np.uint8)
+
+    def _subset(self, images: list[Path]) -> list[Path]:
+        from scipy.io import loadmat
+
+        file, key = self.layout.subset
+        path = self.root / file
+        if not path.is_file():
+            raise ConfigError(f"{self.dataset} split {self.split!r} needs {path} (in the release's read_mapping.zip); "
+                              "or use split=all")  # fmt: skip
+        ids = {int(v) for v in np.asarray(loadmat(path)[key]).ravel()}
+        kept = [p for p in images if p.stem.isdigit() and int(p.stem) in ids]
+        if not kept:
+            raise ConfigError(
+                f"{self.dataset} split {self.split!r}: none of the images is listed in {path}[{key!r}]"
+            )
+        return kept
 
     def read_label(self, i: int) -> np.ndarray:
         """The trainId label alone (rare-class statistics)."""
