@@ -124,3 +124,23 @@ def test_predict_writes_palettised_masks_overlays_and_label_ids(compose_cfg, tmp
     with pytest.raises(ConfigError, match="holds no images"):
         predict(compose_cfg([f"ckpt_path={ckpt_path}", f"input={out / 'nothing'}"], config_name="predict")
                 if (out / "nothing").mkdir() is None else None)  # fmt: skip
+
+
+def test_rein_with_mask2former_trains_and_eval_reproduces(compose_cfg, tmp_path):
+    small = ["head=mask2former", "head.dim=32", "head.encoder_layers=1", "head.encoder_ffn=64", "head.decoder_layers=3",
+             "head.decoder_ffn=64", "head.num_heads=4", "head.num_points=256", "method=rein",
+             "method.rein.query_dim=32", "method.rein.num_tokens=8", "method.rein.lora_rank=4"]  # fmt: skip
+    args = [a for a in backbone_args("null") if "depth" not in a and "out_indices" not in a]
+    cfg = compose_cfg(
+        [*DATA, *RUN, *args, *small, "+backbone.model_kwargs.depth=4", "backbone.out_indices=[0,1,2,3]"]
+    )
+    metrics = train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = ckpt["state_dict"]
+    assert any(k.startswith("head.pixel_decoder.") for k in keys) and "head.querys2feat.weight" in keys
+    ecfg = compose_cfg(
+        [f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "trainer=cpu"], config_name="eval"
+    )
+    again = evaluate(ecfg)
+    for k in ("val/mean_mIoU", "val/game/mIoU", "val/night/mIoU"):
+        assert again[k] == pytest.approx(metrics[k], abs=1e-9), k

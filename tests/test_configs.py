@@ -54,7 +54,9 @@ def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
 
 def test_default_groups_instantiate(compose_cfg):
     cfg = compose_cfg(["logger=many", "trainer=cpu"])
-    assert len(instantiate_group(cfg.callbacks)) == 6  # checkpoint, IoU tables, skipped samples, media, lr, bar
+    assert (
+        len(instantiate_group(cfg.callbacks)) == 6
+    )  # checkpoint, IoU tables, skipped samples, media, lr, bar
     assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {
         "CSVLogger",
         "WandbLogger",
@@ -90,7 +92,11 @@ def test_experiment_is_a_delta_and_command_line_wins(compose_cfg):
     assert cfg.method.optimizer.lr == 3e-4 and cfg.method.lr_mults.backbone == 0.1
     frozen = compose_cfg(["experiment=frozen"])
     assert frozen.method._target_.endswith("FrozenBackbone")
-    assert list(frozen.data.targets) == ["cityscapes", "bdd100k", "mapillary"]  # the paper recipes: GTAV -> C/B/M
+    assert list(frozen.data.targets) == [
+        "cityscapes",
+        "bdd100k",
+        "mapillary",
+    ]  # the paper recipes: GTAV -> C/B/M
 
 
 def test_optuna_and_slurm_configs_compose(compose_cfg):

@@ -191,6 +191,12 @@ class Rein(SegmentationMethod):
             )
             cfg["link_token_to_query"] = False
         self.reins = ReinLayers(num_layers=len(blocks), embed_dim=bb.embed_dim, **cfg)
+        if self.reins.link_token_to_query:
+            dim = getattr(self.head, "dim", self.reins.query_dim)
+            if dim != self.reins.query_dim:
+                raise ConfigError(f"method.rein.query_dim={self.reins.query_dim} must equal the head's width "
+                                  f"head.dim={dim} (Rein's queries become the head's queries)")  # fmt: skip
+            self.head.link()
         bb.register_block_hook(self._refine)
 
     def _refine(self, tokens: torch.Tensor, block_idx: int) -> torch.Tensor:
