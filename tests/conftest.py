@@ -18,7 +18,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def config_names(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+    """Every config of a group, nested ones as ``sub/name`` (``experiment=gta2cbm/rein_dinov2_l``)."""
+    root = CONF_DIR / group
+    return sorted(
+        p.relative_to(root).with_suffix("").as_posix()
+        for p in root.rglob("*.yaml")
+        if not p.stem.startswith("_")
+    )
 
 
 @pytest.fixture

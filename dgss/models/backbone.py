@@ -231,7 +231,7 @@ class Backbone(nn.Module):
                 ) from None
         own = self.model.state_dict()
         classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
-        state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

@@ -31,6 +31,7 @@ class LightHead(nn.Module):
         upsample: int = 1,
         loss_weight: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
+        tiny: bool = False,  # accepted for debug=tiny; this head is small already
     ):
         super().__init__()
         if upsample < 1 or upsample & (upsample - 1):

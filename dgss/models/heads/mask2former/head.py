@@ -61,6 +61,7 @@ class Mask2FormerHead(nn.Module):
         num_points, oversample, importance: point sampling of the mask losses (12544, 3.0, 0.75).
         no_object_weight, loss weights: class CE 2.0 (no-object 0.1), mask BCE 5.0, Dice 5.0; the same weights are
             the matching costs.
+        tiny: shrink depth, FFNs and points for CPU smoke runs (``debug=tiny``); the width stays ``dim``.
     """
 
     uses_queries = True
@@ -86,8 +87,12 @@ class Mask2FormerHead(nn.Module):
         no_object_weight: float = 0.1,
         loss_weights: Sequence[float] = (2.0, 5.0, 5.0),
         ignore_index: int = IGNORE_INDEX,
+        tiny: bool = False,
     ):
         super().__init__()
+        if tiny:  # CPU smoke size: one encoder layer, one decoder layer per level, small FFNs, few points
+            encoder_layers, decoder_layers, encoder_ffn, decoder_ffn = 1, num_feature_levels, 256, 256
+            num_points = min(num_points, 256)
         in_channels = list(in_channels)
         if pyramid is not None and len(pyramid) != len(in_channels):
             raise ConfigError(f"head.pyramid={list(pyramid)} needs one scale per backbone output; the backbone gives "
@@ -123,9 +128,13 @@ class Mask2FormerHead(nn.Module):
         self.criterion = SetCriterion(num_classes, ignore_index, num_points, oversample, importance, no_object_weight,
                                       *loss_weights)  # fmt: skip
 
-    def link(self) -> None:
-        """Take linked queries (Rein): drop the learned query positions (and features, with ``replace_query_feat``,
-        building ``querys2feat`` instead), which would never get gradients and stall DDP."""
+    def link(self, num_queries: int) -> None:
+        """Take ``num_queries`` linked queries (Rein): drop the learned query positions (and features, with
+        ``replace_query_feat``, building ``querys2feat`` instead), which would never get gradients and stall DDP."""
+        if not self.replace_query_feat and num_queries != self.num_queries:
+            raise ConfigError(f"head.replace_query_feat=false keeps {self.num_queries} learned query features, but "
+                              f"the method links {num_queries} queries; set head.num_queries={num_queries}")  # fmt: skip
+        self.num_queries = num_queries
         self.query_embed = None
         if self.replace_query_feat:
             self.query_feat = None

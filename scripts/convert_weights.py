@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Convert an official backbone release into the timm-format safetensors file that ``backbone.weights`` loads.
+
+    python scripts/convert_weights.py dinov2 dinov2_vitl14_pretrain.pth --out weights/vit_large_patch14_dinov2.lvd142m.safetensors
+    python scripts/convert_weights.py eva02  eva02_L_pt_m38m_p14to16.pt  --out weights/eva02_large_patch14_224.mim_m38m.safetensors
+    python scripts/convert_weights.py sam    sam_vit_h_4b8939.pth        --out weights/samvit_huge_patch16.sa1b.safetensors
+    python scripts/convert_weights.py clip   ViT-L-14.pt                 --out weights/vit_large_patch14_clip_224.openai.safetensors
+
+Defaults follow Rein's 512 recipe: patch 16, a 512 image (a 32×32 grid). ``--resample``:
+
+- ``bicubic`` (default, Rein-faithful; spec rein.md §9): the patch kernel interpolated to the new patch size and the
+  position grid to the new grid with plain bicubic (align_corners=False, no antialias, no rescaling), applied to the
+  official tensors before anything else. Published Rein checkpoints were trained on weights converted this way.
+- ``pi``: timm's own resampling (FlexiViT pseudo-inverse kernel, antialiased grid), as ``backbone.weights`` would do
+  on load.
+- ``none``: keep the release's patch size and grid (the model is built with them).
+
+Key names are mapped by timm's own checkpoint filter of the family (Meta DINOv2, EVA02, SAM ``image_encoder.``,
+OpenAI CLIP TorchScript archives), then the result is checked strictly against the target timm model and written
+atomically with its provenance (source sha256, resample mode) in the file's metadata. SAM's relative-position tables
+are fitted to the new grid with the linear interpolation SAM itself applies at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = {  # family -> (default timm model, native patch size)
+    "dinov2": ("vit_large_patch14_dinov2.lvd142m", 14),
+    "eva02": ("eva02_large_patch14_224.mim_m38m", 14),
+    "sam": ("samvit_huge_patch16.sa1b", 16),
+    "clip": ("vit_large_patch14_clip_224.openai", 14),
+}
+KERNELS = ("patch_embed.proj.weight", "image_encoder.patch_embed.proj.weight", "visual.conv1.weight")
+POSITIONS = ("pos_embed", "image_encoder.pos_embed", "visual.positional_embedding")
+
+
+class ConvertError(Exception):
+    """A problem with the input file or the options; printed as one line."""
+
+
+def read_release(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an official file: a state dict (possibly under model / module / state_dict), or a TorchScript
+    archive (OpenAI CLIP)."""
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - TorchScript archives (OpenAI CLIP) are not plain pickles
+        try:
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:  # noqa: BLE001
+            raise ConvertError(
+                f"{path} is neither a PyTorch state dict nor a TorchScript archive: {e}"
+            ) from None
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise ConvertError(f"{path} holds no state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Plain bicubic resize of (N, C, H, W), as Rein's converters: align_corners=False, no antialias."""
+    return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=False).to(
+        x.dtype
+    )
+
+
+def rein_resample(
+    state: dict[str, torch.Tensor], patch: int, grid: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """Rein's p14 → p16 conversion on official names: kernel and position grid, plain bicubic."""
+    state = dict(state)
+    for k in KERNELS:
+        if k in state and tuple(state[k].shape[-2:]) != (patch, patch):
+            state[k] = bicubic(state[k], (patch, patch))
+    for k in POSITIONS:
+        if k not in state:
+            continue
+        pos = state[k]
+        if pos.dim() == 4:  # SAM: (1, H, W, C)
+            if tuple(pos.shape[1:3]) != grid:
+                state[k] = bicubic(pos.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+            continue
+        flat = pos.dim() == 2  # CLIP: (prefix + N, C)
+        pos = pos[None] if flat else pos
+        n = pos.shape[1]
+        side = math.isqrt(n)
+        prefix = n - side * side if side * side != n else 0
+        side = math.isqrt(n - prefix)
+        if side * side != n - prefix:
+            raise ConvertError(
+                f"{k} of shape {tuple(state[k].shape)} is not a square grid with prefix tokens"
+            )
+        if (side, side) != grid:
+            c = pos.shape[-1]
+            g = pos[:, prefix:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+            g = bicubic(g, grid).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c)
+            pos = torch.cat([pos[:, :prefix], g], dim=1)
+        state[k] = pos[0] if flat else pos
+    return state
+
+
+def fit_rel_pos(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAM relative-position tables (2·size − 1, head_dim) linearly resized to the model's, as SAM's get_rel_pos
+    does at run time."""
+    for k, v in state.items():
+        if "rel_pos" in k and k in own and v.shape != own[k].shape:
+            state[k] = F.interpolate(v.T[None].float(), size=own[k].shape[0], mode="linear").to(v.dtype)[0].T
+    return state
+
+
+def convert(family: str, src: str | Path, out: str | Path, model: str | None = None, patch_size: int = 16,
+            img_size: int = 512, resample: str = "bicubic", model_kwargs: dict | None = None) -> dict:  # fmt: skip
+    """Convert ``src`` and write ``out``; returns the provenance record."""
+    import timm
+    from safetensors.torch import save_file
+
+    if family not in FAMILIES:
+        raise ConvertError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if resample not in ("bicubic", "pi", "none"):
+        raise ConvertError(f"--resample {resample!r}; choose bicubic, pi or none")
+    name = model or FAMILIES[family][0]
+    src, out = Path(src), Path(out)
+    state = read_release(src)
+    patch = FAMILIES[family][1] if resample == "none" else patch_size
+    kwargs = {"patch_size": patch, "img_size": img_size, **(model_kwargs or {})}
+    target = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0, **kwargs)
+    grid = tuple(target.patch_embed.grid_size)
+    if resample == "bicubic":
+        state = rein_resample(state, patch, grid)
+    filter_fn = sys.modules[type(target).__module__].checkpoint_filter_fn
+    try:
+        state = filter_fn(state, target)
+    except Exception as e:  # noqa: BLE001
+        raise ConvertError(
+            f"{src} does not look like a {family} release: timm's filter failed with {e}"
+        ) from None
+    own = target.state_dict()
+    state = fit_rel_pos({k: v for k, v in state.items() if k in own}, own)
+    missing = sorted(set(own) - set(state))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or shapes:
+        raise ConvertError(f"{src} does not fit {name} (patch {patch}, image {img_size}): "
+                           f"missing {missing[:5]}, shape mismatch {shapes[:5]}")  # fmt: skip
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    record = {"source": str(src), "source_sha256": digest, "family": family, "model": name, "patch_size": patch,
+              "img_size": img_size, "resample": resample}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp),
+        metadata={k: str(v) for k, v in record.items()},
+    )
+    os.replace(tmp, out)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("family", choices=list(FAMILIES))
+    p.add_argument("src", help="the official file")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (backbone.weights)")
+    p.add_argument("--model", default=None, help="timm model name (default: the family's large / huge model)")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=512)
+    p.add_argument("--resample", default="bicubic", choices=["bicubic", "pi", "none"])
+    a = p.parse_args(argv)
+    try:
+        print(json.dumps(convert(a.family, a.src, a.out, a.model, a.patch_size, a.img_size, a.resample)))
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
