@@ -146,3 +146,33 @@ def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_c
         "method does not take the key 'schedule' (set for another method by an experiment or override); "
         "drop it with ~method.schedule"
     )
+
+
+def test_paper_recipes_follow_the_protocol(compose_cfg):
+    grid = [f"gta2cbm/{m}_{b}" for m in ("full", "frozen", "rein", "fishertune", "lora", "adaptformer", "vpt",
+                                         "cobot_lora", "cobot_adaptformer")
+            for b in ("dinov2_l", "eva02_l", "clip_l", "samvit_h")]  # fmt: skip
+    assert set(grid) <= set(config_names("experiment"))
+    rein = compose_cfg(["experiment=rein"])
+    assert rein.task_name == "rein" and rein.backbone.name == "vit_large_patch14_dinov2.lvd142m"
+    assert rein.head._target_.endswith("Mask2FormerHead") and list(rein.data.targets) == [
+        "cityscapes",
+        "bdd100k",
+        "mapillary",
+    ]
+    assert (rein.method.optimizer.lr, rein.method.optimizer.weight_decay, rein.trainer.max_steps) == (
+        1e-4,
+        0.05,
+        40000,
+    )
+    assert rein.data.batch_size == 4 and rein.method.scheduler.warmup_steps == 0 and rein.seed == 42
+    assert dict(rein.method.inference)["mode"] == "slide" and rein.method.inference.stride == 341
+    assert compose_cfg(["experiment=gta2cbm/lora_dinov2_l"]).method.peft.rank == 8
+    af = compose_cfg(["experiment=gta2cbm/adaptformer_dinov2_l"]).method.peft
+    assert af.bottleneck == 64 and af.norm is False
+    assert compose_cfg(["experiment=gta2cbm/rein_samvit_h"]).head.replace_query_feat is False
+    acdc = compose_cfg(["experiment=cs2acdc/rein_dinov2_l"])
+    assert acdc.method.optimizer.lr == 6e-5 and acdc.method.scheduler.warmup_steps == 10000
+    assert acdc.data.train_pipeline.crop == [1024, 1024] and acdc.data.targets.fog.test_size == [1920, 1080]
+    assert acdc.method.inference.crop == 1024 and acdc.method.inference.stride == 683
+    assert list(compose_cfg(["experiment=gtasyn2cbm/fishertune_dinov2_l"]).data.sources) == ["gta", "synthia"]

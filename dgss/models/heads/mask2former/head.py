@@ -173,6 +173,8 @@ class Mask2FormerHead(nn.Module):
                 if self.replace_query_feat
                 else self.query_feat.weight[None].expand(b, -1, -1)
             )
+        elif self.query_embed is None:
+            raise ConfigError("this Mask2Former head was linked to a method's queries but got none")
         else:
             q_pos = self.query_embed.weight[None].expand(b, -1, -1)
             q = self.query_feat.weight[None].expand(b, -1, -1)
