@@ -196,7 +196,8 @@ class Rein(SegmentationMethod):
             if dim != self.reins.query_dim:
                 raise ConfigError(f"method.rein.query_dim={self.reins.query_dim} must equal the head's width "
                                   f"head.dim={dim} (Rein's queries become the head's queries)")  # fmt: skip
-            self.head.link(self.reins.num_tokens)
+            if hasattr(self.head, "link"):  # a query head may drop the learned queries the link replaces
+                self.head.link(self.reins.num_tokens)
         bb.register_block_hook(self._refine)
 
     def _refine(self, tokens: torch.Tensor, block_idx: int) -> torch.Tensor:
