@@ -19,14 +19,38 @@ from dgss.errors import ConfigError
 log = logging.getLogger("dgss.eval")
 
 
-def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: dict | None = None):
-    """The trained method of a dgss checkpoint, frozen backbone re-attached; also returns the saved config."""
+def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: dict | None = None,
+                recipe: DictConfig | None = None):  # fmt: skip
+    """The trained method of a checkpoint, frozen backbone re-attached; also returns its config.
+
+    A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
+    and ``decode_head.*``, e.g. a published Rein checkpoint) needs ``recipe``, the config it was trained with
+    (``experiment=rein``): the method is built from it and the release's tensors imported.
+    """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if "dgss_config" not in ckpt:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)")
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+        official = any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state)
+        if not official:
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)"
+            )
+        if recipe is None or recipe.get("method") is None:
+            raise ConfigError(f"ckpt_path={str(path)!r} is an official release without a dgss config; add the recipe "
+                              "it was trained with, e.g. experiment=rein (and backbone.weights=<converted file>)")  # fmt: skip
+        saved = OmegaConf.create(OmegaConf.to_container(recipe, resolve=True))
+        if inference:
+            saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
+        method = build_method(saved)
+        if not hasattr(method, "load_official"):
+            raise ConfigError(
+                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
+            )
+        method.load_official(state)
+        return method, saved
     saved = OmegaConf.create(ckpt["dgss_config"])
     if backbone_weights:
         saved.backbone.weights = backbone_weights
@@ -41,7 +65,8 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_types(cfg)
     pl.seed_everything(cfg.get("seed", 0), verbose=False)
-    method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
+    recipe = cfg if cfg.get("method") is not None else None
+    method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"), recipe)
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
     datamodule = hydra.utils.instantiate(data_cfg)
     datamodule.set_normalization(*method.backbone.normalization)

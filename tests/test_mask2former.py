@@ -116,3 +116,58 @@ def test_rein_queries_become_the_head_queries():
         ValueError, match=r"method.rein.query_dim=256 must equal the head's width head.dim=32"
     ):
         Rein(Backbone("vit_small_patch14_dinov2", tiny=True, img_size=64), head, num_classes=19)
+
+
+TO_MMDET = [  # written out independently of dgss's map: our names -> mmdet 3.x Mask2Former names
+    (r"^pixel_decoder\.(input_convs|lateral_convs|output_convs)\.(\d+)\.0\.", r"pixel_decoder.\1.\2.conv."),
+    (r"^pixel_decoder\.(input_convs|lateral_convs|output_convs)\.(\d+)\.1\.", r"pixel_decoder.\1.\2.gn."),
+    (r"^pixel_decoder\.layers\.(\d+)\.attn\.", r"pixel_decoder.encoder.layers.\1.self_attn."),
+    (r"^pixel_decoder\.layers\.(\d+)\.ffn\.0\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
+    (r"^pixel_decoder\.layers\.(\d+)\.ffn\.3\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
+    (r"^pixel_decoder\.layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
+    (r"^pixel_decoder\.layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
+    (r"^layers\.(\d+)\.(self|cross)_attn\.", r"transformer_decoder.layers.\1.\2_attn.attn."),
+    (r"^layers\.(\d+)\.ffn\.0\.", r"transformer_decoder.layers.\1.ffn.layers.0.0."),
+    (r"^layers\.(\d+)\.ffn\.3\.", r"transformer_decoder.layers.\1.ffn.layers.1."),
+    (r"^layers\.(\d+)\.norms\.", r"transformer_decoder.layers.\1.norms."),
+    (r"^post_norm\.", r"transformer_decoder.post_norm."),
+]
+
+
+def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
+    import re
+
+    from dgss.config import build_method
+    from dgss.errors import ConfigError
+    from dgss.eval import evaluate, load_method
+
+    tiny = ["experiment=rein", "trainer=cpu", "backbone.tiny=true", "backbone.weights=null", "backbone.img_size=64",
+            "head.tiny=true", "data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.val_length=2",
+            "data.val_batch_size=2", "data.num_workers=0", "method.inference.mode=whole"]  # fmt: skip
+    torch.manual_seed(0)
+    trained = build_method(compose_cfg(tiny, config_name="eval"))
+    with torch.no_grad():  # stand-in for training: every Rein / head tensor moves off its init
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    release = {f"backbone.reins.{k}": v for k, v in trained.reins.state_dict().items()}
+    for k, v in trained.head.state_dict().items():
+        for pattern, repl in TO_MMDET:
+            k = re.sub(pattern, repl, k)
+        release[f"decode_head.{k}"] = v
+    path = tmp_path / "rein_release.pth"
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": release}, path)
+
+    cfg = compose_cfg([f"ckpt_path={path}", *tiny], config_name="eval")
+    method, _ = load_method(str(path), recipe=cfg)
+    for name, t in [*trained.reins.state_dict().items()]:
+        assert torch.equal(method.reins.state_dict()[name], t)
+    for name, t in trained.head.state_dict().items():
+        assert torch.equal(method.head.state_dict()[name], t), name
+    assert "val/mean_mIoU" in evaluate(cfg)
+    with pytest.raises(ConfigError, match="official release without a dgss config; add the recipe"):
+        load_method(str(path))
+    release.pop("decode_head.cls_embed.weight")
+    torch.save({"state_dict": release}, path)
+    with pytest.raises(ConfigError, match=r"decode head does not fit .*missing: cls_embed.weight"):
+        load_method(str(path), recipe=cfg)

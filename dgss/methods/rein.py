@@ -206,6 +206,16 @@ class Rein(SegmentationMethod):
             return tokens
         return self.reins(tokens, layer, self.backbone.num_prefix_tokens)
 
+    def load_official(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A published Rein release (mmengine dict): ``backbone.reins.*`` into Rein, ``decode_head.*`` into the head."""
+        load_official_state_dict(self.reins, state)
+        load = getattr(self.head, "load_official", None)
+        if load is None:
+            raise ConfigError(
+                f"head {type(self.head).__name__} cannot take an official decode head; use head=mask2former"
+            )
+        load(state.get("state_dict", state))
+
     def forward(self, images: torch.Tensor):
         feats = self.backbone(images)
         queries = self.reins.queries() if self.reins.link_token_to_query else None

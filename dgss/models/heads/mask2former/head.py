@@ -22,6 +22,7 @@ from torch import nn
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
 from dgss.models.heads.mask2former.criterion import SetCriterion
+from dgss.models.heads.mask2former.official import load_official_head
 from dgss.models.heads.mask2former.pixel_decoder import PixelDecoder, sine_position_encoding
 
 
@@ -189,6 +190,10 @@ class Mask2FormerHead(nn.Module):
             out_cls.append(cls)
             out_masks.append(masks)
         return {"cls": out_cls, "masks": out_masks}
+
+    def load_official(self, state: dict) -> None:
+        """The ``decode_head.*`` tensors of an official mmseg / mmdet Mask2Former checkpoint (e.g. a Rein release)."""
+        load_official_head(self, state)
 
     # ----------------------------------------------------------------------------------- outputs
     def logits(self, output: dict, size: Sequence[int]) -> torch.Tensor:
