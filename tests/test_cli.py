@@ -74,6 +74,14 @@ def test_optuna_study_optimizes_mean_miou(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in result and "method.optimizer.lr" in result and db.exists()
+    # a second invocation with the same storage continues the study: its trials are added to the first two
+    r = run(["hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage=sqlite:///{db}",
+             f"hydra.sweep.dir={tmp_path}/sweep2"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="dgss", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3 and all(t.value is not None for t in study.trials)
 
 
 @pytest.mark.slow

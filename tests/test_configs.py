@@ -176,3 +176,15 @@ def test_paper_recipes_follow_the_protocol(compose_cfg):
     assert acdc.data.train_pipeline.crop == [1024, 1024] and acdc.data.targets.fog.test_size == [1920, 1080]
     assert acdc.method.inference.crop == 1024 and acdc.method.inference.stride == 683
     assert list(compose_cfg(["experiment=gtasyn2cbm/fishertune_dinov2_l"]).data.sources) == ["gta", "synthia"]
+
+
+@pytest.mark.parametrize("space", ["rein", "lora", "adaptformer", "vpt", "fishertune"])
+def test_method_search_spaces_compose_with_their_method(compose_cfg, space):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    experiment = {"rein": "rein", "fishertune": "fishertune"}.get(space, f"gta2cbm/{space}_dinov2_l")
+    cfg = compose_cfg([f"experiment={experiment}", f"hparams_search={space}"])
+    params = dict(cfg.hydra.sweeper.params)
+    assert "method.optimizer.lr" in params and len(params) == 3 + (space == "rein")
+    assert cfg.hydra.sweeper.study_name == space
+    for key in params:  # every searched key exists in the composed method
+        assert OmegaConf.select(cfg, key) is not None, key
