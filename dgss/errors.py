@@ -3,3 +3,15 @@
 
 class ConfigError(ValueError):
     """Bad user input: a config key, value or file. The message names it and says how to fix it."""
+
+
+def state_mismatch(ours, theirs, shown: int = 5) -> str | None:
+    """What keeps ``theirs`` (name -> tensor) from loading strictly into ``ours``: "missing: …; unexpected: …;
+    shape mismatch: …" (the first ``shown`` of each), or None when it fits."""
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}"
+              for k in ours if k in theirs and theirs[k].shape != ours[k].shape]  # fmt: skip
+    parts = [f"{label}: {', '.join(keys[:shown])}{f' (+{len(keys) - shown} more)' if len(keys) > shown else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]  # fmt: skip
+    return "; ".join(parts) or None

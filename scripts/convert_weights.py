@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dgss.errors import state_mismatch
+
 FAMILIES = {  # family -> (default timm model, native patch size)
     "dinov2": ("vit_large_patch14_dinov2.lvd142m", 14),
     "eva02": ("eva02_large_patch14_224.mim_m38m", 14),
@@ -149,15 +151,9 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
         ) from None
     own = target.state_dict()
     state = fit_rel_pos({k: v for k, v in state.items() if k in own}, own)
-    missing = sorted(set(own) - set(state))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or shapes:
-        raise ConvertError(f"{src} does not fit {name} (patch {patch}, image {img_size}): "
-                           f"missing {missing[:5]}, shape mismatch {shapes[:5]}")  # fmt: skip
+    problem = state_mismatch(own, state)
+    if problem:
+        raise ConvertError(f"{src} does not fit {name} (patch {patch}, image {img_size}): {problem}")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     record = {"source": str(src), "source_sha256": digest, "family": family, "model": name, "patch_size": patch,
               "img_size": img_size, "resample": resample}  # fmt: skip

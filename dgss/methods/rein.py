@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, state_mismatch
 from dgss.methods.base import SegmentationMethod
 
 
@@ -139,22 +139,10 @@ def load_official_state_dict(layers: ReinLayers, state_dict: Mapping[str, torch.
             f"no Rein tensors in the checkpoint: expected keys under {' or '.join(OFFICIAL_PREFIXES)}"
         )
     theirs = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    ours = layers.state_dict()
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    shapes = [
-        f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}"
-        for k in ours
-        if k in theirs and theirs[k].shape != ours[k].shape
-    ]
-    if missing or unexpected or shapes:
+    problem = state_mismatch(layers.state_dict(), theirs, shown=4)
+    if problem:
         dims = f"ReinLayers(num_layers={layers.num_layers}, embed_dim={layers.embed_dim}, num_tokens={layers.num_tokens}, lora_rank={layers.lora_rank}, query_dim={layers.query_dim})"
-        parts = [
-            f"{n}: {', '.join(v[:4])}"
-            for n, v in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if v
-        ]
-        raise ConfigError(f"the checkpoint's Rein does not fit {dims}: {'; '.join(parts)}")
+        raise ConfigError(f"the checkpoint's Rein does not fit {dims}: {problem}")
     layers.load_state_dict(theirs, strict=True)
     return sorted(theirs)
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, state_mismatch
 
 BlockHook = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -232,18 +232,10 @@ class Backbone(nn.Module):
         own = self.model.state_dict()
         classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
         state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
-        if missing or unexpected or shapes:
-            parts = []
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-                if keys:
-                    more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                    parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        problem = state_mismatch(own, state)
+        if problem:
             raise ConfigError(
-                f"backbone.weights={str(path)!r} does not fit backbone.name={self.name!r}: {'; '.join(parts)}"
+                f"backbone.weights={str(path)!r} does not fit backbone.name={self.name!r}: {problem}"
             )
         self.model.load_state_dict(state, strict=True)
         self.weights = str(path)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, state_mismatch
 
 PREFIX = "decode_head."
 RULES = [
@@ -52,18 +52,7 @@ def load_official_head(head: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     theirs = mmdet_to_dgss(state.get("state_dict", state))
     if not theirs:
         raise ConfigError(f"no Mask2Former tensors in the checkpoint: expected keys under {PREFIX!r}")
-    ours = head.state_dict()
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    shapes = [
-        f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}"
-        for k in ours
-        if k in theirs and theirs[k].shape != ours[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [f"{n}: {', '.join(v[:4])}{f' (+{len(v) - 4} more)' if len(v) > 4 else ''}"
-                 for n, v in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if v]  # fmt: skip
-        raise ConfigError(
-            f"the checkpoint's decode head does not fit this Mask2Former head: {'; '.join(parts)}"
-        )
+    problem = state_mismatch(head.state_dict(), theirs, shown=4)
+    if problem:
+        raise ConfigError(f"the checkpoint's decode head does not fit this Mask2Former head: {problem}")
     head.load_state_dict(theirs, strict=True)
