@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, TrainingAborted
 
 # Lightning 2.6 x torch 2.14 noise, printed on every fit: not actionable for users
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
@@ -78,7 +78,7 @@ def user_error(e: BaseException) -> str | None:
         if isinstance(err, InstantiationException) and "full_key:" in str(err):
             full_key = str(err).rsplit("full_key:", 1)[1].strip().splitlines()[0]
     for err in chain:
-        if isinstance(err, (ConfigError, MisconfigurationException)):
+        if isinstance(err, (ConfigError, TrainingAborted, MisconfigurationException)):
             return str(err).strip().splitlines()[0]
     for err in chain:
         if isinstance(err, InstantiationException) and err.__cause__ is None:

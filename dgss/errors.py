@@ -5,6 +5,10 @@ class ConfigError(ValueError):
     """Bad user input: a config key, value or file. The message names it and says how to fix it."""
 
 
+class TrainingAborted(RuntimeError):
+    """A run stopped on purpose (e.g. too many non-finite losses in a row); the message says what was kept."""
+
+
 def state_mismatch(ours, theirs, shown: int = 5) -> str | None:
     """What keeps ``theirs`` (name -> tensor) from loading strictly into ``ours``: "missing: …; unexpected: …;
     shape mismatch: …" (the first ``shown`` of each), or None when it fits."""

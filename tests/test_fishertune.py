@@ -332,3 +332,23 @@ def test_scores_use_both_estimates_normalised_by_the_clean_mean():
     for n in m.candidates:
         want = dr_fim(fx[n] / mean, fp[n] / mean, 1.2, gamma=2.0, prior_precision=0.5)
         assert torch.allclose(got[n], want, rtol=1e-5), n
+
+
+def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
+    torch.manual_seed(0)
+    m = fishertune(schedule={**SCHED, "growth_end": 100})  # statistics kept to look at
+    loss, calls = m._loss, []
+
+    def patched(batch):  # NaN on the 4th call (step 2's perturbed pass) and the 7th (a clean pass)
+        calls.append(None)
+        out = loss(batch)
+        return out * float("nan") if len(calls) in (4, 7) else out
+
+    m._loss = patched
+    with pytest.warns(UserWarning, match="non-finite loss at step"):
+        t = trainer(tmp_path, steps=6)
+        t.fit(m, make_dm())
+    assert t.global_step == 6 and m.nonfinite["total"] == 2
+    for which in ("x", "p"):
+        assert all(torch.isfinite(v).all() for v in m.fisher[which].values()), which
+    assert all(torch.isfinite(p).all() for p in m.parameters())

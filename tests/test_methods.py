@@ -142,3 +142,50 @@ def test_crop_not_multiple_of_patch_is_refused(tmp_path):
         ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"
     ):
         trainer(tmp_path).fit(m, dm)
+
+
+def _nan_at(method, bad_calls):
+    """Make the head's loss NaN on the given calls (0-based)."""
+    loss, calls = method.head.loss, []
+
+    def patched(out, labels):
+        calls.append(None)
+        values = loss(out, labels)
+        return {k: v * float("nan") for k, v in values.items()} if len(calls) - 1 in bad_calls else values
+
+    method.head.loss = patched
+    return calls
+
+
+def test_nonfinite_loss_skips_the_step_and_k_in_a_row_abort(tmp_path):
+    from dgss.config import user_error
+    from dgss.errors import TrainingAborted
+
+    torch.manual_seed(0)
+    m = make_method(FullFineTune, max_nonfinite=3)
+    calls = _nan_at(m, {1, 2})
+    seen = []
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, [p.detach().clone() for p in pl_module.parameters()]))
+
+    t = trainer(tmp_path, steps=4, limit_val_batches=0, callbacks=[Snapshot()])
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 2: step skipped \(2 in a row, 2 in all\)"):
+        t.fit(m, datamodule=make_dm())
+    # a skipped batch is a lost iteration: the counter and the schedule move on, the weights do not
+    assert len(calls) == 4 and t.global_step == 4 and [s for s, _ in seen] == [1, 2, 3, 4]
+    for skipped in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(seen[0][1], seen[skipped][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2][1], seen[3][1]))
+    assert m.nonfinite == {"total": 2, "streak": 0}
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+    m = make_method(FullFineTune, max_nonfinite=3)
+    _nan_at(m, set(range(1, 100)))
+    with pytest.raises(
+        TrainingAborted, match=r"3 non-finite losses in a row at step 3 .*max_nonfinite=3"
+    ) as e:
+        with pytest.warns(UserWarning):
+            trainer(tmp_path, steps=6, limit_val_batches=0).fit(m, datamodule=make_dm())
+    assert user_error(e.value).startswith("3 non-finite losses in a row")  # the CLI prints it as one line

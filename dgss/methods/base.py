@@ -17,10 +17,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
@@ -51,6 +51,9 @@ class SegmentationMethod(pl.LightningModule):
         lr_mults: lr multiplier per module path (``backbone``, ``backbone.model.blocks.0``; longest match wins),
             merged over ``default_lr_mults``.
         no_decay: name substrings that get weight decay 0 (norms, biases and 1-d tensors always do).
+        max_nonfinite: a non-finite loss skips its update (counted, logged as ``train/nonfinite_skipped``; the
+            iteration still counts, so schedules stay on the step axis); this many in a row abort the run, keeping
+            the checkpoints saved before them.
         inference: ``mode`` whole | slide, ``crop``, ``stride``, ``window_batch`` (windows per forward), ``flip`` and
             ``scales`` (TTA) for validation / test.
     """
@@ -68,6 +71,7 @@ class SegmentationMethod(pl.LightningModule):
         lr_mults: dict[str, float] | None = None,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
         inference: dict | None = None,
+        max_nonfinite: int = 10,
     ):
         super().__init__()
         self.backbone = backbone
@@ -82,6 +86,8 @@ class SegmentationMethod(pl.LightningModule):
         }
         self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
         self.no_decay = (*no_decay, *self.extra_no_decay)
+        self.max_nonfinite = int(max_nonfinite)
+        self.nonfinite = {"total": 0, "streak": 0}
         self.inference_cfg = {**INFERENCE_DEFAULTS, **(inference or {})}
         unknown = set(self.inference_cfg) - set(INFERENCE_DEFAULTS)
         if unknown:
@@ -121,9 +127,38 @@ class SegmentationMethod(pl.LightningModule):
         return inference.predict(fn, images, out_size, self.backbone.patch_size, **self.inference_cfg)
 
     # ---------------------------------------------------------------------------------- steps
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """The non-finite-loss guard: False (skip the step) when the loss is NaN / inf on any rank; counts, logs and
+        warns; ``max_nonfinite`` in a row raise :class:`TrainingAborted`."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank skips together, or DDP would hang
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite["streak"] = 0
+            return True
+        self.nonfinite["total"] += 1
+        self.nonfinite["streak"] += 1
+        n, total = self.nonfinite["streak"], self.nonfinite["total"]
+        if trainer is not None:
+            self.log("train/nonfinite_skipped", float(total), batch_size=1)
+        rank_zero_warn(
+            f"non-finite loss at step {self.global_step}: step skipped ({n} in a row, {total} in all)"
+        )
+        if n >= self.max_nonfinite:
+            raise TrainingAborted(
+                f"{n} non-finite losses in a row at step {self.global_step} (method.max_nonfinite={self.max_nonfinite}); "
+                "the checkpoints saved before them are kept: lower the learning rate, or resume from the last one"
+            )
+        return False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         losses = self.head.loss(self(batch["image"]), batch["label"])
         loss = sum(losses.values())
+        if not self.loss_is_finite(loss):
+            return (
+                None  # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch["image"].shape[0])

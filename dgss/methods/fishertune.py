@@ -339,12 +339,21 @@ class FisherTune(SegmentationMethod):
                 store[name].mul_(beta).add_(sq, alpha=1 - beta)
         self.stat_counts[which] += 1
 
-    def _perturbed_pass(self, batch: dict, t: int, weight: float, with_head: bool) -> dict:
+    def _skip_step(self, opt, sched) -> None:
+        """A non-finite loss: no update, but the iteration counts (as automatic optimisation does it)."""
+        self._zero_grads()
+        opt.step()  # no gradients: advances global_step only
+        sched.step()
+        return None
+
+    def _perturbed_pass(self, batch: dict, t: int, weight: float, with_head: bool) -> dict | None:
         """Gradients of the loss on x′ (parameter -> gradient), by autograd.grad: one backward per DDP forward
         stays the clean pass's, so DDP's reducer syncs exactly that one."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         with self.perturbation.active(seed=seed):
             loss_p = self._loss(batch)
+        if not self.loss_is_finite(loss_p):
+            return None  # nothing enters the statistics; the step is skipped
         params = [p for p in self.candidates.values() if p.requires_grad]
         if with_head:
             params += [
@@ -388,12 +397,16 @@ class FisherTune(SegmentationMethod):
         perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
         if stats:
             perturbed = self._perturbed_pass(batch, t, w, with_head=aug)
+            if perturbed is None:
+                return self._skip_step(opt, sched)
             by_name = {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}
             self._accumulate("p", by_name, 1.0 / w)
             del by_name
             if not aug:
                 perturbed = {}  # free them before the clean pass
         loss = self._loss(batch)
+        if not self.loss_is_finite(loss):
+            return self._skip_step(opt, sched)
         self.manual_backward(loss * w)
         self._all_reduce_mean(self._backbone_grads().values())
         if stats:
