@@ -144,3 +144,26 @@ def test_rein_with_mask2former_trains_and_eval_reproduces(compose_cfg, tmp_path)
     again = evaluate(ecfg)
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/night/mIoU"):
         assert again[k] == pytest.approx(metrics[k], abs=1e-9), k
+
+
+def test_merged_checkpoint_evaluates_without_the_weights_file(compose_cfg, tmp_path, weights):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import merge_weights
+
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=frozen"])
+    metrics = train(cfg)
+    merged = tmp_path / "merged.ckpt"
+    info = merge_weights.merge(tmp_path / "checkpoints" / "last.ckpt", merged)
+    assert info["backbone_weights"] == str(weights) and len(info["backbone_sha256"]) == 64
+    weights.unlink()  # the merged file must not need it
+    ckpt = torch.load(merged, map_location="cpu", weights_only=False)
+    assert (
+        any(k.startswith("backbone.model.blocks.0") for k in ckpt["state_dict"])
+        and "optimizer_states" not in ckpt
+    )
+    again = evaluate(compose_cfg([f"ckpt_path={merged}", "trainer=cpu"], config_name="eval"))
+    for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
+        assert again[k] == pytest.approx(metrics[k], abs=1e-9), k

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Merge a PEFT-only / sparse dgss checkpoint with its frozen backbone into one self-contained checkpoint.
+
+dgss checkpoints of frozen-backbone methods (frozen, rein, lora, adaptformer, vpt, cobot) hold only what trained,
+and FisherTune's hold the selected elements as a sparse delta; both re-attach the backbone from its weights file
+(checked by sha256). The merged file holds every tensor, so it evaluates (``dgss-eval ckpt_path=<merged>``) and
+ships without the weights file; its config records ``backbone.weights: null`` and the provenance of the merge.
+
+    python scripts/merge_weights.py logs/rein/runs/<run>/checkpoints/last.ckpt --out rein_full.ckpt
+                                    [--backbone-weights <where the weights file is now>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+
+def merge(ckpt_path: str | Path, out: str | Path, backbone_weights: str | None = None) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from dgss.eval import load_method
+
+    method, saved = load_method(str(ckpt_path), backbone_weights)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    identity = method.backbone.identity
+    ckpt["state_dict"] = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+    cfg = OmegaConf.to_container(saved, resolve=True)
+    cfg["backbone"]["weights"] = None  # every tensor is in this file now
+    ckpt["dgss_config"] = cfg
+    ckpt["dgss"] = {**ckpt.get("dgss", {}), "backbone": {**identity, "weights": None, "weights_sha256": None},
+                    "merged": {"from": str(ckpt_path), "from_sha256": hashlib.sha256(Path(ckpt_path).read_bytes()).hexdigest(),
+                               "backbone_weights": identity["weights"], "backbone_sha256": identity["weights_sha256"]}}  # fmt: skip
+    for key in ("optimizer_states", "lr_schedulers"):  # a model file, not a training state
+        ckpt.pop(key, None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)
+    return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone-weights", default=None, help="the frozen backbone's weights file, if it moved")
+    a = p.parse_args(argv)
+    from dgss.errors import ConfigError
+
+    try:
+        print(merge(a.ckpt, a.out, a.backbone_weights))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
