@@ -47,6 +47,24 @@ def check_types(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be {want}")
 
 
+def check_launch(trainer_cfg, mode, launcher: str | None) -> None:
+    """Refuse multi-process DDP inside an in-process multirun: Lightning would re-launch the whole script once per
+    rank for every sweep point. Sweeps with DDP go through a launcher that starts one job per point (SLURM)."""
+    if mode is None or getattr(mode, "name", str(mode)) != "MULTIRUN" or "submitit" in str(launcher or ""):
+        return
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
+    many = (isinstance(devices, int) and devices > 1) or (
+        isinstance(devices, (list, tuple)) and len(devices) > 1
+    )
+    many = many or devices == -1 or int(nodes) > 1
+    if many:
+        raise ConfigError(
+            f"trainer.devices={devices}, trainer.num_nodes={nodes} inside an in-process multirun (-m with the basic "
+            "launcher): DDP would re-launch the script per rank for every sweep point; use hydra/launcher=slurm (one "
+            "job per point, see docs/cluster.md) or run the points one at a time"
+        )
+
+
 def build_method(cfg: DictConfig):
     """backbone + head factory -> the method LightningModule (``cfg.method``)."""
     backbone = hydra.utils.instantiate(cfg.backbone)

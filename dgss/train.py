@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from dgss.config import build_method, check_types, instantiate_group, model_config, run_cli
+from dgss.config import build_method, check_launch, check_types, instantiate_group, model_config, run_cli
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.train")
@@ -30,6 +30,9 @@ class StoreConfig(pl.Callback):
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     check_types(cfg)
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        check_launch(cfg.trainer, hc.mode, OmegaConf.select(hc, "launcher._target_"))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)

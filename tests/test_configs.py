@@ -188,3 +188,20 @@ def test_method_search_spaces_compose_with_their_method(compose_cfg, space):
     assert cfg.hydra.sweeper.study_name == space
     for key in params:  # every searched key exists in the composed method
         assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_ddp_inside_an_in_process_multirun_is_refused():
+    from hydra.types import RunMode
+
+    from dgss.config import check_launch
+    from dgss.errors import ConfigError
+
+    ddp = OmegaConf.create({"devices": 4, "num_nodes": 1})
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    with pytest.raises(ConfigError, match=r"trainer.devices=4, trainer.num_nodes=1 inside an in-process multirun"):
+        check_launch(ddp, RunMode.MULTIRUN, basic)
+    check_launch(ddp, RunMode.RUN, None)  # a single run: Lightning launches the ranks
+    check_launch(ddp, RunMode.MULTIRUN, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+    check_launch(OmegaConf.create({"devices": 1, "num_nodes": 1}), RunMode.MULTIRUN, basic)
+    with pytest.raises(ConfigError):
+        check_launch(OmegaConf.create({"devices": 1, "num_nodes": 2}), RunMode.MULTIRUN, basic)
