@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -11,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from dgss.checkpoint import find_resume_checkpoint
 from dgss.config import build_method, check_launch, check_types, instantiate_group, model_config, run_cli
 from dgss.errors import ConfigError
 
@@ -25,6 +27,20 @@ class StoreConfig(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["dgss_config"] = self.cfg
+
+
+def resume_from(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` if given; with ``resume=auto`` the newest loadable checkpoint of this run's folder."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    resume = cfg.get("resume")
+    if resume in (None, False, "never"):
+        return None
+    if resume != "auto":
+        raise ConfigError(f"resume={resume!r}; use resume=auto (or ckpt_path=<file> for a given checkpoint)")
+    found = find_resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
+    log.info(f"resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+    return str(found) if found else None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:

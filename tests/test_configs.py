@@ -198,10 +198,14 @@ def test_ddp_inside_an_in_process_multirun_is_refused():
 
     ddp = OmegaConf.create({"devices": 4, "num_nodes": 1})
     basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-    with pytest.raises(ConfigError, match=r"trainer.devices=4, trainer.num_nodes=1 inside an in-process multirun"):
+    with pytest.raises(
+        ConfigError, match=r"trainer.devices=4, trainer.num_nodes=1 inside an in-process multirun"
+    ):
         check_launch(ddp, RunMode.MULTIRUN, basic)
     check_launch(ddp, RunMode.RUN, None)  # a single run: Lightning launches the ranks
-    check_launch(ddp, RunMode.MULTIRUN, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+    check_launch(
+        ddp, RunMode.MULTIRUN, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
     check_launch(OmegaConf.create({"devices": 1, "num_nodes": 1}), RunMode.MULTIRUN, basic)
     with pytest.raises(ConfigError):
         check_launch(OmegaConf.create({"devices": 1, "num_nodes": 2}), RunMode.MULTIRUN, basic)

@@ -1,0 +1,52 @@
+"""Checkpoints that survive a kill: atomic writes, the newest readable checkpoint, resume=auto."""
+
+import os
+
+import pytest
+import torch
+from test_checkpoint_eval import DATA
+
+from dgss.checkpoint import AtomicCheckpointIO, find_resume_checkpoint
+from dgss.train import train
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)  # half the bytes are on disk when the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path)["state_dict"]["w"], torch.ones(3))  # the old file, whole
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary left behind
+
+
+def test_the_newest_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "none") is None
+    old, new = tmp_path / "step000002.ckpt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, old)
+    new.write_bytes(b"PK\x03\x04 truncated")
+    os.utime(old, ns=(1, 1))
+    with pytest.warns(UserWarning, match=r"last.ckpt is unreadable .*trying the previous checkpoint"):
+        assert find_resume_checkpoint(tmp_path) == old
+
+
+def test_resume_auto_continues_the_run_in_its_folder(compose_cfg, tmp_path):
+    run = [*DATA, "trainer=cpu", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "~logger",
+           "callbacks=default", "~callbacks.progress_bar", "~callbacks.media", "resume=auto"]  # fmt: skip
+    first = train(compose_cfg([*run, "trainer.max_steps=2"]))
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and "step000002.ckpt" in ckpts
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"corrupt")  # killed while writing, say
+    with pytest.warns(UserWarning, match="last.ckpt is unreadable"):
+        second = train(compose_cfg([*run, "trainer.max_steps=4"]))
+    assert "val/mean_mIoU" in first and "val/mean_mIoU" in second
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4  # continued from step 2, not restarted
