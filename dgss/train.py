@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.checkpoint import find_resume_checkpoint
 from dgss.config import build_method, check_launch, check_types, instantiate_group, model_config, run_cli
@@ -43,6 +44,21 @@ def resume_from(cfg: DictConfig) -> str | None:
     return str(found) if found else None
 
 
+def keep_wandb_run(cfg: DictConfig) -> str | None:
+    """One wandb run per run folder: the id is kept in ``<run>/wandb_run_id``, so a resumed run (resume=auto, the
+    same ``run_name``, a requeued SLURM job) logs into the run it started, not a new one."""
+    wb = OmegaConf.select(cfg, "logger.wandb")
+    if wb is None or wb.get("id"):
+        return wb.get("id") if wb is not None else None
+    path = Path(cfg.paths.output_dir) / "wandb_run_id"
+    run_id = path.read_text().strip() if path.is_file() else secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    with open_dict(wb):
+        wb.id, wb.resume = run_id, "allow"
+    return run_id
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     check_types(cfg)
@@ -55,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_method(cfg)
     datamodule.set_normalization(*model.backbone.normalization)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
+    keep_wandb_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
         log.info("no logger configured: LearningRateMonitor dropped (it only writes to loggers)")

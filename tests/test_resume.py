@@ -50,3 +50,16 @@ def test_resume_auto_continues_the_run_in_its_folder(compose_cfg, tmp_path):
     assert "val/mean_mIoU" in first and "val/mean_mIoU" in second
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4  # continued from step 2, not restarted
+
+
+def test_a_run_folder_keeps_one_wandb_run(compose_cfg, tmp_path):
+    from dgss.train import keep_wandb_run
+
+    cfg = compose_cfg(["logger=wandb"])
+    first = keep_wandb_run(cfg)
+    assert cfg.logger.wandb.id == first and cfg.logger.wandb.resume == "allow"
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first
+    again = compose_cfg(["logger=wandb"])  # the same folder later: resume=auto, a requeued job
+    assert keep_wandb_run(again) == first
+    assert keep_wandb_run(compose_cfg(["logger=wandb", "logger.wandb.id=mine"])) == "mine"
+    assert keep_wandb_run(compose_cfg(["logger=csv"])) is None
