@@ -44,7 +44,9 @@ def readable(path: Path) -> bool:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         return isinstance(ckpt, dict) and "state_dict" in ckpt
     except Exception as e:  # noqa: BLE001 - any unreadable file is skipped with the reason
-        rank_zero_warn(f"resume=auto: {path} is unreadable ({type(e).__name__}: {e}); trying the previous checkpoint")
+        rank_zero_warn(
+            f"resume=auto: {path} is unreadable ({type(e).__name__}: {e}); trying the previous checkpoint"
+        )
         return False
 
 

@@ -40,7 +40,9 @@ def resume_from(cfg: DictConfig) -> str | None:
     if resume != "auto":
         raise ConfigError(f"resume={resume!r}; use resume=auto (or ckpt_path=<file> for a given checkpoint)")
     found = find_resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
-    log.info(f"resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+    log.info(
+        f"resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint yet, starting fresh'}"
+    )
     return str(found) if found else None
 
 
