@@ -96,3 +96,15 @@ def test_wheel_ships_the_configs(tmp_path):
     for f in ("dgss/conf/__init__.py", "dgss/conf/train.yaml", "dgss/conf/eval.yaml", "dgss/conf/method/_common.yaml",
               "dgss/conf/experiment/demo.yaml", "dgss/conf/backbone/dinov2_l.yaml", "dgss/conf/hydra/launcher/slurm.yaml"):  # fmt: skip
         assert f in names, f
+
+
+@pytest.mark.slow
+def test_two_point_sweep_through_the_submitit_local_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    r = run(["-m", "hydra/launcher=submitit_local", "method=full,frozen", *TINY, f"hydra.sweep.dir={tmp_path}/sweep",
+             "hydra.launcher.timeout_min=10"], cwd=tmp_path, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):  # one job (its own process) per sweep point
+        hist = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+        assert hist[-1]["step"] == 2
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())
