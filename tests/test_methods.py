@@ -189,3 +189,18 @@ def test_nonfinite_loss_skips_the_step_and_k_in_a_row_abort(tmp_path):
         with pytest.warns(UserWarning):
             trainer(tmp_path, steps=6, limit_val_batches=0).fit(m, datamodule=make_dm())
     assert user_error(e.value).startswith("3 non-finite losses in a row")  # the CLI prints it as one line
+
+
+def test_gradient_accumulation_keeps_the_schedule_on_optimizer_steps(tmp_path):
+    torch.manual_seed(0)
+    m = make_method(FullFineTune)
+    batches = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            batches.append(trainer.global_step)
+
+    t = trainer(tmp_path, steps=3, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[Count()])
+    t.fit(m, datamodule=make_dm(n_train=16))
+    assert batches == [0, 1, 1, 2, 2, 3]  # two batches per optimizer step; max_steps counts optimizer steps
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 3  # the poly schedule advanced once per step
