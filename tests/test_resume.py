@@ -63,3 +63,16 @@ def test_a_run_folder_keeps_one_wandb_run(compose_cfg, tmp_path):
     assert keep_wandb_run(again) == first
     assert keep_wandb_run(compose_cfg(["logger=wandb", "logger.wandb.id=mine"])) == "mine"
     assert keep_wandb_run(compose_cfg(["logger=csv"])) is None
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_the_same_checkpoint_keys(compose_cfg, tmp_path):
+    base = [*DATA, "trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0",
+            "~logger", "callbacks=minimal", "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            "+callbacks.last.save_last=true", "+callbacks.last.save_top_k=0"]  # fmt: skip
+    keys = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        train(compose_cfg([*base, f"compile={str(compiled).lower()}", f"+callbacks.last.dirpath={out}"]))
+        keys[compiled] = sorted(torch.load(out / "last.ckpt", weights_only=False)["state_dict"])
+    assert keys[True] == keys[False] and not any("_orig_mod" in k for k in keys[True])
