@@ -31,10 +31,10 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "dgss_config" not in ckpt:
+    official = "dgss_config" not in ckpt
+    if official:
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-        official = any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state)
-        if not official:
+        if not any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state):
             raise ConfigError(
                 f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)"
             )
@@ -42,23 +42,22 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
             raise ConfigError(f"ckpt_path={str(path)!r} is an official release without a dgss config; add the recipe "
                               "it was trained with, e.g. experiment=rein (and backbone.weights=<converted file>)")  # fmt: skip
         saved = OmegaConf.create(OmegaConf.to_container(recipe, resolve=True))
-        if inference:
-            saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
-        method = build_method(saved)
-        if not hasattr(method, "load_official"):
-            raise ConfigError(
-                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
-            )
-        method.load_official(state)
-        return method, saved
-    saved = OmegaConf.create(ckpt["dgss_config"])
+    else:
+        saved = OmegaConf.create(ckpt["dgss_config"])
     if backbone_weights:
         saved.backbone.weights = backbone_weights
     if inference:
         saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
     method = build_method(saved)
-    method.on_load_checkpoint(ckpt)
-    method.load_state_dict(ckpt["state_dict"], strict=method.strict_loading)
+    if official:
+        if not hasattr(method, "load_official"):
+            raise ConfigError(
+                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
+            )
+        method.load_official(state)
+    else:
+        method.on_load_checkpoint(ckpt)
+        method.load_state_dict(ckpt["state_dict"], strict=method.strict_loading)
     return method, saved
 
 

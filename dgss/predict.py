@@ -15,7 +15,6 @@ setting (or ``inference=...``), and the logits resized back to the image's own s
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -31,6 +30,7 @@ from dgss.data.label_maps import CITYSCAPES_ID_TO_TRAIN
 from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
 from dgss.eval import load_method
+from dgss.io import atomic_path
 
 log = logging.getLogger("dgss.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -46,10 +46,8 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def _save(image: Image.Image, dst: Path, **kwargs) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="JPEG" if dst.suffix == ".jpg" else "PNG", **kwargs)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        image.save(tmp, format="JPEG" if dst.suffix == ".jpg" else "PNG", **kwargs)
 
 
 def write_prediction(pred: np.ndarray, rgb: np.ndarray, classes: ClassSet, out: Path, rel: Path, alpha: float,

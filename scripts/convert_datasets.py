@@ -41,6 +41,7 @@ from dgss.data.label_maps import (
     lookup_table,
     to_train_ids,
 )
+from dgss.io import atomic_path
 
 TRAIN_SUFFIX = "_labelTrainIds.png"
 CITYSCAPES_TABLE = lookup_table(CITYSCAPES_ID_TO_TRAIN)
@@ -67,10 +68,8 @@ class Task:
 # ------------------------------------------------------------------------------------------------- file work
 def _save(array: np.ndarray, dst: Path, **kwargs) -> None:
     """Write atomically: a hidden temporary in the same folder, renamed when complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="JPEG" if dst.suffix == ".jpg" else "PNG", **kwargs)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        Image.fromarray(array).save(tmp, format="JPEG" if dst.suffix == ".jpg" else "PNG", **kwargs)
 
 
 def _index_label(path: Path) -> np.ndarray:

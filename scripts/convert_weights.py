@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dgss.errors import state_mismatch
+from dgss.io import atomic_path
 
 FAMILIES = {  # family -> (default timm model, native patch size)
     "dinov2": ("vit_large_patch14_dinov2.lvd142m", 14),
@@ -157,14 +157,12 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     record = {"source": str(src), "source_sha256": digest, "family": family, "model": name, "patch_size": patch,
               "img_size": img_size, "resample": resample}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(tmp),
-        metadata={k: str(v) for k, v in record.items()},
-    )
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp),
+            metadata={k: str(v) for k, v in record.items()},
+        )
     return record
 
 

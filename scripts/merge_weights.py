@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ def merge(ckpt_path: str | Path, out: str | Path, backbone_weights: str | None =
     from omegaconf import OmegaConf
 
     from dgss.eval import load_method
+    from dgss.io import atomic_path
 
     method, saved = load_method(str(ckpt_path), backbone_weights)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -37,11 +37,8 @@ def merge(ckpt_path: str | Path, out: str | Path, backbone_weights: str | None =
                                "backbone_weights": identity["weights"], "backbone_sha256": identity["weights_sha256"]}}  # fmt: skip
     for key in ("optimizer_states", "lr_schedulers"):  # a model file, not a training state
         ckpt.pop(key, None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(ckpt, tmp)
     return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"]}
 
 

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 import dgss.config  # noqa: F401  (resolvers)
 from dgss.data.synthetic import DOMAINS, SPLIT_OFFSETS, render_sample
 from dgss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dgss.io import atomic_path
 
 
 def render_pool(per_domain: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -156,9 +157,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp))
-    os.replace(tmp, out)  # never a half-written file under the final name
+    with atomic_path(out) as tmp:  # never a half-written file under the final name
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp))
     record = {
         "backbone_overrides": args.backbone, "objective": "SimMIM (block-masked patch pixel regression)",
         "images": len(pool), "domains": list(DOMAINS), "steps": args.steps, "batch": args.batch, "lr": args.lr,

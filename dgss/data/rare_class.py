@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dgss.errors import ConfigError
+from dgss.io import atomic_path
 
 log = logging.getLogger("dgss.data")
 
@@ -57,11 +57,11 @@ def class_pixel_counts(
     counts = np.stack([np.asarray(c) for c in loader]).astype(np.int64)
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks may write at once
-            with open(tmp, "wb") as f:
+            with (
+                atomic_path(path) as tmp,
+                open(tmp, "wb") as f,
+            ):  # per-process temporary: ranks may write at once
                 np.save(f, counts)
-            tmp.replace(path)
         except OSError as e:
             log.warning(f"rare-class sampling: could not cache class counts at {path}: {e}")
     return counts

@@ -33,9 +33,7 @@ class Layout:
     label_dir: str
     label_suffix: str
     prepare: str = ""  # the command that produces the trainId labels
-    subset: tuple[str, str] | None = (
-        None  # (a .mat file under the root, its key): keep the images numbered there
-    )
+    subset: tuple[str, str] | None = None  # (a .mat file under the root, its key): the image numbers to keep
 
     def label_of(self, root: Path, image: Path) -> Path:
         rel = image.relative_to(root / self.image_dir)
@@ -196,9 +194,7 @@ class RealDataset(torch.utils.data.Dataset):
                 f"{img_path} is {image.shape[1]}x{image.shape[0]} but its label {lab_path} is "
                 f"{label.shape[1]}x{label.shape[0]}"
             )
-        if (
-            label.max() >= self.num_classes
-        ):  # fast path: one max over the label, the full check only if needed
+        if label.max() >= self.num_classes:  # one max over the label; the full check only when it is needed
             outside = (label >= self.num_classes) & (label != IGNORE_INDEX)
             if outside.any():
                 raise ConfigError(

@@ -144,7 +144,17 @@ class PhotoMetricDistortion:
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
 
 
-class TrainPipeline:
+class _Normalized:
+    """``mean`` / ``std`` (RGB in [0, 1]) and the uint8 -> float normalisation built from them."""
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        )
+
+
+class TrainPipeline(_Normalized):
     """Rein's 512 recipe by default: a random shortest edge from ``scales`` (long edge ≤ ``max_long_edge``),
     a ``crop`` with ``cat_max_ratio``, horizontal flip, photometric distortion, normalisation.
 
@@ -192,18 +202,11 @@ class TrainPipeline:
         self.auto_norm = mean is None
         self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
 
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        )
-
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
         if self.resize is not None:
             image, label = self.resize(tv_tensors.Image(image), tv_tensors.Mask(label))
             image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
         image, label = self.cropper(image, label, prefer)
-        image = image.contiguous()
         if self.flip and torch.rand(()) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
         if self.photometric is not None:
@@ -211,7 +214,7 @@ class TrainPipeline:
         return self.normalize(image).contiguous(), label.long()
 
 
-class TestPipeline:
+class TestPipeline(_Normalized):
     """Resize the image (keep ratio) to fit ``size`` = (long, short) — or leave it — and normalise."""
 
     __test__ = False  # not a pytest class
@@ -221,8 +224,6 @@ class TestPipeline:
         self.size = tuple(size) if size is not None else None
         self.auto_norm = mean is None
         self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
-
-    set_normalization = TrainPipeline.set_normalization
 
     def with_size(self, size: Sequence[int]) -> TestPipeline:
         other = TestPipeline(size, self.mean, self.std)
