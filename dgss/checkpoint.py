@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
@@ -54,3 +56,26 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
         if readable(path):
             return path
     return None
+
+
+def rng_states() -> dict[str, Any]:
+    """The process's random streams (torch CPU, this device's CUDA, Python, numpy) as tensors and plain values (the
+    checkpoint stays loadable with ``weights_only``): dropout, drop-path and the loss's point sampling continue
+    after a resume exactly as without the interruption."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this device only: all would wake every GPU
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(int(v) for v in mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

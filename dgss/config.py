@@ -15,6 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgss.errors import ConfigError, TrainingAborted
+from dgss.preemption import Preempted
 
 # Lightning 2.6 x torch 2.14 noise, printed on every fit: not actionable for users
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
@@ -117,6 +118,9 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> An
     loggers are closed in every case."""
     try:
         return task(cfg)
+    except Preempted as e:  # the checkpoint is written; the job is requeued or the user reruns with resume=auto
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except Exception as e:
         msg = user_error(e)
         if msg is None or os.environ.get("DGSS_DEBUG"):

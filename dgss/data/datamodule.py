@@ -1,6 +1,8 @@
 """``DGSSDataModule``: named sources -> one training stream; named targets -> one evaluation loader each.
 
-Samplers are ours, not Lightning's (``Trainer(use_distributed_sampler=False)``): training draws from the
+The training stream resumes exactly (``dgss.data.resumable``): checkpoints hold where the interrupted pass began and
+how many batches of it were trained, and every sample is augmented under its own seed. Samplers are ours, not
+Lightning's (``Trainer(use_distributed_sampler=False)``): training draws from the
 concatenated sources (optionally weighted per source) and is split over ranks with Lightning's
 ``DistributedSamplerWrapper``; every evaluation loader uses ``UnrepeatedDistributedSampler``, so under DDP
 each image is evaluated exactly once (the default sampler pads with duplicates and biases mIoU).
@@ -28,6 +30,7 @@ from torch.utils.data import (
 
 from dgss.data.classes import ClassSet
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
+from dgss.data.resumable import Draw, SeededSampler, SkipSampler, seeded
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.errors import ConfigError
 
@@ -35,13 +38,16 @@ log = logging.getLogger("dgss.data")
 
 
 class _Sources(ConcatDataset):
-    """The concatenated sources; an item may carry a preferred class from rare-class sampling: (index, class)."""
+    """The concatenated sources. An item is a ``Draw(item, seed)`` (augmented under that seed) or a bare item; the
+    item may carry a preferred class from rare-class sampling: (index, class)."""
 
     def __getitem__(self, i):
-        index, prefer = split_index(i)
+        item, seed = (i.item, i.seed) if isinstance(i, Draw) else (i, None)
+        index, prefer = split_index(item)
         d = bisect.bisect_right(self.cumulative_sizes, index)
         local = index - (self.cumulative_sizes[d - 1] if d else 0)
-        return self.datasets[d][local if prefer is None else (local, prefer)]
+        with seeded(seed):
+            return self.datasets[d][local if prefer is None else (local, prefer)]
 
 
 class DGSSDataModule(pl.LightningDataModule):
@@ -121,6 +127,8 @@ class DGSSDataModule(pl.LightningDataModule):
                 f"data.rare_class_sampling has unknown keys {sorted(unknown)}; use temperature, min_pixels, cache_dir"
             )
         self._rcs_sampler: RareClassSampler | None = None
+        self._train_sampler: SkipSampler | None = None
+        self._resume_state: dict | None = None
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalise with the backbone's pretrained mean / std wherever the config left them unset."""
@@ -152,8 +160,9 @@ class DGSSDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         names = list(self.sources)
         data = _Sources([self.sources[n] for n in names])
-        # the same generator seed on every rank: all ranks draw one order and each takes its own share
-        gen = torch.Generator().manual_seed(self.seed)
+        # the same seed on every rank: all ranks draw one order and each takes its own share; `gen` is re-seeded
+        # at the start of every pass from the stream's own generator (dgss.data.resumable)
+        gen = torch.Generator()
         if self.source_weights:
             per_sample = torch.cat([torch.full((len(self.sources[n]),), float(self.source_weights.get(n, 0.0)) / len(self.sources[n]))
                                     for n in names])  # fmt: skip
@@ -164,6 +173,7 @@ class DGSSDataModule(pl.LightningDataModule):
             sampler = self.rcs_sampler(data, gen)
         else:
             sampler = RandomSampler(data, generator=gen)
+        seeds = sampler = SeededSampler(sampler, torch.Generator().manual_seed(self.seed), gen)  # seeds before the split: one augmentation per draw, any world size
         dist = self._dist()
         if dist is not None:
             sampler = DistributedSamplerWrapper(sampler, num_replicas=dist[0], rank=dist[1], shuffle=False)
@@ -171,8 +181,30 @@ class DGSSDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"the training stream has {len(sampler)} samples per rank, fewer than data.batch_size={self.batch_size}"
             )
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
+        self._train_sampler = SkipSampler(sampler, seeds, self.batch_size)
+        if self._resume_state is not None:
+            self._train_sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return DataLoader(data, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=self._loader_generator(),
+                          persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def _loader_generator(self) -> torch.Generator:
+        """The loader's own generator (worker base seeds): creating an iterator leaves the global stream alone, so
+        a resumed run's dropout and point sampling continue exactly where the checkpointed run's were."""
+        return torch.Generator().manual_seed(self.seed + 1)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Where the training stream stands: the interrupted pass's generator state and the batches trained in it."""
+        trainer = self.trainer
+        if self._train_sampler is None or trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_stream": self._train_sampler.state_dict(done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = state_dict.get("train_stream")
 
     def rcs_sampler(self, data: ConcatDataset, generator: torch.Generator) -> RareClassSampler:
         if self._rcs_sampler is None:
@@ -195,7 +227,8 @@ class DGSSDataModule(pl.LightningDataModule):
         sampler = (UnrepeatedDistributedSampler(ds, num_replicas=dist[0], rank=dist[1], shuffle=False)
                    if dist is not None else SequentialSampler(ds))  # fmt: skip
         return DataLoader(ds, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)  # fmt: skip
+                          pin_memory=self.pin_memory, generator=self._loader_generator(),
+                          persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(ds) for ds in self.targets.values()]

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from dgss.checkpoint import rng_states, set_rng_states
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
@@ -270,8 +271,11 @@ class SegmentationMethod(pl.LightningModule):
         for k in [k for k in state if k in drop]:
             del state[k]
         checkpoint["dgss"] = {"backbone": self.backbone.identity, "dropped_keys": len(drop)}
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint and self._trainer is not None:  # resuming a fit, not loading for evaluation
+            set_rng_states(checkpoint["rng_states"])
         meta = checkpoint.get("dgss", {})
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
         if not missing:

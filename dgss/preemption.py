@@ -1,0 +1,156 @@
+"""Preemption: on SIGTERM or SIGUSR1 save a checkpoint at the next safe point, requeue the SLURM job, stop.
+
+Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` before the time limit and SIGTERM on
+preemption (then SIGKILL after ``KillWait``), Kubernetes and cloud spot VMs send SIGTERM. The handler only notes the
+signal; the step in flight finishes, and at the end of the training batch (or of the validation batch, when the
+signal comes during validation) ``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the
+SLURM job is requeued when running in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one
+line and exits with status 0 when requeued, else 128 + the signal's number. The requeued job, or the same command with
+``resume=auto``, continues from that checkpoint exactly. Under DDP one rank receiving the signal is enough: the
+decision is reduced over ranks every step.
+
+A checkpoint written during validation holds the training state of the last step with the validation loop as it
+was before the validation began; the resumed run skips the interrupted validation (as Lightning does for a
+checkpoint from the end of a training batch) and validates again at the next interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from dgss.errors import ConfigError
+
+log = logging.getLogger("dgss.preemption")
+
+CHECKPOINT_NAME = "preempted.ckpt"
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving ``path``; ``requeued`` names the SLURM job put back in the queue."""
+
+    def __init__(self, signame: str, step: int, path: Path, requeued: str | None):
+        self.signame, self.step, self.path, self.requeued = signame, step, path, requeued
+        then = f"SLURM job {requeued} requeued" if requeued else "rerun the same command with resume=auto to continue"
+        super().__init__(f"stopped by {signame} at step {step}; checkpoint {path}; {then}")
+
+    @property
+    def exit_code(self) -> int:
+        """0 when requeued (the job goes on), else 128 + the signal's number, as a process killed by it."""
+        return 0 if self.requeued else 128 + int(getattr(signal, self.signame))
+
+
+def slurm_job_id() -> str | None:
+    """The job to requeue: ``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+class Preemption(pl.Callback):
+    """
+    Args:
+        dirpath: where ``preempted.ckpt`` is written (the run's checkpoint folder, where ``resume=auto`` looks).
+        signals: the signals to act on (names). SIGUSR2 is submitit's time-limit warning (``signal_delay_s``).
+        requeue: ``auto`` (requeue with ``scontrol`` when running in a SLURM job) | ``true`` | ``false``.
+    """
+
+    def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"), requeue: Any = "auto"):
+        self.dirpath = Path(dirpath)
+        unknown = [s for s in signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
+        if unknown:
+            raise ConfigError(f"callbacks.preemption.signals names unknown signals {unknown}; use e.g. SIGTERM, SIGUSR1")
+        self.signals = [getattr(signal, s) for s in signals]
+        if requeue not in ("auto", True, False):
+            raise ConfigError(f"callbacks.preemption.requeue={requeue!r}; use auto, true or false")
+        self.requeue = requeue
+        self.received: str | None = None
+        self.stopped: Preempted | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._val_loop_state: dict | None = None
+        self._saving = False
+
+    # ------------------------------------------------------------------------------- signals
+    def _note(self, signum: int, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning registered its own SIGTERM handler (which would raise mid-validation, and in a single
+        # process only at an epoch's end): ours replaces it for the fit and Lightning restores it at teardown
+        self.received, self.stopped = None, None
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._note)
+        except ValueError:  # not the main thread (e.g. a notebook's worker thread): nothing to install
+            log.warning("preemption: signal handlers need the main thread; running without them")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    # ---------------------------------------------------------------------------- safe points
+    def _agreed(self, trainer: pl.Trainer) -> bool:
+        hit = self.received is not None
+        if trainer.world_size > 1:
+            hit = trainer.strategy.reduce_boolean_decision(hit, all=False)  # any rank's signal stops them all
+        return bool(hit) and self.stopped is None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._agreed(trainer):  # raised, not should_stop: Lightning would validate first, past the grace period
+            raise self._save_and_requeue(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # the validation loop's state before this validation, for a mid-way save
+            fit = trainer.fit_loop.state_dict()
+            self._val_loop_state = copy.deepcopy({k: v for k, v in fit.items() if k.startswith("epoch_loop.val_loop.")})
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "fit" and self._agreed(trainer):
+            raise self._save_and_requeue(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving and trainer.validating and self._val_loop_state is not None:
+            checkpoint["loops"]["fit_loop"].update(copy.deepcopy(self._val_loop_state))
+
+    def _save_and_requeue(self, trainer: pl.Trainer) -> Preempted:
+        signame = self.received or "SIGTERM"  # another rank's signal
+        path = self.dirpath / CHECKPOINT_NAME
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving = False
+        requeued = self._requeue() if trainer.is_global_zero else None
+        self.stopped = Preempted(signame, trainer.global_step, path, requeued)
+        log.warning(f"preemption: {self.stopped}")
+        return self.stopped
+
+    def _requeue(self) -> str | None:
+        job = slurm_job_id()
+        if self.requeue is False or (self.requeue == "auto" and job is None):
+            return None
+        if job is None:
+            raise ConfigError("callbacks.preemption.requeue=true but SLURM_JOB_ID is not set: not in a SLURM job")
+        scontrol = shutil.which("scontrol")
+        if scontrol is None:
+            log.warning(f"preemption: scontrol is not on PATH; SLURM job {job} not requeued")
+            return None
+        done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning(f"preemption: scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}")
+            return None
+        return job
