@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dgss.io import atomic_path
 
@@ -48,10 +48,15 @@ def readable(path: Path) -> bool:
 
 
 def find_resume_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``*.ckpt`` in ``folder`` (by modification time) that loads; None when there is none."""
+    """The newest ``*.ckpt`` in ``folder`` (by modification time) that loads; None when there is none. Temporaries
+    of writes that a kill cut off are removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
+    if rank_zero_only.rank == 0:  # before the fit starts, so no rank is writing yet
+        for stale in folder.glob(".*.ckpt.*.tmp"):  # a save the previous process was killed in
+            log.info(f"resume=auto: removing {stale.name}, a checkpoint write that was cut off")
+            stale.unlink(missing_ok=True)
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
         if readable(path):
             return path
@@ -66,8 +71,8 @@ def rng_states() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states = {"torch": torch.get_rng_state(), "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
               "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}  # fmt: skip
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this device only: all would wake every GPU
-        states["cuda"] = torch.cuda.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # this device only: every device's would wake all GPUs
     return states
 
 

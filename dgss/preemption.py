@@ -3,20 +3,19 @@
 Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` before the time limit and SIGTERM on
 preemption (then SIGKILL after ``KillWait``), Kubernetes and cloud spot VMs send SIGTERM. The handler only notes the
 signal; the step in flight finishes, and at the end of the training batch (or of the validation batch, when the
-signal comes during validation) ``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the
+signal comes during validation in a single process) ``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the
 SLURM job is requeued when running in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one
 line and exits with status 0 when requeued, else 128 + the signal's number. The requeued job, or the same command with
 ``resume=auto``, continues from that checkpoint exactly. Under DDP one rank receiving the signal is enough: the
 decision is reduced over ranks every step.
 
-A checkpoint written during validation holds the training state of the last step with the validation loop as it
-was before the validation began; the resumed run skips the interrupted validation (as Lightning does for a
-checkpoint from the end of a training batch) and validates again at the next interval.
+A checkpoint written during validation holds the training state of the last step (validation changes nothing of
+it); as for any checkpoint written at a validation step, Lightning's resumed run skips that validation (no partial
+one is logged) and validates again at the next interval.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from dgss.errors import ConfigError
 
@@ -39,7 +39,11 @@ class Preempted(Exception):
 
     def __init__(self, signame: str, step: int, path: Path, requeued: str | None):
         self.signame, self.step, self.path, self.requeued = signame, step, path, requeued
-        then = f"SLURM job {requeued} requeued" if requeued else "rerun the same command with resume=auto to continue"
+        then = (
+            f"SLURM job {requeued} requeued"
+            if requeued
+            else "rerun the same command with resume=auto to continue"
+        )
         super().__init__(f"stopped by {signame} at step {step}; checkpoint {path}; {then}")
 
     @property
@@ -62,11 +66,18 @@ class Preemption(pl.Callback):
         requeue: ``auto`` (requeue with ``scontrol`` when running in a SLURM job) | ``true`` | ``false``.
     """
 
-    def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"), requeue: Any = "auto"):
+    def __init__(
+        self,
+        dirpath: str | Path,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+        requeue: Any = "auto",
+    ):
         self.dirpath = Path(dirpath)
         unknown = [s for s in signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
         if unknown:
-            raise ConfigError(f"callbacks.preemption.signals names unknown signals {unknown}; use e.g. SIGTERM, SIGUSR1")
+            raise ConfigError(
+                f"callbacks.preemption.signals names unknown signals {unknown}; use e.g. SIGTERM, SIGUSR1"
+            )
         self.signals = [getattr(signal, s) for s in signals]
         if requeue not in ("auto", True, False):
             raise ConfigError(f"callbacks.preemption.requeue={requeue!r}; use auto, true or false")
@@ -74,8 +85,6 @@ class Preemption(pl.Callback):
         self.received: str | None = None
         self.stopped: Preempted | None = None
         self._previous: dict[signal.Signals, Any] = {}
-        self._val_loop_state: dict | None = None
-        self._saving = False
 
     # ------------------------------------------------------------------------------- signals
     def _note(self, signum: int, frame) -> None:
@@ -94,7 +103,9 @@ class Preemption(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
 
     def _restore_handlers(self) -> None:
@@ -103,37 +114,35 @@ class Preemption(pl.Callback):
         self._previous.clear()
 
     # ---------------------------------------------------------------------------- safe points
-    def _agreed(self, trainer: pl.Trainer) -> bool:
-        hit = self.received is not None
-        if trainer.world_size > 1:
-            hit = trainer.strategy.reduce_boolean_decision(hit, all=False)  # any rank's signal stops them all
-        return bool(hit) and self.stopped is None
+    def _agreed(self, trainer: pl.Trainer) -> str | None:
+        """The signal to act on now, the same on every rank (the highest number any rank received), or None."""
+        if self.stopped is not None:
+            return None
+        num = int(getattr(signal, self.received)) if self.received else 0
+        if trainer.world_size > 1:  # any rank's signal stops them all
+            num = int(
+                trainer.strategy.reduce(
+                    torch.tensor(num, device=trainer.strategy.root_device), reduce_op="max"
+                )
+            )
+        return signal.Signals(num).name if num else None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._agreed(trainer):  # raised, not should_stop: Lightning would validate first, past the grace period
-            raise self._save_and_requeue(trainer)
+        # raised, not should_stop: Lightning would run a validation first, past the grace period
+        if signame := self._agreed(trainer):
+            raise self._save_and_requeue(trainer, signame)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.state.fn == "fit":  # the validation loop's state before this validation, for a mid-way save
-            fit = trainer.fit_loop.state_dict()
-            self._val_loop_state = copy.deepcopy({k: v for k, v in fit.items() if k.startswith("epoch_loop.val_loop.")})
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        # one process only: under DDP the ranks' evaluation shares differ in length (no padded duplicates), so a
+        # collective here could hang; the ranks agree at the next training batch instead
+        if trainer.state.fn == "fit" and trainer.world_size == 1 and (signame := self._agreed(trainer)):
+            raise self._save_and_requeue(trainer, signame)
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if trainer.state.fn == "fit" and self._agreed(trainer):
-            raise self._save_and_requeue(trainer)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
-        if self._saving and trainer.validating and self._val_loop_state is not None:
-            checkpoint["loops"]["fit_loop"].update(copy.deepcopy(self._val_loop_state))
-
-    def _save_and_requeue(self, trainer: pl.Trainer) -> Preempted:
-        signame = self.received or "SIGTERM"  # another rank's signal
+    def _save_and_requeue(self, trainer: pl.Trainer, signame: str) -> Preempted:
         path = self.dirpath / CHECKPOINT_NAME
-        self._saving = True
-        try:
-            trainer.save_checkpoint(path)
-        finally:
-            self._saving = False
+        trainer.save_checkpoint(path)
         requeued = self._requeue() if trainer.is_global_zero else None
         self.stopped = Preempted(signame, trainer.global_step, path, requeued)
         log.warning(f"preemption: {self.stopped}")
@@ -144,13 +153,17 @@ class Preemption(pl.Callback):
         if self.requeue is False or (self.requeue == "auto" and job is None):
             return None
         if job is None:
-            raise ConfigError("callbacks.preemption.requeue=true but SLURM_JOB_ID is not set: not in a SLURM job")
+            raise ConfigError(
+                "callbacks.preemption.requeue=true but SLURM_JOB_ID is not set: not in a SLURM job"
+            )
         scontrol = shutil.which("scontrol")
         if scontrol is None:
             log.warning(f"preemption: scontrol is not on PATH; SLURM job {job} not requeued")
             return None
         done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
         if done.returncode != 0:
-            log.warning(f"preemption: scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}")
+            log.warning(
+                f"preemption: scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
+            )
             return None
         return job

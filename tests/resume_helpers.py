@@ -2,10 +2,12 @@
 
 import os
 import signal
+import signal as signal_module
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 
 class CrashAt(pl.Callback):
@@ -19,20 +21,34 @@ class CrashAt(pl.Callback):
             raise RuntimeError(f"crash after step {self.step}")
 
 
-class _KillWhilePickled:
-    def __reduce__(self):  # runs inside torch.save, after part of the file has been written
-        os.kill(os.getpid(), signal.SIGKILL)
+class _KillAfter:
+    """A file whose writes kill the process (SIGKILL) once more than ``limit`` bytes are on disk."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.written = f, limit, 0
+
+    def write(self, data):
+        n = self.f.write(data)
+        self.written += len(data)
+        if self.written > self.limit:
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 class KillDuringSave(pl.Callback):
-    """``kill -9`` of the process in the middle of writing the first checkpoint at ``step``."""
+    """``kill -9`` of the process in the middle of writing the first checkpoint at ``step`` (after 1 MiB)."""
 
     def __init__(self, step: int):
         self.step = step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if trainer.global_step == self.step:
-            checkpoint["zz_kill"] = [b"\0" * (1 << 20), _KillWhilePickled()]  # 1 MiB written, then the kill
+            real = torch.save
+            torch.save = lambda obj, f, *a, **k: real(obj, _KillAfter(f, 1 << 20), *a, **k)
 
 
 class SlowAfter(pl.Callback):
@@ -46,3 +62,22 @@ class SlowAfter(pl.Callback):
             self.marker.touch()
             time.sleep(self.seconds)
 
+
+class SignalAt(pl.Callback):
+    """Sends the process ``signal`` at the end of training step ``step`` or (``during=validation``) in the first
+    validation batch after it, as a scheduler would."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM", during: str = "train"):
+        self.step, self.signal, self.during = step, getattr(signal_module, signal), during
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.during == "train" and trainer.global_step == self.step:
+            signal_module.raise_signal(self.signal)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if (
+            self.during == "validation"
+            and trainer.global_step == self.step
+            and batch_idx == dataloader_idx == 0
+        ):
+            signal_module.raise_signal(self.signal)

@@ -54,8 +54,8 @@ def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
 
 def test_default_groups_instantiate(compose_cfg):
     cfg = compose_cfg(["logger=many", "trainer=cpu"])
-    # best + periodic checkpoints, IoU tables, skipped samples, media, lr, bar
-    assert len(instantiate_group(cfg.callbacks)) == 7
+    # best + periodic checkpoints, preemption, IoU tables, skipped samples, media, lr, bar
+    assert len(instantiate_group(cfg.callbacks)) == 8
     assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {
         "CSVLogger",
         "WandbLogger",

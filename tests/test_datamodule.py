@@ -50,7 +50,25 @@ def test_ddp_eval_samplers_cover_each_image_once():
     for rank in range(2):
         d.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         train.append(list(iter(d.train_dataloader().sampler)))
-    assert len(train[0]) == len(train[1]) == 8 and not set(train[0]) & set(train[1])
+    assert len(train[0]) == len(train[1]) == 8 and not {t.item for t in train[0]} & {t.item for t in train[1]}
+    d.trainer = None
+    single = set(iter(d.train_dataloader().sampler))
+    assert set(train[0]) | set(train[1]) == single  # the same draws, seeds included: augmentation per draw
+
+
+def test_the_stream_is_the_same_whatever_the_number_of_workers():
+    """Every draw carries its augmentation seed: 0 or 2 loader workers give identical batches over two passes."""
+    streams = []
+    for workers in (0, 2):
+        loader = dm(num_workers=workers).train_dataloader()
+        streams.append([b for _ in range(2) for b in loader])
+    for a, b in zip(*streams, strict=True):
+        assert (
+            a["name"] == b["name"]
+            and torch.equal(a["image"], b["image"])
+            and torch.equal(a["label"], b["label"])
+        )
+    assert not torch.equal(streams[0][0]["image"], streams[0][len(streams[0]) // 2]["image"])
 
 
 def test_test_pipeline_keeps_label_resolution():

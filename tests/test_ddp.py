@@ -3,6 +3,7 @@
 import functools
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from dgss.data.datamodule import DGSSDataModule
@@ -85,3 +86,24 @@ def test_fishertune_selects_identically_on_every_rank(tmp_path):
     assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
     assert all(torch.equal(r0["backbone"][k], r1["backbone"][k]) for k in r0["backbone"])  # same updates
     assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])  # (BN buffers are per rank)
+
+
+class _SignalOnRank1(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            import signal
+
+            signal.raise_signal(signal.SIGUSR1)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_one_checkpoint(tmp_path):
+    """SIGUSR1 reaches rank 1 only: the ranks agree at the next step's end, write one preempted.ckpt and stop."""
+    from dgss.preemption import Preemption
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=20, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=[Preemption(tmp_path / "ckpt"), _SignalOnRank1()])  # fmt: skip
+    with pytest.raises(Exception, match="stopped by SIGUSR1 at step 3"):
+        trainer.fit(_method(), datamodule=_dm())
+    assert torch.load(tmp_path / "ckpt" / "preempted.ckpt", weights_only=True)["global_step"] == 3

@@ -1,6 +1,12 @@
 """Checkpoints that survive a kill: atomic writes, the newest readable checkpoint, resume=auto."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +93,9 @@ def final_weights(folder):
     return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("method,crash", [("full", 3), ("full", 5), ("rein", 3), ("fishertune", 3), ("adaptformer", 3)])
+@pytest.mark.parametrize(
+    "method,crash", [("full", 3), ("full", 5), ("rein", 3), ("fishertune", 3), ("adaptformer", 3)]
+)
 def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(compose_cfg, tmp_path, method, crash):
     """6 steps straight vs a crash after step 3 (last checkpoint: step 2) or 5 (step 4, the end of a pass: 8 images
     in batches of 2) + resume=auto: identical weights. Random scales, crops, flips, photometric distortion and
@@ -96,11 +104,129 @@ def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(compose_cfg,
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     with pytest.raises(RuntimeError, match=f"crash after step {crash}"):
-        train(compose_cfg([*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", f"+callbacks.crash.step={crash}"]))
-    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)  # plain tensors only
+        train(
+            compose_cfg(
+                [
+                    *resumed,
+                    "+callbacks.crash._target_=resume_helpers.CrashAt",
+                    f"+callbacks.crash.step={crash}",
+                ]
+            )
+        )
+    saved = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True
+    )  # plain tensors only
     assert saved["global_step"] == crash - 1
     train(compose_cfg(resumed))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
+
+
+@pytest.mark.parametrize(
+    "sig,during,step_saved", [("SIGTERM", "train", 4), ("SIGUSR1", "validation", 4), ("SIGUSR2", "train", 4)]
+)
+def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
+    compose_cfg, tmp_path, monkeypatch, sig, during, step_saved
+):
+    """A signal after step 3 (or during the validation at step 4) -> checkpoints/preempted.ckpt at the next safe
+    point, Preempted raised (dgss-train exits with it), and resume=auto continues to the straight run's weights.
+    In a SLURM job (SLURM_JOB_ID) the job is requeued with scontrol (here a stand-in on PATH)."""
+    from dgss.preemption import Preempted
+
+    calls = tmp_path / "scontrol_calls"
+    if sig == "SIGUSR2":
+        fake = tmp_path / "bin" / "scontrol"
+        fake.parent.mkdir()
+        fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    train(compose_cfg([*RESUMABLE, f"paths.output_dir={tmp_path / 'straight'}"]))
+    resumed = [*RESUMABLE, f"paths.output_dir={tmp_path / 'resumed'}"]
+    sent = 4 if during == "validation" else 3
+    with pytest.raises(Preempted) as stop:
+        train(compose_cfg([*resumed, "+callbacks.signal._target_=resume_helpers.SignalAt",
+                           f"+callbacks.signal.step={sent}", f"+callbacks.signal.signal={sig}",
+                           f"+callbacks.signal.during={during}"]))  # fmt: skip
+    saved = tmp_path / "resumed" / "checkpoints" / "preempted.ckpt"
+    assert stop.value.signame == sig and stop.value.step == step_saved and stop.value.path == saved
+    assert torch.load(saved, weights_only=True)["global_step"] == step_saved
+    if sig == "SIGUSR2":
+        assert stop.value.requeued == "4242" and stop.value.exit_code == 0
+        assert calls.read_text().split() == ["requeue", "4242"]
+    else:
+        assert stop.value.requeued is None and stop.value.exit_code == 128 + getattr(signal, sig)
+    assert signal.getsignal(getattr(signal, sig)) in (
+        signal.SIG_DFL,
+        signal.default_int_handler,
+    )  # handlers restored
+    train(compose_cfg(resumed))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    history = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert [h["step"] for h in history] == [
+        2,
+        6,
+    ]  # the validation at step 4 is skipped, never logged half-done
+    assert {v["images"] for h in history for v in h["domains"].values()} == {3}
+
+
+def dgss_train(args, **kw):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    return subprocess.Popen([str(Path(sys.executable).parent / "dgss-train"), *RESUMABLE, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_path):
+    """Real processes: (1) 6 steps straight; (2) kill -9 in the middle of writing the step-4 checkpoint, then the
+    same command (resume=auto) again; (3) SIGTERM from outside after step 3, then the same command again. Both
+    interrupted runs end with the straight run's weights, bit for bit."""
+    rc, err = finish(dgss_train([f"hydra.run.dir={tmp_path / 'straight'}"]))
+    assert rc == 0, err[-3000:]
+
+    killed = [f"hydra.run.dir={tmp_path / 'killed'}"]
+    rc, err = finish(
+        dgss_train(
+            [*killed, "+callbacks.kill._target_=resume_helpers.KillDuringSave", "+callbacks.kill.step=4"]
+        )
+    )
+    assert rc == -signal.SIGKILL, err[-3000:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    leftovers = [p.name for p in ckpts.glob(".*.tmp")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".step000004")  # the write that was cut off
+    assert os.path.getsize(ckpts / leftovers[0]) > 1 << 20  # the kill came mid-write, after the first MiB
+    for p in ckpts.glob("*.ckpt"):  # every checkpoint under its final name loads
+        assert torch.load(p, weights_only=True)["global_step"] == 2
+    rc, err = finish(dgss_train(killed))
+    assert rc == 0, err[-3000:]
+    assert not list(ckpts.glob(".*.tmp"))  # the cut-off write was cleaned up
+
+    termed = [f"hydra.run.dir={tmp_path / 'termed'}"]
+    marker = tmp_path / "reached_step_3"
+    proc = dgss_train([*termed, "+callbacks.slow._target_=resume_helpers.SlowAfter", "+callbacks.slow.step=3",
+                       f"+callbacks.slow.marker={marker}"])  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("dgss-train: stopped by SIGTERM at step ") and "resume=auto" in last, err[-3000:]
+    assert (tmp_path / "termed" / "checkpoints" / "preempted.ckpt").is_file()
+    rc, err = finish(dgss_train(termed))
+    assert rc == 0, err[-3000:]
+
+    want = final_weights(tmp_path / "straight")
+    for run in ("killed", "termed"):
+        got = final_weights(tmp_path / run)
+        assert not [k for k in want if not torch.equal(want[k], got[k])], run

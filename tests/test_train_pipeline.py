@@ -134,8 +134,8 @@ def test_rare_class_sampling_in_the_datamodule_prefers_crops_with_the_class(tmp_
     dm = DGSSDataModule({"g": src}, {"v": SyntheticDomain("game", "val", 2, 64, 96)}, pipe, batch_size=4, num_workers=0,
                         pin_memory=False, rare_class_sampling={"temperature": 0.05, "min_pixels": 60, "cache_dir": tmp_path})  # fmt: skip
     loader = dm.train_dataloader()
-    pairs = list(loader.sampler)
-    assert all(isinstance(p, tuple) for p in pairs)
+    pairs = [draw.item for draw in loader.sampler]  # (index, class), each with its augmentation seed
+    assert all(isinstance(p, tuple) and len(p) == 2 for p in pairs)
     held = [int((src[p]["label"] == p[1]).sum()) for p in pairs]
     torch.manual_seed(0)
     plain = [int((src[p[0]]["label"] == p[1]).sum()) for p in pairs]
