@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill: atomic writes and ``resume=auto``.
+"""Checkpoints that survive a kill: atomic writes, step-boundary saves, random states and ``resume=auto``.
 
 ``AtomicCheckpointIO`` (the trainer's checkpoint plugin) writes every checkpoint to a hidden temporary in the same
 folder, fsyncs it and renames it over the target, so a kill at any moment leaves the previous file or the new one,
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dgss.io import atomic_path
@@ -34,6 +35,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never saves inside a gradient-accumulation window (accumulated gradients are not in
+    checkpoints, so such a file would not resume exactly). Lightning's would, e.g. one batch after a resume at a
+    step it had not saved yet."""
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if not trainer.fit_loop._should_accumulate():
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 def readable(path: Path) -> bool:

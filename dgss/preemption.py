@@ -2,7 +2,7 @@
 
 Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` before the time limit and SIGTERM on
 preemption (then SIGKILL after ``KillWait``), Kubernetes and cloud spot VMs send SIGTERM. The handler only notes the
-signal; the step in flight finishes, and at the end of the training batch (or of the validation batch, when the
+signal; the optimizer step in flight finishes (with gradient accumulation: the accumulation window), and at the end of the training batch (or of the validation batch, when the
 signal comes during validation in a single process) ``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the
 SLURM job is requeued when running in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one
 line and exits with status 0 when requeued, else 128 + the signal's number. The requeued job, or the same command with
@@ -128,6 +128,8 @@ class Preemption(pl.Callback):
         return signal.Signals(num).name if num else None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate():  # mid-accumulation: gradients are not in checkpoints, so wait
+            return
         # raised, not should_stop: Lightning would run a validation first, past the grace period
         if signame := self._agreed(trainer):
             raise self._save_and_requeue(trainer, signame)

@@ -125,14 +125,17 @@ def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(compose_cfg,
 
 
 @pytest.mark.parametrize(
-    "sig,during,step_saved", [("SIGTERM", "train", 4), ("SIGUSR1", "validation", 4), ("SIGUSR2", "train", 4)]
+    "sig,during,accumulate",
+    [("SIGTERM", "train", 1), ("SIGUSR1", "validation", 1), ("SIGUSR2", "train", 1), ("SIGTERM", "train", 2)],
 )
 def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
-    compose_cfg, tmp_path, monkeypatch, sig, during, step_saved
+    compose_cfg, tmp_path, monkeypatch, sig, during, accumulate
 ):
     """A signal after step 3 (or during the validation at step 4) -> checkpoints/preempted.ckpt at the next safe
-    point, Preempted raised (dgss-train exits with it), and resume=auto continues to the straight run's weights.
+    point (step 4: with accumulation the signal comes mid-window and the save waits for the window's step),
+    Preempted raised (dgss-train exits with it), and resume=auto continues to the straight run's weights.
     In a SLURM job (SLURM_JOB_ID) the job is requeued with scontrol (here a stand-in on PATH)."""
+    step_saved = 4
     from dgss.preemption import Preempted
 
     calls = tmp_path / "scontrol_calls"
@@ -143,8 +146,10 @@ def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
         fake.chmod(0o755)
         monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    train(compose_cfg([*RESUMABLE, f"paths.output_dir={tmp_path / 'straight'}"]))
-    resumed = [*RESUMABLE, f"paths.output_dir={tmp_path / 'resumed'}"]
+    run = [*RESUMABLE, f"trainer.accumulate_grad_batches={accumulate}", f"trainer.val_check_interval={2 * accumulate}",
+           "callbacks.periodic_checkpoint.every_n_train_steps=2"]  # fmt: skip
+    train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
+    resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     sent = 4 if during == "validation" else 3
     with pytest.raises(Preempted) as stop:
         train(compose_cfg([*resumed, "+callbacks.signal._target_=resume_helpers.SignalAt",
@@ -165,6 +170,10 @@ def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
     train(compose_cfg(resumed))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
+    for path in (tmp_path / "resumed" / "checkpoints").glob("*.ckpt"):  # all at step ends, none mid-accumulation
+        ckpt = torch.load(path, weights_only=True)
+        processed = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        assert processed == ckpt["global_step"] * accumulate, path.name
     history = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert [h["step"] for h in history] == [
         2,
