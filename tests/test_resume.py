@@ -170,7 +170,9 @@ def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
     train(compose_cfg(resumed))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
-    for path in (tmp_path / "resumed" / "checkpoints").glob("*.ckpt"):  # all at step ends, none mid-accumulation
+    for path in (tmp_path / "resumed" / "checkpoints").glob(
+        "*.ckpt"
+    ):  # all at step ends, none mid-accumulation
         ckpt = torch.load(path, weights_only=True)
         processed = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
         assert processed == ckpt["global_step"] * accumulate, path.name
