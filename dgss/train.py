@@ -61,6 +61,14 @@ def keep_wandb_run(cfg: DictConfig) -> str | None:
     return run_id
 
 
+def steps_to_batches(trainer_cfg: DictConfig) -> dict[str, int]:
+    """``trainer.val_check_interval`` counts optimizer steps, like ``max_steps`` and the periodic checkpoints; Lightning
+    counts batches, so with gradient accumulation it gets steps × ``accumulate_grad_batches`` (validation and
+    checkpoints then fall on the same step boundaries)."""
+    acc, every = trainer_cfg.get("accumulate_grad_batches", 1), trainer_cfg.get("val_check_interval")
+    return {"val_check_interval": every * acc} if acc > 1 and isinstance(every, int) else {}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     check_types(cfg)
@@ -80,7 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
         log.info("no logger configured: LearningRateMonitor dropped (it only writes to loggers)")
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **steps_to_batches(cfg.trainer)
+    )
     if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
         raise ConfigError(
             "trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact"
