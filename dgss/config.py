@@ -118,9 +118,8 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> An
     loggers are closed in every case."""
     try:
         return task(cfg)
-    except (
-        Preempted
-    ) as e:  # the checkpoint is written; the job is requeued or the user reruns with resume=auto
+    except Preempted as e:
+        # the checkpoint is written; the job is requeued or the user reruns with resume=auto
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:

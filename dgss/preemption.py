@@ -1,13 +1,14 @@
-"""Preemption: on SIGTERM or SIGUSR1 save a checkpoint at the next safe point, requeue the SLURM job, stop.
+"""Preemption: on SIGTERM, SIGUSR1 or SIGUSR2 save a checkpoint at the next safe point, requeue, stop.
 
-Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` before the time limit and SIGTERM on
-preemption (then SIGKILL after ``KillWait``), Kubernetes and cloud spot VMs send SIGTERM. The handler only notes the
-signal; the optimizer step in flight finishes (with gradient accumulation: the accumulation window), and at the end of the training batch (or of the validation batch, when the
-signal comes during validation in a single process) ``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the
-SLURM job is requeued when running in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one
-line and exits with status 0 when requeued, else 128 + the signal's number. The requeued job, or the same command with
-``resume=auto``, continues from that checkpoint exactly. Under DDP one rank receiving the signal is enough: the
-decision is reduced over ranks every step.
+Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` (submitit: USR2) before the time limit
+and SIGTERM on preemption (then SIGKILL after ``KillWait``); Kubernetes and cloud spot VMs send SIGTERM. The handler
+only notes the signal. The optimizer step in flight finishes (with gradient accumulation: its window); at the end
+of that training batch (or of the validation batch, when the signal comes during a single process's validation)
+``<dirpath>/preempted.ckpt`` is written (atomically, like every checkpoint), the SLURM job is requeued when running
+in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one line and exits with status 0 when
+requeued, else 128 + the signal's number. The requeued job, or the same command with ``resume=auto``, continues
+from that checkpoint exactly. Under DDP one rank receiving the signal is enough: the signal is reduced over the
+ranks every step.
 
 A checkpoint written during validation holds the training state of the last step (validation changes nothing of
 it); as for any checkpoint written at a validation step, Lightning's resumed run skips that validation (no partial

@@ -173,9 +173,8 @@ class DGSSDataModule(pl.LightningDataModule):
             sampler = self.rcs_sampler(data, gen)
         else:
             sampler = RandomSampler(data, generator=gen)
-        seeds = sampler = SeededSampler(
-            sampler, torch.Generator().manual_seed(self.seed), gen
-        )  # seeds before the split: one augmentation per draw, any world size
+        # seeds are attached before the split over ranks: one augmentation per draw, whatever the world size
+        seeds = sampler = SeededSampler(sampler, torch.Generator().manual_seed(self.seed), gen)
         dist = self._dist()
         if dist is not None:
             sampler = DistributedSamplerWrapper(sampler, num_replicas=dist[0], rank=dist[1], shuffle=False)

@@ -22,6 +22,13 @@ from torch.utils.data import Sampler
 _SEED_SPAN = 2**62
 
 
+class Draw(NamedTuple):
+    """One drawn training item and the seed its augmentation runs under."""
+
+    item: Any
+    seed: int
+
+
 class SeededSampler(Sampler):
     """Yields ``Draw(item, seed)`` for each item of ``sampler``.
 
@@ -74,13 +81,6 @@ class SkipSampler(Sampler):
             self.seeded.next_pass()
             batches = 0
         self.skip = batches
-
-
-class Draw(NamedTuple):
-    """One drawn training item and the seed its augmentation runs under."""
-
-    item: Any
-    seed: int
 
 
 @contextmanager

@@ -274,9 +274,7 @@ class SegmentationMethod(pl.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if (
-            "rng_states" in checkpoint and self._trainer is not None
-        ):  # resuming a fit, not loading for evaluation
+        if "rng_states" in checkpoint and self._trainer is not None:  # a fit resumes (not an evaluation)
             set_rng_states(checkpoint["rng_states"])
         meta = checkpoint.get("dgss", {})
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
