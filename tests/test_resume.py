@@ -94,13 +94,24 @@ def final_weights(folder):
 
 
 @pytest.mark.parametrize(
-    "method,crash", [("full", 3), ("full", 5), ("rein", 3), ("fishertune", 3), ("adaptformer", 3)]
+    "method,crash,workers",
+    [
+        ("full", 3, 0),
+        ("full", 5, 0),
+        ("full", 3, 2),
+        ("rein", 3, 0),
+        ("fishertune", 3, 0),
+        ("adaptformer", 3, 0),
+    ],
 )
-def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(compose_cfg, tmp_path, method, crash):
+def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(
+    compose_cfg, tmp_path, method, crash, workers
+):
     """6 steps straight vs a crash after step 3 (last checkpoint: step 2) or 5 (step 4, the end of a pass: 8 images
-    in batches of 2) + resume=auto: identical weights. Random scales, crops, flips, photometric distortion and
-    (AdaptFormer) dropout all draw from the random streams; the resumed runs cross a pass boundary."""
-    run = [*RESUMABLE, f"method={method}"]
+    in batches of 2) + resume=auto: identical weights, also with 2 loader workers (fresh ones after the restart).
+    Random scales, crops, flips, photometric distortion and (AdaptFormer) dropout all draw from the random streams;
+    the resumed runs cross a pass boundary."""
+    run = [*RESUMABLE, f"method={method}", f"data.num_workers={workers}"]
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     with pytest.raises(RuntimeError, match=f"crash after step {crash}"):
