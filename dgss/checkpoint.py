@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from dgss.io import atomic_path
+from dgss.io import atomic_path, remove_cut_off
 
 log = logging.getLogger("dgss.checkpoint")
 
@@ -65,9 +65,8 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
     if not folder.is_dir():
         return None
     if rank_zero_only.rank == 0:  # before the fit starts, so no rank is writing yet
-        for stale in folder.glob(".*.ckpt.*.tmp"):  # a save the previous process was killed in
-            log.info(f"resume=auto: removing {stale.name}, a checkpoint write that was cut off")
-            stale.unlink(missing_ok=True)
+        for stale in remove_cut_off(folder, "*.ckpt"):  # a save the previous process was killed in
+            log.info(f"resume=auto: removed {stale.name}, a checkpoint write that was cut off")
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
         if readable(path):
             return path

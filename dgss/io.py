@@ -20,3 +20,13 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_cut_off(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove the temporaries of ``atomic_path`` writes to ``folder/<name>`` that a kill cut off (only call it when
+    no process is writing there); returns the removed paths."""
+    folder = Path(folder)
+    removed = sorted(folder.glob(f".{name}.*.tmp")) if folder.is_dir() else []
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
+    return removed

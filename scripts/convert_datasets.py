@@ -41,7 +41,7 @@ from dgss.data.label_maps import (
     lookup_table,
     to_train_ids,
 )
-from dgss.io import atomic_path
+from dgss.io import atomic_path, remove_cut_off
 
 TRAIN_SUFFIX = "_labelTrainIds.png"
 CITYSCAPES_TABLE = lookup_table(CITYSCAPES_ID_TO_TRAIN)
@@ -192,12 +192,7 @@ PLANS = {"gta": plan_gta, "synthia": plan_synthia, "cityscapes": plan_cityscapes
 
 
 def _clean_stale(tasks: list[Task]) -> int:
-    n = 0
-    for folder in {t.dst.parent for t in tasks}:
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
-            tmp.unlink(missing_ok=True)
-            n += 1
-    return n
+    return sum(len(remove_cut_off(folder)) for folder in {t.dst.parent for t in tasks})
 
 
 def convert(dataset: str, root: str | Path, workers: int = 1, progress: bool = True) -> dict[str, int]:
