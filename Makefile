@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help install pretrain demo test test-all lint format bench docs clean
+.PHONY: help install pretrain demo test test-all lint format bench bench-gpu gpu-pack docs clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,16 @@ bench: install ## step overhead (Rein, FisherTune vs full fine-tuning), loader t
 	$(BIN)/python scripts/bench_rein.py
 	$(BIN)/python scripts/bench_fishertune.py
 	$(BIN)/python scripts/bench_loader.py
+
+# On a CUDA machine: python3 there if this tree has no .venv (an offline GPU image; see docs/benchmarks.md)
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+OUT ?= bench-gpu-out
+
+bench-gpu: ## on a CUDA machine: every method's step, the CLI end to end, slide inference (< 8 min; OUT=folder)
+	$(GPU_PYTHON) scripts/gpu_env.py bench $(OUT) $(BENCH_GPU_ARGS)
+
+gpu-pack: install ## here, with internet: wheels an offline GPU image lacks -> .gpu/ (carry it with the tree)
+	$(BIN)/python scripts/gpu_env.py pack
 
 docs: install ## re-render the synthetic-domain sample grid for docs/datasets.md
 	$(BIN)/python scripts/render_synthetic.py

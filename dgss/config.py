@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -73,13 +74,26 @@ def build_method(cfg: DictConfig):
     return hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")
 
 
+def wandb_installed() -> bool:
+    """wandb is optional: dgss imports it only where a WandbLogger is configured."""
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Every entry with a ``_target_`` in a callbacks / logger group."""
     if not group:
         return []
-    return [
-        hydra.utils.instantiate(v) for v in group.values() if isinstance(v, DictConfig) and "_target_" in v
-    ]
+    entries = {k: v for k, v in group.items() if isinstance(v, DictConfig) and "_target_" in v}
+    for key, v in entries.items():
+        if str(v._target_).endswith("WandbLogger") and not wandb_installed():
+            raise ConfigError(
+                f"logger.{key} needs the wandb package, which is not installed: pip install wandb, or log with "
+                "logger=csv or logger=tensorboard"
+            )
+    return [hydra.utils.instantiate(v) for v in entries.values()]
 
 
 def model_config(cfg: DictConfig) -> dict:
@@ -129,8 +143,6 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> An
         print(f"{prog}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if "wandb" in sys.modules:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
+        wandb = sys.modules.get("wandb")  # only where a run imported it (None: import blocked)
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()

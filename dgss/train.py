@@ -14,7 +14,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.checkpoint import find_resume_checkpoint
-from dgss.config import build_method, check_launch, check_types, instantiate_group, model_config, run_cli
+from dgss.config import (
+    build_method,
+    check_launch,
+    check_types,
+    instantiate_group,
+    model_config,
+    run_cli,
+    wandb_installed,
+)
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.train")
@@ -50,6 +58,8 @@ def keep_wandb_run(cfg: DictConfig) -> str | None:
     """One wandb run per run folder: the id is kept in ``<run>/wandb_run_id``, so a resumed run (resume=auto, the
     same ``run_name``, a requeued SLURM job) logs into the run it started, not a new one."""
     wb = OmegaConf.select(cfg, "logger.wandb")
+    if wb is not None and not wandb_installed():
+        return None  # instantiating the loggers says so in one line; nothing written
     if wb is None or wb.get("id"):
         return wb.get("id") if wb is not None else None
     path = Path(cfg.paths.output_dir) / "wandb_run_id"

@@ -19,15 +19,7 @@ import statistics
 import time
 
 import torch
-from benchmarks_md import append_row, device_name, rss_mb
-
-PEAK_BF16_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-}  # dense, no sparsity
+from benchmarks_md import append_row, device_name, peak_bf16_tflops, rss_mb
 
 
 def peak_tflops(a: argparse.Namespace) -> float | None:
@@ -35,8 +27,7 @@ def peak_tflops(a: argparse.Namespace) -> float | None:
         return a.peak_tflops
     if a.device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return peak_bf16_tflops(torch.cuda.get_device_name())
 
 
 def main() -> None:

@@ -40,6 +40,14 @@ def run_isolated(
     return results
 
 
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
 def device_name(device: str) -> str:
     import torch
 

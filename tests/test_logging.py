@@ -81,3 +81,30 @@ def test_fishertune_selection_reaches_wandb_as_table_plot_and_series(compose_cfg
     ), tables
     rows = (tmp_path / "fishertune_selection.csv").read_text().splitlines()
     assert rows[0] == "step,block,kind,selected,share" and {r.split(",")[0] for r in rows[1:]} == {"1"}
+
+
+def test_trains_without_wandb_installed_and_logger_wandb_says_so_in_one_line(
+    compose_cfg, tmp_path, monkeypatch
+):
+    """A GPU image without wandb: the default callbacks (wandb media, IoU tables) and the CSV / TensorBoard loggers
+    work; ``logger=wandb`` (or ``many``) stops before anything is written, naming the package and the choices."""
+    import sys
+
+    from dgss.config import run_cli
+    from dgss.errors import ConfigError
+
+    # `import wandb` raises ImportError, find_spec finds nothing
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    metrics = train(compose_cfg([*TINY, "logger=tensorboard"]))
+    assert metrics["val/mean_mIoU"] >= 0 and (tmp_path / "metrics.json").is_file()
+    assert not (tmp_path / "wandb_run_id").exists() and not (tmp_path / "wandb").exists()
+    out = tmp_path / "many"
+    cfg = compose_cfg([*TINY, "logger=many", f"paths.output_dir={out}"])
+    with pytest.raises(ConfigError, match=r"^logger\.wandb needs the wandb package, which is not installed: pip "
+                       r"install wandb, or log with logger=csv or logger=tensorboard$"):  # fmt: skip
+        train(cfg)
+    assert not out.exists()  # refused before the run folder got anything
+    # the CLI wrapper's one line and exit code (its finally survives no wandb)
+    with pytest.raises(SystemExit) as e:
+        run_cli(train, cfg, "dgss-train")
+    assert e.value.code == 2
