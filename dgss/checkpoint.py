@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,82 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from dgss.errors import ConfigError
 from dgss.io import atomic_path, remove_cut_off
 
 log = logging.getLogger("dgss.checkpoint")
 
 
+class UnreadableFile(ConfigError):
+    """A user's file that cannot be loaded; ``reason`` is the message without the file's name."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where} {reason}")
+        self.reason = reason
+
+
+def load_file(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> Any:
+    """``torch.load`` of a file a user names, safely: ``weights_only=True`` (tensors and plain containers only, so a
+    crafted file cannot run code), and every way it can fail as one :class:`ConfigError` line naming ``key``, the
+    file and the fix. dgss's own checkpoints hold only such types."""
+    path = Path(path).expanduser()
+    where = f"{key}={str(path)!r}"
+    if not path.exists():
+        raise UnreadableFile(where, "does not exist")
+    if not path.is_file():
+        raise UnreadableFile(where, "is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise UnreadableFile(where, "is empty (0 bytes): an interrupted copy or download? copy it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one line
+        msg = str(e)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if unsafe:
+            raise UnreadableFile(
+                where,
+                f"holds Python objects beyond tensors and plain containers ({unsafe.group(1)}); refused, since "
+                "loading it could run code. dgss checkpoints and state dicts never need that: if you trust the "
+                "file, re-save its tensors as a plain state dict (or .safetensors) and pass that",
+            ) from None
+        if mmap and "mmap" in msg:  # an old (non-zip) torch.save format: readable, just not memory-mapped
+            return load_file(path, key, mmap=False)
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)  # torch's own reason, not its advice
+        detail = (
+            detail.group(1) if detail else next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+        )
+        detail = f"{type(e).__name__}: {detail.split('. ')[0][:120]}" if detail else type(e).__name__
+        raise UnreadableFile(
+            where,
+            f"is not a readable PyTorch checkpoint, or it is truncated ({detail}); copy it again or point at "
+            "the right file",
+        ) from None
+
+
+def load_checkpoint_dict(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> dict:
+    """:func:`load_file` for a file that must be a dict (a Lightning checkpoint or a state dict)."""
+    obj = load_file(path, key, mmap=mmap)
+    if not isinstance(obj, dict):
+        raise UnreadableFile(
+            f"{key}={str(path)!r}", f"holds a {type(obj).__name__}, not a checkpoint (a dict)"
+        )
+    return obj
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Local checkpoints written atomically (temporary in the same folder + fsync + ``os.replace``)."""
+    """Local checkpoints written atomically (temporary in the same folder + fsync + ``os.replace``), read back with
+    :func:`load_file` (``weights_only``; one-line errors)."""
+
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
+        ckpt = load_checkpoint_dict(path)
+        if "state_dict" not in ckpt:
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no state_dict): resume from a "
+                "checkpoints/*.ckpt of a run; to start from backbone weights use backbone.weights=<file>"
+            )
+        return ckpt
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -49,13 +119,14 @@ class StepCheckpoint(ModelCheckpoint):
 
 def readable(path: Path) -> bool:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return isinstance(ckpt, dict) and "state_dict" in ckpt
-    except Exception as e:  # noqa: BLE001 - any unreadable file is skipped with the reason
-        rank_zero_warn(
-            f"resume=auto: {path} is unreadable ({type(e).__name__}: {e}); trying the previous checkpoint"
-        )
+        ckpt = load_checkpoint_dict(path, key="checkpoint", mmap=True)
+    except UnreadableFile as e:  # any unreadable file is skipped with the reason
+        rank_zero_warn(f"resume=auto: {path} is unreadable (it {e.reason}); trying the previous checkpoint")
         return False
+    if "state_dict" not in ckpt:
+        rank_zero_warn(f"resume=auto: {path} holds no state_dict; trying the previous checkpoint")
+        return False
+    return True
 
 
 def find_resume_checkpoint(folder: str | Path) -> Path | None:

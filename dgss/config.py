@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import hydra
@@ -24,6 +26,22 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 # a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps
 OmegaConf.register_new_resolver("steps", lambda x, f: max(1, int(round(float(x) * float(f)))), replace=True)
+
+GENERATED_RUN_FOLDERS: set[str] = set()  # folder names run_folder() made up in this process
+
+
+def run_folder(run_name: str | None) -> str:
+    """The run folder's name: ``run_name``, else ``<date>_<time>_<6 hex digits>``, new for every run. The random part
+    keeps runs that start in the same second apart (a sweep, an array job); Hydra caches the value per config and
+    copies the cache into every sweep job's config, so one run sees one name."""
+    if run_name not in (None, ""):
+        return str(run_name)
+    name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+    GENERATED_RUN_FOLDERS.add(name)
+    return name
+
+
+OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replace=True)
 
 MODEL_KEYS = ("backbone", "head", "method")
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dgss.callbacks import IoUTables, SkippedSamples
+from dgss.checkpoint import load_checkpoint_dict
 from dgss.config import build_method, check_types, instantiate_group, run_cli
 from dgss.errors import ConfigError
 
@@ -28,9 +28,7 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
     (``experiment=rein``): the method is built from it and the release's tensors imported.
     """
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_dict(path, "ckpt_path")
     official = "dgss_config" not in ckpt
     if official:
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}

@@ -8,13 +8,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from dgss.data.classes import IGNORE_INDEX
 
 
 class DomainIoU(nn.Module):
-    """One ``MulticlassJaccardIndex`` (per-class, NaN where a class is absent from label and prediction) per domain."""
+    """One ``MulticlassJaccardIndex`` (per-class, NaN where a class is absent from label and prediction) per domain,
+    and per domain the number of images scored and of images skipped (unreadable, ``on_bad: skip``)."""
 
     def __init__(self, domains: Sequence[str], num_classes: int, ignore_index: int = IGNORE_INDEX):
         super().__init__()
@@ -26,9 +28,22 @@ class DomainIoU(nn.Module):
             )
             for _ in self.domains
         )  # fmt: skip
+        self.images = nn.ModuleList(SumMetric() for _ in self.domains)
+        self.skipped = nn.ModuleList(SumMetric() for _ in self.domains)
 
     def update(self, domain_idx: int, preds: torch.Tensor, target: torch.Tensor) -> None:
         self.metrics[domain_idx].update(preds, target)
+        self.images[domain_idx].update(float(preds.shape[0]))
+
+    def skip(self, domain_idx: int, n: int) -> None:
+        self.skipped[domain_idx].update(float(n))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{domain: {"images": scored, "skipped": left out}}`` (summed over ranks)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+            return {d: {"images": int(i.compute()), "skipped": int(k.compute())}
+                    for d, i, k in zip(self.domains, self.images, self.skipped)}  # fmt: skip
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Per-class IoU in [0, 1] for every domain (all ranks compute all of them: the sync is collective)."""
@@ -37,7 +52,7 @@ class DomainIoU(nn.Module):
             return {d: m.compute() for d, m in zip(self.domains, self.metrics)}
 
     def reset(self) -> None:
-        for m in self.metrics:
+        for m in (*self.metrics, *self.images, *self.skipped):
             m.reset()
 
 

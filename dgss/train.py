@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.checkpoint import find_resume_checkpoint
 from dgss.config import (
+    GENERATED_RUN_FOLDERS,
     build_method,
     check_launch,
     check_types,
@@ -47,6 +48,11 @@ def resume_from(cfg: DictConfig) -> str | None:
         return None
     if resume != "auto":
         raise ConfigError(f"resume={resume!r}; use resume=auto (or ckpt_path=<file> for a given checkpoint)")
+    if set(Path(cfg.paths.output_dir).parts) & GENERATED_RUN_FOLDERS:
+        raise ConfigError(
+            "resume=auto needs run_name=<name>: without it every run gets a new folder, so there is nothing to "
+            "continue; give the run a name on its first start and on every rerun (logs/<task>/runs/<name>)"
+        )
     found = find_resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
     log.info(
         f"resume=auto: {'continuing from ' + str(found) if found else 'no checkpoint yet, starting fresh'}"

@@ -22,11 +22,12 @@ def merge(ckpt_path: str | Path, out: str | Path, backbone_weights: str | None =
     import torch
     from omegaconf import OmegaConf
 
+    from dgss.checkpoint import load_checkpoint_dict
     from dgss.eval import load_method
     from dgss.io import atomic_path
 
     method, saved = load_method(str(ckpt_path), backbone_weights)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_dict(ckpt_path)
     identity = method.backbone.identity
     ckpt["state_dict"] = {k: v.detach().cpu() for k, v in method.state_dict().items()}
     cfg = OmegaConf.to_container(saved, resolve=True)

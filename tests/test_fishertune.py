@@ -364,3 +364,42 @@ def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
     for which in ("x", "p"):
         assert all(torch.isfinite(v).all() for v in m.fisher[which].values()), which
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identical(tmp_path):
+    """Step 2 is a statistic step: its perturbed pass is finite, its clean pass NaN. Nothing of it may enter the
+    Fisher estimates, the perturbation magnitudes or the counts (nor the weights and Adam moments)."""
+    torch.manual_seed(0)
+    m = fishertune(schedule={**SCHED, "growth_end": 100})
+    assert m.is_stat_step(2)
+    loss, calls, seen = m._loss, [], {}
+
+    def patched(batch):  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
+        calls.append(None)
+        out = loss(batch)
+        return out * float("nan") if len(calls) == 4 else out
+
+    m._loss = patched
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[batch_idx] = {
+                "fisher": {w: {n: v.clone() for n, v in d.items()} for w, d in pl_module.fisher.items()},
+                "eps": pl_module.eps_ema.clone(), "counts": dict(pl_module.stat_counts),
+                "weights": snapshot(pl_module),
+                "adam": {n: {k: v.clone() for k, v in st.items()} for n, st in pl_module.selected_opt.state.items()},
+            }  # fmt: skip
+
+    with pytest.warns(UserWarning, match="non-finite loss at step 2"):
+        trainer(tmp_path, steps=4, callbacks=[Look()], limit_val_batches=0).fit(m, make_dm())
+    before, after = seen[1], seen[2]
+    assert after["counts"] == before["counts"] and torch.equal(after["eps"], before["eps"])
+    assert after["fisher"].keys() == before["fisher"].keys()
+    for w in before["fisher"]:
+        for n, v in before["fisher"][w].items():
+            assert torch.equal(v, after["fisher"][w][n]), (w, n)
+    for k, v in before["weights"].items():
+        assert torch.equal(v, after["weights"][k]), k
+    for n, st in before["adam"].items():
+        assert all(torch.equal(v, after["adam"][n][k]) for k, v in st.items()), n
+    assert seen[3]["counts"]["p"] == before["counts"]["p"] + 1  # step 3 (statistics) goes through

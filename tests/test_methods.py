@@ -4,6 +4,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dgss.data.datamodule import DGSSDataModule
 from dgss.data.synthetic import SyntheticDomain
@@ -33,8 +34,9 @@ def make_dm(n_train=8, n_val=3, **kw):
 
 
 def trainer(tmp_path, steps=3, **kw):
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in kw.get("callbacks", []))
     return pl.Trainer(accelerator="cpu", max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      logger=False, enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)  # fmt: skip
 
 
@@ -184,11 +186,60 @@ def test_nonfinite_loss_skips_the_step_and_k_in_a_row_abort(tmp_path):
     m = make_method(FullFineTune, max_nonfinite=3)
     _nan_at(m, set(range(1, 100)))
     with pytest.raises(
-        TrainingAborted, match=r"3 non-finite losses in a row at step 3 .*max_nonfinite=3"
+        TrainingAborted, match=r"3 non-finite losses or gradients in a row at step 3 .*max_nonfinite=3"
     ) as e:
         with pytest.warns(UserWarning):
             trainer(tmp_path, steps=6, limit_val_batches=0).fit(m, datamodule=make_dm())
-    assert user_error(e.value).startswith("3 non-finite losses in a row")  # the CLI prints it as one line
+    assert user_error(e.value).startswith("3 non-finite losses or gradients in a row")  # one line in the CLI
+
+
+def _state(trainer, method):
+    """Everything a step may change: parameters, buffers (batch-norm statistics), the optimizer's per-tensor state."""
+    opt = trainer.optimizers[0].state_dict()
+    return {**{k: v.detach().clone() for k, v in method.state_dict().items()},
+            **{f"opt.{i}.{k}": v.clone() for i, st in opt["state"].items() for k, v in st.items()}}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", ["input", "gradient"])
+def test_a_nonfinite_step_leaves_parameters_buffers_and_optimizer_state_bit_identical(tmp_path, fault):
+    """NaN images poison a forward in training mode (the light head's batch norms update their running statistics
+    before the loss exists); an inf gradient from a finite loss poisons AdamW. Either way the skipped steps change
+    nothing, and the checkpoints written during the streak hold only finite tensors."""
+    torch.manual_seed(0)
+    m = make_method(FullFineTune, max_nonfinite=5)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()), "the test needs running statistics"
+    bad = {2, 3}  # optimizer steps 2 and 3 (0-based batches) are non-finite
+    states = {}
+
+    class Fault(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if fault == "input" and batch_idx in bad:
+                batch["image"][0, :, :4] = float("nan")
+            if fault == "gradient" and batch_idx in bad:
+                w = pl_module.head.classifier.weight
+                self.handle = w.register_hook(lambda g: g * float("inf"))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if getattr(self, "handle", None) is not None:
+                self.handle.remove()
+                self.handle = None
+            states[batch_idx] = _state(trainer, pl_module)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    t = trainer(tmp_path, steps=5, limit_val_batches=0, callbacks=[Fault(), ckpt])
+    with pytest.warns(
+        UserWarning, match=rf"non-finite {'loss' if fault == 'input' else 'gradients'} at step 2"
+    ):
+        t.fit(m, datamodule=make_dm(n_train=16))
+    assert m.nonfinite == {"total": 2, "streak": 0} and t.global_step == 5
+    for k, v in states[1].items():  # after the streak: exactly the state before it
+        assert torch.equal(v, states[2][k]) and torch.equal(v, states[3][k]), k
+    assert any(not torch.equal(v, states[4][k]) for k, v in states[1].items())  # the next step trains
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(saved) == 5
+    for path in saved:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
 
 
 def test_gradient_accumulation_keeps_the_schedule_on_optimizer_steps(tmp_path):

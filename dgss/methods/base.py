@@ -40,6 +40,17 @@ DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_tok
                     "query_embed")  # fmt: skip
 
 
+def check_same_method(checkpoint: dict, cls: type) -> None:
+    """A dgss checkpoint names the method it was trained with; loading it into another is a user error."""
+    saved = ((checkpoint.get("dgss_config") or {}).get("method") or {}).get("_target_")
+    ours = f"{cls.__module__}.{cls.__name__}"
+    if saved and saved != ours:
+        raise ConfigError(
+            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {cls.__name__}: resume it "
+            f"with the method (experiment) it was trained with, or evaluate it with dgss-eval ckpt_path=<file>"
+        )
+
+
 class SegmentationMethod(pl.LightningModule):
     """Backbone + head with a tuning recipe.
 
@@ -99,6 +110,9 @@ class SegmentationMethod(pl.LightningModule):
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None
         self.last_val: dict[str, torch.Tensor] = {}  # per-class IoU of the last validation, for callbacks
+        self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
+        self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
+        self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
         self._eval_modules: list[nn.Module] = []
         self.configure_tuning()
 
@@ -128,35 +142,83 @@ class SegmentationMethod(pl.LightningModule):
         return inference.predict(fn, images, out_size, self.backbone.patch_size, **self.inference_cfg)
 
     # ---------------------------------------------------------------------------------- steps
-    def loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """The non-finite-loss guard: False (skip the step) when the loss is NaN / inf on any rank; counts, logs and
-        warns; ``max_nonfinite`` in a row raise :class:`TrainingAborted`."""
-        finite = bool(torch.isfinite(loss.detach()).all())
+    def running_buffers(self) -> list[torch.Tensor]:
+        """The buffers a forward in training mode changes: running statistics of batch norms that train."""
+        return [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
+
+    def save_buffers(self) -> None:
+        """Before a step's first forward (of an accumulation window): what a skipped step restores."""
+        if self._saved_buffers is None:
+            self._saved_buffers = [b.detach().clone() for b in self.running_buffers()]
+
+    def restore_buffers(self) -> None:
+        """A skipped step leaves no trace: running statistics back to their values before its forward."""
+        if self._saved_buffers is not None:
+            with torch.no_grad():
+                for b, saved in zip(self.running_buffers(), self._saved_buffers):
+                    b.copy_(saved)
+        self._saved_buffers = None
+
+    def step_is_finite(self, value: torch.Tensor | None, what: str = "loss") -> bool:
+        """The non-finite guard: False (skip the step) when ``value`` (the loss; None = the gradients' norms) is NaN
+        / inf on any rank. A skipped step changes no parameter, buffer or optimizer state (its running statistics
+        are restored, its gradients dropped); it is counted, logged and warned about, and ``max_nonfinite`` in a row
+        raise :class:`TrainingAborted`. The iteration still counts, so the schedule stays on the step axis."""
+        finite = bool(torch.isfinite(value.detach()).all()) if value is not None else True
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:  # every rank skips together, or DDP would hang
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
-            self.nonfinite["streak"] = 0
             return True
+        self.restore_buffers()
+        for p in self.parameters():
+            p.grad = None
+        self._skip_window = True
         self.nonfinite["total"] += 1
         self.nonfinite["streak"] += 1
         n, total = self.nonfinite["streak"], self.nonfinite["total"]
         if trainer is not None:
             self.log("train/nonfinite_skipped", float(total), batch_size=1)
         rank_zero_warn(
-            f"non-finite loss at step {self.global_step}: step skipped ({n} in a row, {total} in all)"
+            f"non-finite {what} at step {self.global_step}: step skipped ({n} in a row, {total} in all)"
         )
         if n >= self.max_nonfinite:
             raise TrainingAborted(
-                f"{n} non-finite losses in a row at step {self.global_step} (method.max_nonfinite={self.max_nonfinite}); "
-                "the checkpoints saved before them are kept: lower the learning rate, or resume from the last one"
+                f"{n} non-finite losses or gradients in a row at step {self.global_step} (method.max_nonfinite="
+                f"{self.max_nonfinite}); the model and every checkpoint hold the weights from before them: lower "
+                "method.optimizer.lr, set trainer.gradient_clip_val or check the data, then resume=auto"
             )
         return False
 
+    loss_is_finite = step_is_finite
+
+    def step_done(self) -> None:
+        """An update went through: the streak ends and the saved running statistics are dropped."""
+        self.nonfinite["streak"] = 0
+        self._saved_buffers = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The end of an accumulation window: a window with a non-finite loss updates nothing (its gradients were
+        dropped); gradients that overflowed from a finite loss skip the update the same way (under fp16 Lightning's
+        grad scaler does that itself)."""
+        if self._skip_window:
+            self._skip_window = False
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not str(self.trainer.precision).startswith("16"):
+            if not self.step_is_finite(torch.stack(torch._foreach_norm(grads)).sum(), "gradients"):
+                self._skip_window = False  # the window ends here
+                return
+        self.step_done()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self._skip_window:  # an earlier micro-batch of this accumulation window was non-finite
+            return None
+        self.save_buffers()
         losses = self.head.loss(self(batch["image"]), batch["label"])
         loss = sum(losses.values())
-        if not self.loss_is_finite(loss):
+        if not self.step_is_finite(loss):
             return (
                 None  # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
             )
@@ -187,7 +249,12 @@ class SegmentationMethod(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_iou.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
+        skipped = batch.get("skipped")
+        if skipped is not None and int(torch.as_tensor(skipped).sum()):
+            self.val_iou.skip(dataloader_idx, int(torch.as_tensor(skipped).sum()))
+        if batch["image"] is None:  # every image of the batch was unreadable (on_bad: skip): nothing to score
+            return None
         label = batch["label"]
         pred = self.predict_logits(batch["image"], label.shape[-2:]).argmax(1)
         self.val_iou.update(dataloader_idx, pred, label)
@@ -195,6 +262,7 @@ class SegmentationMethod(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         per_class = self.val_iou.compute()
+        self.last_counts = self.val_iou.counts()
         self.last_val = {d: v.detach().cpu() for d, v in per_class.items()}
         scores = summarize(self.last_val, self.mean_domains)
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=False, rank_zero_only=False)
@@ -274,6 +342,7 @@ class SegmentationMethod(pl.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_same_method(checkpoint, type(self))
         if "rng_states" in checkpoint and self._trainer is not None:  # a fit resumes (not an evaluation)
             set_rng_states(checkpoint["rng_states"])
         meta = checkpoint.get("dgss", {})

@@ -340,15 +340,19 @@ class FisherTune(SegmentationMethod):
         self.stat_counts[which] += 1
 
     def _skip_step(self, opt, sched) -> None:
-        """A non-finite loss: no update, but the iteration counts (as automatic optimisation does it)."""
+        """A non-finite loss or gradient: no update, no statistic (running statistics restored by the guard), but the
+        iteration counts (as automatic optimisation does it)."""
         self._zero_grads()
         opt.step()  # no gradients: advances global_step only
         sched.step()
         return None
 
-    def _perturbed_pass(self, batch: dict, t: int, weight: float, with_head: bool) -> dict | None:
+    def _perturbed_pass(
+        self, batch: dict, t: int, weight: float, with_head: bool
+    ) -> tuple[dict, torch.Tensor] | None:
         """Gradients of the loss on x′ (parameter -> gradient), by autograd.grad: one backward per DDP forward
-        stays the clean pass's, so DDP's reducer syncs exactly that one."""
+        stays the clean pass's, so DDP's reducer syncs exactly that one. Also the perturbation's magnitudes; both
+        enter the statistics only once the clean pass is finite too (a skipped step leaves no trace)."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         with self.perturbation.active(seed=seed):
             loss_p = self._loss(batch)
@@ -365,13 +369,15 @@ class FisherTune(SegmentationMethod):
         mag = self.perturbation.magnitudes().to(self.device)
         if self.trainer.world_size > 1:
             mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
+        return out, mag
+
+    def _accumulate_eps(self, mag: torch.Tensor) -> None:
         beta = self.ft["fisher"]["ema_decay"]
         self.eps_ema = self.eps_ema.to(self.device)
         self.eps_ema = (
             self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
         )
         self.stat_counts["eps"] += 1
-        return out
 
     def _debias(self, n: int) -> float:
         """Factor that turns an accumulated statistic after n updates into the estimate (0 before any)."""
@@ -394,22 +400,29 @@ class FisherTune(SegmentationMethod):
         stats = growing and self.is_stat_step(t)
         aug = stats and self.ft["perturb"]["train_aug"]
         w = 0.5 if aug else 1.0
+        self.save_buffers()
         perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
         if stats:
-            perturbed = self._perturbed_pass(batch, t, w, with_head=aug)
-            if perturbed is None:
+            result = self._perturbed_pass(batch, t, w, with_head=aug)
+            if result is None:
                 return self._skip_step(opt, sched)
-            by_name = {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}
-            self._accumulate("p", by_name, 1.0 / w)
-            del by_name
-            if not aug:
-                perturbed = {}  # free them before the clean pass
+            perturbed, mag = result
         loss = self._loss(batch)
         if not self.loss_is_finite(loss):
             return self._skip_step(opt, sched)
         self.manual_backward(loss * w)
         self._all_reduce_mean(self._backbone_grads().values())
-        if stats:
+        grads = [p.grad for p in self.parameters() if p.grad is not None] + list(perturbed.values())
+        if grads and not self.step_is_finite(torch.stack(torch._foreach_norm(grads)).sum(), "gradients"):
+            return self._skip_step(opt, sched)
+        del grads
+        if stats:  # both passes finite: the statistics take them
+            self._accumulate(
+                "p", {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}, 1.0 / w
+            )
+            self._accumulate_eps(mag)
+            if not aug:
+                perturbed = {}
             self._accumulate("x", self._backbone_grads(), 1.0 / w)
             for p, g in perturbed.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
                 p.grad = g if p.grad is None else p.grad.add_(g)
