@@ -53,7 +53,9 @@ def _protocol(trainer: pl.Trainer, pl_module: pl.LightningModule, domain: str) -
     ds = getattr(dm, "targets", {}).get(domain)
     size = getattr(getattr(ds, "transform", None), "size", None)
     inference = getattr(pl_module, "inference_cfg", None)
-    out = {"images": len(ds) if ds is not None else None, "test_size": list(size) if size else "native"}
+    counts = getattr(pl_module, "last_counts", {}).get(domain)  # scored / left out (on_bad: skip) in this run
+    out = {"images": counts["images"] if counts else (len(ds) if ds is not None else None),
+           "skipped": counts["skipped"] if counts else 0, "test_size": list(size) if size else "native"}  # fmt: skip
     return {**out, "inference": dict(inference)} if inference else out
 
 
@@ -194,7 +196,7 @@ class WandbMedia(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or _wandb(trainer) is None:
+        if trainer.sanity_checking or not trainer.is_global_zero or _wandb(trainer) is None or not outputs:
             return
         domain = pl_module.domains[dataloader_idx]
         buf = self._buffer.setdefault(domain, [])

@@ -119,6 +119,19 @@ def model_config(cfg: DictConfig) -> dict:
     return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in (*MODEL_KEYS, "data") if k in cfg}
 
 
+def first_line(err: BaseException) -> str:
+    """An error's message as one line. An error raised in a DataLoader worker arrives as "Caught ConfigError in
+    DataLoader worker process 1." plus the worker's traceback: its own message (which names the file) is the last
+    line of that traceback."""
+    text = str(err).strip()
+    worker = re.match(r"Caught (\w+) in DataLoader worker process \d+\.", text)
+    if worker:
+        found = re.findall(rf"^(?:[\w.]+\.)?{worker.group(1)}: (.+)$", text, re.M)
+        if found:
+            return found[-1].strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def user_error(e: BaseException) -> str | None:
     """The one-line message for an error caused by user input, else None (a bug: show the traceback)."""
     chain, full_key = [], None
@@ -130,13 +143,13 @@ def user_error(e: BaseException) -> str | None:
             full_key = str(err).rsplit("full_key:", 1)[1].strip().splitlines()[0]
     for err in chain:
         if isinstance(err, (ConfigError, TrainingAborted, MisconfigurationException)):
-            return str(err).strip().splitlines()[0]
+            return first_line(err)
     for err in chain:
         if isinstance(err, InstantiationException) and err.__cause__ is None:
-            return str(err).strip().splitlines()[0]
+            return first_line(err)
     for err in chain[1:]:
         if isinstance(err, (TypeError, ValueError)) and full_key:
-            msg = str(err).strip().splitlines()[0]
+            msg = first_line(err)
             m = re.search(r"unexpected keyword argument '(\w+)'", msg)
             if m:  # e.g. experiment=demo (FisherTune keys) with method=frozen
                 return (f"{full_key} does not take the key {m.group(1)!r} (set for another {full_key} by an "

@@ -184,3 +184,67 @@ def test_gta_official_split_from_split_mat(tmp_path):
         "00004.png",
     ]
     assert [p[0].name for p in RealDataset("gta", "test", tmp_path).pairs] == ["00005.png"]
+
+
+def test_evaluation_with_on_bad_skip_scores_each_readable_image_once(tmp_path):
+    """Four target images, the third's label broken: with on_bad=skip the IoU is exactly that of the other three
+    (not the fourth counted twice), and metrics.json says 3 images scored, 1 skipped."""
+    import json
+
+    import lightning.pytorch as pl
+    import torch
+    from test_methods import make_method
+
+    from dgss.callbacks import IoUTables
+    from dgss.data.datamodule import DGSSDataModule
+    from dgss.data.synthetic import SyntheticDomain
+    from dgss.data.transforms import TestPipeline
+    from dgss.methods.frozen import FrozenBackbone
+
+    rng = np.random.default_rng(1)
+    for n in range(4):  # labels differ per image, so counting one twice changes the IoU
+        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png", size=(64, 32),
+                    values=tuple(rng.integers(0, 19, 9).tolist()) + (255,))  # fmt: skip
+    (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"broken")
+    target = RealDataset("gta", "all", tmp_path, on_bad="skip")
+    dm = DGSSDataModule(sources={"s": SyntheticDomain("game", "train", 4, 32, 64)}, targets={"t": target},
+                        test_pipeline=TestPipeline(), val_batch_size=2, num_workers=0, pin_memory=False)  # fmt: skip
+    torch.manual_seed(0)
+    m = make_method(FrozenBackbone)
+    dm.set_normalization(*m.backbone.normalization)
+    out = tmp_path / "run"
+    pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[IoUTables(out, console=False)]).validate(m, datamodule=dm)  # fmt: skip
+    assert m.last_counts == {"t": {"images": 3, "skipped": 1}}
+    conf = np.zeros((19, 19), np.int64)  # the reference: a confusion matrix over the three readable images
+    m.eval()
+    with torch.no_grad():
+        for n in (0, 1, 3):
+            s = target[n]
+            pred = m.predict_logits(s["image"][None], s["label"].shape).argmax(1)[0].numpy()
+            lab = s["label"].numpy()
+            keep = lab != 255
+            np.add.at(conf, (lab[keep], pred[keep]), 1)
+    inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
+    want = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    np.testing.assert_allclose(m.last_val["t"].numpy(), want, rtol=1e-6)
+    saved = json.loads((out / "metrics.json").read_text())[-1]["domains"]["t"]
+    assert saved["images"] == 3 and saved["skipped"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
+    """Torch re-raises a worker's error as "Caught ConfigError in DataLoader worker process 1." + a traceback; the
+    one line dgss prints is the worker's own message, naming the file."""
+    import torch
+
+    from dgss.config import user_error
+
+    for n in range(4):
+        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
+    (tmp_path / "gta/labels/3_labelTrainIds.png").write_bytes(b"broken")
+    loader = torch.utils.data.DataLoader(RealDataset("gta", "all", tmp_path), batch_size=1, num_workers=workers)
+    with pytest.raises(ConfigError) as e:
+        list(loader)
+    msg = user_error(e.value)
+    assert msg.startswith("cannot read ") and "3_labelTrainIds.png" in msg and "\n" not in msg, msg

@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import (
+    default_collate,
     ConcatDataset,
     DataLoader,
     Dataset,
@@ -48,6 +49,17 @@ class _Sources(ConcatDataset):
         local = index - (self.cumulative_sizes[d - 1] if d else 0)
         with seeded(seed):
             return self.datasets[d][local if prefer is None else (local, prefer)]
+
+
+def collate_eval(samples: list[dict]) -> dict:
+    """``default_collate`` of the readable samples; the unreadable ones (``image`` None: ``on_bad: skip``) are left
+    out and counted in ``skipped`` (a 0-d tensor); ``image`` is None when none of the batch was readable."""
+    kept = [s for s in samples if s.get("image") is not None]
+    skipped = sum(int(s.get("skipped", 0)) for s in samples)
+    batch = default_collate([{k: v for k, v in s.items() if k != "skipped"} for s in kept]) if kept else {
+        "image": None, "label": None, "name": []}  # fmt: skip
+    batch["skipped"] = torch.tensor(skipped)
+    return batch
 
 
 class DGSSDataModule(pl.LightningDataModule):
@@ -110,6 +122,8 @@ class DGSSDataModule(pl.LightningDataModule):
         for ds in self.sources.values():
             ds.transform = self.train_pipeline
         for ds in self.targets.values():
+            if hasattr(ds, "substitute"):  # an unreadable evaluation image is left out, not replaced
+                ds.substitute = False
             size = getattr(ds, "test_size", None)  # a data set's own test resolution wins
             ds.transform = self.test_pipeline.with_size(size) if size else self.test_pipeline
         self.classes = ClassSet.build(num_classes, class_names, palette)
@@ -228,7 +242,7 @@ class DGSSDataModule(pl.LightningDataModule):
         sampler = (UnrepeatedDistributedSampler(ds, num_replicas=dist[0], rank=dist[1], shuffle=False)
                    if dist is not None else SequentialSampler(ds))  # fmt: skip
         return DataLoader(ds, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, generator=self._loader_generator(),
+                          pin_memory=self.pin_memory, generator=self._loader_generator(), collate_fn=collate_eval,
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -126,7 +126,11 @@ def _read(path: Path, mode: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.array(im.convert(mode) if mode == "RGB" else im)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise ConfigError(f"cannot read {path}: {e}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"cannot read {path} ({reason}): unpack or convert it again, or leave bad files out with the data "
+            "set's on_bad: skip"
+        ) from None
 
 
 class RealDataset(torch.utils.data.Dataset):
@@ -138,7 +142,9 @@ class RealDataset(torch.utils.data.Dataset):
             (ACDC: fog, night, rain, snow or all).
         root: the data root.
         num_classes: label values must lie in 0..num_classes−1 or be 255.
-        on_bad: ``error`` (default) or ``skip`` (count in ``skipped``, serve the next good sample).
+        on_bad: ``error`` (default) or ``skip``: a training sample is replaced by the next good one, an evaluation
+            sample (``substitute = False``, set by the DataModule for targets) is left out; either way counted in
+            ``skipped``, so an evaluation scores every readable image once and no image twice.
         test_size: (long, short) the image is resized to fit at evaluation (Rein protocol: Cityscapes 1024×512,
             BDD100K 1280×720); the label keeps its full resolution. ``None``: the DataModule's test pipeline.
         transform: ``transform(image, label)`` on uint8 CHW / HW tensors.
@@ -159,6 +165,7 @@ class RealDataset(torch.utils.data.Dataset):
         self.num_classes, self.on_bad, self.transform = num_classes, on_bad, transform
         self.test_size = tuple(test_size) if test_size else None
         self.skipped = 0
+        self.substitute = True
         expected = self.layout.describe(self.root)
         if not self.root.is_dir():
             raise ConfigError(
@@ -239,6 +246,9 @@ class RealDataset(torch.utils.data.Dataset):
                 if self.on_bad == "error":
                     raise
                 self.skipped += 1  # in this process (a loader worker); each sample also carries its own count
+                if not self.substitute:  # evaluation: left out (collate_eval drops it), never another image
+                    return {"image": None, "label": None, "name": f"{self.dataset}/{self.pairs[j][0].name}",
+                            "skipped": 1}  # fmt: skip
         else:
             raise ConfigError(f"{self.dataset} split {self.split!r}: no readable sample (on_bad=skip)")
         img = torch.from_numpy(image).permute(2, 0, 1)  # channels-last view: the resize is faster on it
