@@ -251,3 +251,26 @@ def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_
     for run in ("killed", "termed"):
         got = final_weights(tmp_path / run)
         assert not [k for k in want if not torch.equal(want[k], got[k])], run
+
+
+def test_resume_keeps_the_csv_history_and_ends_with_the_straight_runs_rows(compose_cfg, tmp_path):
+    """Lightning's CSV logger deleted metrics.csv when a resumed run reopened the folder: the loss curve and the
+    validations before the crash were gone. Now a crash after step 3 + resume=auto leaves the same rows (step,
+    loss, mIoU) as 6 steps straight: the history before the checkpoint kept, the lost steps logged once."""
+    import csv
+
+    def rows(folder):
+        with (folder / "csv" / "metrics.csv").open() as f:
+            return [(int(r["step"]), r.get("train/loss", ""), r.get("val/mean_mIoU", ""))
+                    for r in csv.DictReader(f) if r.get("train/loss") or r.get("val/mean_mIoU")]  # fmt: skip
+
+    run = [o for o in RESUMABLE if o != "~logger"] + ["method=full", "logger=csv", "trainer.log_every_n_steps=1"]
+    train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
+    resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train(compose_cfg([*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]))
+    before = rows(tmp_path / "resumed")
+    assert [s for s, *_ in before] == [0, 1, 1, 2]  # steps 0-2 trained, the validation at step 2 logged as 1
+    train(compose_cfg(resumed))
+    straight = rows(tmp_path / "straight")
+    assert rows(tmp_path / "resumed") == straight and len(straight) == 9  # 6 losses + 3 validations
