@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -13,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dgss.checkpoint import find_resume_checkpoint
+from dgss.checkpoint import find_resume_checkpoint, load_checkpoint_dict
 from dgss.config import (
     GENERATED_RUN_FOLDERS,
     build_method,
@@ -25,6 +26,7 @@ from dgss.config import (
     wandb_installed,
 )
 from dgss.errors import ConfigError
+from dgss.methods.base import check_same_method
 
 log = logging.getLogger("dgss.train")
 
@@ -85,9 +87,58 @@ def steps_to_batches(trainer_cfg: DictConfig) -> dict[str, int]:
     return {"val_check_interval": every * acc} if acc > 1 and isinstance(every, int) else {}
 
 
+def check_schedule(trainer_cfg: DictConfig) -> None:
+    """Mistakes that would otherwise show only at the end of a whole run."""
+    steps, every = trainer_cfg.get("max_steps"), trainer_cfg.get("val_check_interval")
+    if (
+        isinstance(steps, int)
+        and steps > 0
+        and isinstance(every, int)
+        and not isinstance(every, bool)
+        and every > steps
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval={every} is past trainer.max_steps={steps}: the run would never validate "
+            f"nor write its periodic checkpoints; set trainer.val_check_interval <= {steps}"
+        )
+
+
+def check_resume(cfg: DictConfig, path: str) -> int:
+    """Read the checkpoint to resume from before anything is built (memory-mapped: cheap): unreadable, unsafe, not
+    dgss-train's or another method's -> one line. Returns the step it was saved at."""
+    ckpt = load_checkpoint_dict(path, "ckpt_path", mmap=True)
+    if "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise ConfigError(
+            f"ckpt_path={path!r} is not a dgss-train checkpoint (an official release or a plain state dict?): "
+            "dgss-train resumes its own runs; evaluate a release with dgss-eval ckpt_path=<file> experiment=rein, "
+            "or start from backbone weights with backbone.weights=<file>"
+        )
+    check_same_method(ckpt, cfg.method._target_)
+    return int(ckpt["global_step"])
+
+
+def finished_metrics(output_dir: str | Path) -> dict[str, float]:
+    """The last validation of a finished run (its ``metrics.json``), as ``val/...`` floats."""
+    path = Path(output_dir) / "metrics.json"
+    try:
+        last = [e for e in json.loads(path.read_text()) if e.get("stage") == "val"][-1]
+    except (OSError, ValueError, IndexError):
+        return {}
+    out = {f"val/{d}/mIoU": float(v["mIoU"]) for d, v in last["domains"].items()}
+    return {**out, "val/mean_mIoU": float(last["mean_mIoU"])}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     check_types(cfg)
+    check_schedule(cfg.trainer)
+    ckpt_path = resume_from(cfg)
+    if ckpt_path:
+        step, max_steps = check_resume(cfg, ckpt_path), cfg.trainer.get("max_steps", -1)
+        if max_steps and max_steps > 0 and step >= max_steps:
+            log.info(f"the run already finished: {ckpt_path} is at step {step} of trainer.max_steps={max_steps}; "
+                     "nothing to train (raise trainer.max_steps to train on)")  # fmt: skip
+            return finished_metrics(cfg.paths.output_dir)
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         check_launch(cfg.trainer, hc.mode, OmegaConf.select(hc, "launcher._target_"))
@@ -113,7 +164,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:
@@ -128,7 +179,9 @@ def _main(cfg: DictConfig) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        if cfg.trainer.get("fast_dev_run"):
+        if (
+            cfg.trainer.get("fast_dev_run") or not metrics
+        ):  # a debug run, or a finished run with nothing on record
             return None
         raise ConfigError(
             f"optimized_metric={name!r} was never logged; logged metrics: {', '.join(sorted(metrics))}"

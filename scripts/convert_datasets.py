@@ -225,32 +225,53 @@ def convert(dataset: str, root: str | Path, workers: int = 1, progress: bool = T
 
 
 # ---------------------------------------------------------------------------------------------------- check
-def check(root: str | Path, samples: int | None = None) -> list[dict]:
-    """Every split present under ``root``: image count, first image size, label values seen (``samples`` per split)."""
+def check(root: str | Path, samples: int | None = None, shown: int = 10) -> list[dict]:
+    """Every split present under ``root``: image count, image sizes, label values seen, and every bad pair (an
+    unreadable file, a size mismatch, label values outside the classes) — all of them, the first ``shown`` with
+    their message. ``samples``: read only that many pairs per split. A missing root, or one that holds none of the
+    data sets, is a :class:`ConvertError`."""
     from dgss.data.real import LAYOUTS, RealDataset
     from dgss.errors import ConfigError
 
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConvertError(
+            f"data root {root} does not exist; set DGSS_DATA_ROOT or --root (layouts: README, Real data)"
+        )
+    folders = sorted(
+        {layout.image_dir.split("/")[0] for splits in LAYOUTS.values() for layout in splits.values()}
+    )
+    if not any((root / f).is_dir() for f in folders):
+        raise ConvertError(f"{root} holds none of the data sets: expected one of {', '.join(f + '/' for f in folders)} "
+                           "(layouts: README, Real data)")  # fmt: skip
     rows = []
     for dataset, splits in LAYOUTS.items():
         for split, layout in splits.items():
-            absent = not (Path(root) / layout.image_dir.split("/")[0]).is_dir()
+            absent = not (root / layout.image_dir.split("/")[0]).is_dir()
             if (
                 absent
                 or split.startswith("all/")
-                or (layout.subset and not (Path(root) / layout.subset[0]).is_file())
+                or (layout.subset and not (root / layout.subset[0]).is_file())
             ):
                 continue
             row = {"dataset": dataset, "split": split}
             try:
                 ds = RealDataset(dataset, split, root)
-                values, sizes = set(), set()
-                for i in range(len(ds) if samples is None else min(samples, len(ds))):
-                    image, label = ds.load(i)
-                    values |= set(np.unique(label).tolist())
-                    sizes.add(f"{image.shape[1]}x{image.shape[0]}")
-                row.update(images=len(ds), sizes=sorted(sizes), label_values=sorted(values))
             except ConfigError as e:
-                row["error"] = str(e)
+                rows.append({**row, "error": str(e)})
+                continue
+            values, sizes, bad = set(), set(), []
+            for i in range(len(ds) if samples is None else min(samples, len(ds))):
+                try:
+                    image, label = ds.load(i)
+                except ConfigError as e:
+                    bad.append(str(e))
+                    continue
+                values |= set(np.unique(label).tolist())
+                sizes.add(f"{image.shape[1]}x{image.shape[0]}")
+            row.update(images=len(ds), sizes=sorted(sizes), label_values=sorted(values))
+            if bad:
+                row.update(error=f"{len(bad)} bad pairs", bad=bad[:shown])
             rows.append(row)
     return rows
 
@@ -271,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = check(args.root, args.samples)
             for r in rows:
                 print(json.dumps(r))
-            return int(any("error" in r for r in rows) or not rows)
+            failed = [f"{r['dataset']} {r['split']}: {r['error']}" for r in rows if "error" in r]
+            if failed:
+                print(
+                    f"error: {len(failed)} of {len(rows)} splits have problems: {'; '.join(failed)}",
+                    file=sys.stderr,
+                )
+            return 1 if failed else 0
         print(json.dumps(convert(args.dataset, args.root, args.workers)))
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)

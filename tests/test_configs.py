@@ -208,3 +208,25 @@ def test_ddp_inside_an_in_process_multirun_is_refused():
     check_launch(OmegaConf.create({"devices": 1, "num_nodes": 1}), RunMode.MULTIRUN, basic)
     with pytest.raises(ConfigError):
         check_launch(OmegaConf.create({"devices": 1, "num_nodes": 2}), RunMode.MULTIRUN, basic)
+
+
+def test_every_run_gets_its_own_folder_unless_run_name_pins_one(compose_cfg):
+    """``${oc.select:run_name,...}`` returned the key's null: every run without run_name went to runs/None and
+    overwrote the previous one. Now: date_time plus 6 random hex digits (runs started in the same second differ),
+    stable within a run, and run_name pins the folder."""
+    import re
+
+    folders = set()
+    for config in ("train", "train", "eval", "predict"):
+        extra = {"train": [], "eval": ["ckpt_path=x"], "predict": ["ckpt_path=x", "input=y"]}[config]
+        cfg = compose_cfg(extra, config_name=config)
+        run, sweep = cfg.hydra.run.dir, cfg.hydra.sweep.dir
+        name = run.rsplit("/", 1)[1]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", name), run
+        assert cfg.hydra.run.dir == run and sweep.endswith(f"/multiruns/{name}")  # one name per run
+        folders.add(name)
+    assert len(folders) == 4
+    pinned = compose_cfg(["run_name=seed42"])
+    assert pinned.hydra.run.dir.endswith("/train/runs/seed42") and pinned.hydra.sweep.dir.endswith(
+        "/multiruns/seed42"
+    )

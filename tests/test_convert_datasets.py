@@ -194,3 +194,28 @@ def test_missing_release_is_one_line(tmp_path, capsys):
     assert cd.main(["synthia", "--root", str(tmp_path), "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "synthia/GT/LABELS does not exist: unpack RAND_CITYSCAPES" in err
+
+
+def test_check_names_a_missing_or_empty_root_and_every_bad_pair(tmp_path, capsys):
+    assert cd.main(["check", "--root", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"error: data root {tmp_path / 'nowhere'} does not exist; set DGSS_DATA_ROOT or --root (layouts: README, Real data)"
+    )
+    assert cd.main(["check", "--root", str(tmp_path)]) == 2
+    assert "holds none of the data sets: expected one of acdc/, bdd100k/" in capsys.readouterr().err
+    (tmp_path / "gta/labels").mkdir(parents=True)
+    for n in range(4):
+        _rgb(tmp_path / f"gta/images/{n}.png")
+        Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / f"gta/labels/{n}_labelTrainIds.png")
+    (tmp_path / "gta/labels/1_labelTrainIds.png").write_bytes(b"broken")
+    Image.fromarray(np.full((H, W), 40, np.uint8)).save(tmp_path / "gta/labels/3_labelTrainIds.png")
+    assert cd.main(["check", "--root", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    row = json.loads(out.strip().splitlines()[0])
+    assert (
+        row["images"] == 4 and row["error"] == "2 bad pairs" and len(row["bad"]) == 2
+    )  # both, not the first
+    assert "1_labelTrainIds.png" in row["bad"][0] and "3_labelTrainIds.png" in row["bad"][1]
+    assert err.strip() == "error: 1 of 1 splits have problems: gta all: 2 bad pairs"

@@ -243,7 +243,9 @@ def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
     for n in range(4):
         _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
     (tmp_path / "gta/labels/3_labelTrainIds.png").write_bytes(b"broken")
-    loader = torch.utils.data.DataLoader(RealDataset("gta", "all", tmp_path), batch_size=1, num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        RealDataset("gta", "all", tmp_path), batch_size=1, num_workers=workers
+    )
     with pytest.raises(ConfigError) as e:
         list(loader)
     msg = user_error(e.value)

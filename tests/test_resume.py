@@ -264,13 +264,83 @@ def test_resume_keeps_the_csv_history_and_ends_with_the_straight_runs_rows(compo
             return [(int(r["step"]), r.get("train/loss", ""), r.get("val/mean_mIoU", ""))
                     for r in csv.DictReader(f) if r.get("train/loss") or r.get("val/mean_mIoU")]  # fmt: skip
 
-    run = [o for o in RESUMABLE if o != "~logger"] + ["method=full", "logger=csv", "trainer.log_every_n_steps=1"]
+    run = [o for o in RESUMABLE if o != "~logger"] + [
+        "method=full",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+    ]
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(compose_cfg([*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]))
+        train(
+            compose_cfg(
+                [*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
+            )
+        )
     before = rows(tmp_path / "resumed")
     assert [s for s, *_ in before] == [0, 1, 1, 2]  # steps 0-2 trained, the validation at step 2 logged as 1
     train(compose_cfg(resumed))
     straight = rows(tmp_path / "straight")
     assert rows(tmp_path / "resumed") == straight and len(straight) == 9  # 6 losses + 3 validations
+
+
+def test_resume_auto_on_a_finished_run_returns_its_result(compose_cfg, tmp_path):
+    """A requeue or a script rerunning a finished run: nothing to train, exit 0 with the run's last validation
+    (not "optimized_metric was never logged"), and the checkpoints are left as they were."""
+    from dgss.train import _main
+
+    run = [*RESUMABLE, "trainer.max_steps=2", "method=frozen"]
+    first = train(compose_cfg(run))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    again = compose_cfg(run)
+    assert _main(again) == pytest.approx(first["val/mean_mIoU"], abs=1e-4)
+    assert train(again)["val/game/mIoU"] == pytest.approx(first["val/game/mIoU"], abs=1e-4)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.ckpt")} == mtimes
+
+
+def test_schedule_and_checkpoint_mistakes_fail_before_the_run(compose_cfg, tmp_path):
+    from dgss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^trainer.val_check_interval=8 is past trainer.max_steps=4: the run "
+                       r"would never validate nor write its periodic checkpoints; set trainer.val_check_interval <= 4$"):  # fmt: skip
+        train(compose_cfg([*RESUMABLE, "trainer.max_steps=4", "trainer.val_check_interval=8"]))
+    assert not (tmp_path / "checkpoints").exists()
+    full = tmp_path / "full"
+    train(compose_cfg([*RESUMABLE, "trainer.max_steps=2", "method=full", f"paths.output_dir={full}"]))
+    ckpt = full / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ConfigError, match=r"^the checkpoint was trained with method FullFineTune, not Rein: resume"
+    ):
+        train(
+            compose_cfg(
+                [*RESUMABLE, "method=rein", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'r'}"]
+            )
+        )
+    torch.save({"state_dict": {"decode_head.w": torch.ones(1)}}, tmp_path / "release.pth")
+    with pytest.raises(
+        ConfigError, match=r"release.pth' is not a dgss-train checkpoint \(an official release"
+    ):
+        train(
+            compose_cfg(
+                [*RESUMABLE, f"ckpt_path={tmp_path / 'release.pth'}", f"paths.output_dir={tmp_path / 'x'}"]
+            )
+        )
+    assert (
+        not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+    )  # refused before anything was built
+
+
+def test_resume_auto_needs_a_named_run(compose_cfg):
+    from dgss.errors import ConfigError
+    from dgss.train import resume_from
+
+    cfg = compose_cfg(["resume=auto"])
+    cfg.paths.output_dir = cfg.hydra.run.dir  # the folder Hydra made up for this run: date_time_<random>
+    with pytest.raises(
+        ConfigError, match=r"^resume=auto needs run_name=<name>: without it every run gets a new"
+    ):
+        resume_from(cfg)
+    named = compose_cfg(["resume=auto", "run_name=mine"])
+    assert (
+        named.hydra.run.dir.endswith("/train/runs/mine") and resume_from(named) is None
+    )  # nothing there yet

@@ -20,13 +20,13 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import (
-    default_collate,
     ConcatDataset,
     DataLoader,
     Dataset,
     RandomSampler,
     SequentialSampler,
     WeightedRandomSampler,
+    default_collate,
 )
 
 from dgss.data.classes import ClassSet

@@ -40,14 +40,15 @@ DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_tok
                     "query_embed")  # fmt: skip
 
 
-def check_same_method(checkpoint: dict, cls: type) -> None:
-    """A dgss checkpoint names the method it was trained with; loading it into another is a user error."""
+def check_same_method(checkpoint: dict, target: str) -> None:
+    """A dgss checkpoint names the method it was trained with (``_target_``); loading it into another is a user
+    error, named as such (not as the missing tensors it would otherwise surface as)."""
     saved = ((checkpoint.get("dgss_config") or {}).get("method") or {}).get("_target_")
-    ours = f"{cls.__module__}.{cls.__name__}"
-    if saved and saved != ours:
+    if saved and saved != target:
         raise ConfigError(
-            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {cls.__name__}: resume it "
-            f"with the method (experiment) it was trained with, or evaluate it with dgss-eval ckpt_path=<file>"
+            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {target.rsplit('.', 1)[-1]}: "
+            "resume it with the method (experiment) it was trained with, or evaluate it with dgss-eval "
+            "ckpt_path=<file>"
         )
 
 
@@ -342,7 +343,7 @@ class SegmentationMethod(pl.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_same_method(checkpoint, type(self))
+        check_same_method(checkpoint, f"{type(self).__module__}.{type(self).__name__}")
         if "rng_states" in checkpoint and self._trainer is not None:  # a fit resumes (not an evaluation)
             set_rng_states(checkpoint["rng_states"])
         meta = checkpoint.get("dgss", {})
