@@ -30,6 +30,13 @@ def load_method(ckpt_path: str, backbone_weights: str | None = None, inference: 
     path = Path(ckpt_path).expanduser()
     ckpt = load_checkpoint_dict(path, "ckpt_path")
     official = "dgss_config" not in ckpt
+    if not official and recipe is not None:
+        given = [k for k in ("backbone", "head", "method") if recipe.get(k) is not None]
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is a dgss-train checkpoint: it rebuilds its own "
+            f"{ckpt['dgss_config']['method']['_target_'].rsplit('.', 1)[-1]} model, so {', '.join(given)} (or the "
+            "experiment setting them) would be ignored; drop them (data=, inference=, backbone_weights= still apply)"
+        )
     if official:
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         if not any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state):
@@ -64,7 +71,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.get("seed", 0), verbose=False)
     recipe = cfg if cfg.get("method") is not None else None
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"), recipe)
-    data_cfg = cfg.data if cfg.get("data") is not None else saved.data
+    data_cfg = OmegaConf.create(
+        OmegaConf.to_container(cfg.data if cfg.get("data") is not None else saved.data, resolve=True)
+    )
+    data_cfg.sources = {}  # evaluation reads only the targets: the training images need not be on this machine
     datamodule = hydra.utils.instantiate(data_cfg)
     datamodule.set_normalization(*method.backbone.normalization)
     out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None

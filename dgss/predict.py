@@ -7,9 +7,11 @@ For every image (found recursively, the folder structure kept) it writes
 - ``overlays/<name>.jpg``: the image blended with the colourised mask (``alpha``);
 - with ``label_ids=true`` also ``label_ids/<name>.png`` in Cityscapes labelIds (the evaluation server's format).
 
-Images are resized to fit ``size`` = [long, short] first (``null``: native; the Rein protocol uses
-[1024, 512] for Cityscapes-like and [1280, 720] for BDD-like images), predicted with the checkpoint's inference
-setting (or ``inference=...``), and the logits resized back to the image's own size.
+Images are resized to fit ``size`` first: ``auto`` (default) is the test size of the checkpoint's first target (the
+Rein protocol: Cityscapes 1024×512, BDD100K 1280×720, ACDC 960×540), so the masks are the ones ``dgss-eval``
+scores; a target's name takes that target's size; ``[long, short]`` any size; ``null`` native resolution (a large
+photo then takes many windows: a warning says how many). They are predicted with the checkpoint's inference setting
+(or ``inference=...``), and the logits resized back to the image's own size.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
 from dgss.eval import load_method
 from dgss.io import atomic_path
+from dgss.models.inference import windows
 
 log = logging.getLogger("dgss.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -70,6 +73,32 @@ def write_prediction(pred: np.ndarray, rgb: np.ndarray, classes: ClassSet, out: 
         _save(Image.fromarray(lut[pred]), out / "label_ids" / rel.with_suffix(".png"))
 
 
+NATIVE_WINDOWS_WARN = 24  # windows per image above which a native-size prediction is announced as slow
+
+
+def resolve_size(size, data: dict) -> tuple[tuple[int, int] | None, str]:
+    """``size`` (auto | a target's name | [long, short] | None) -> (long, short) or None (native), and a phrase
+    saying where it came from."""
+    targets = dict(data.get("targets") or {})
+    if size is None:
+        return None, "native resolution (size=null)"
+    if isinstance(size, str):
+        if size != "auto" and size not in targets:
+            raise ConfigError(f"size={size!r}: use auto, a target of the checkpoint ({', '.join(targets) or 'none'}), "
+                              "[long, short] or null (native)")  # fmt: skip
+        name = next(iter(targets), None) if size == "auto" else size
+        spec = (targets.get(name) or {}) if name else {}
+        found = spec.get("test_size") or (data.get("test_pipeline") or {}).get("size")
+        if not found:
+            return None, f"native resolution (the checkpoint's target {name} is evaluated at its native size)"
+        return tuple(
+            int(v) for v in found
+        ), f"{found[0]}×{found[1]}, the test size of the checkpoint's target {name}"
+    if len(size) != 2:
+        raise ConfigError(f"size={list(size)}: use [long, short], auto or null")
+    return (int(size[0]), int(size[1])), f"{size[0]}×{size[1]} (size=)"
+
+
 @torch.no_grad()
 def predict(cfg: DictConfig) -> dict:
     check_types(cfg)
@@ -85,15 +114,30 @@ def predict(cfg: DictConfig) -> dict:
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     method.to(device).eval()
-    pipeline = TestPipeline(cfg.size)
+    size, where = resolve_size(cfg.size, data)
+    log.info(f"dgss-predict: images fitted into {where}")
+    pipeline = TestPipeline(size)
     pipeline.set_normalization(*method.backbone.normalization)
     out, root = Path(cfg.output).expanduser(), Path(cfg.input).expanduser()
-    for path in tqdm(images, desc="dgss-predict", disable=not cfg.progress):
+    inf = method.inference_cfg
+    bar = tqdm(images, desc="dgss-predict", disable=not cfg.progress)
+    for path in bar:
         try:
             with Image.open(path) as im:
                 rgb = np.array(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"cannot read {path}: {e}") from None
+            raise ConfigError(
+                f"cannot read {path} ({e}); remove it from input= or convert it to PNG / JPEG"
+            ) from None
+        bar.set_postfix_str(f"{path.name} {rgb.shape[1]}×{rgb.shape[0]}")
+        if size is None and inf["mode"] == "slide":
+            n = len(windows(*rgb.shape[:2], (inf["crop"],) * 2, (inf["stride"],) * 2)) * len(inf["scales"]) * (
+                2 if inf["flip"] else 1)  # fmt: skip
+            if n > NATIVE_WINDOWS_WARN:
+                log.warning(f"dgss-predict: {path} is {rgb.shape[1]}×{rgb.shape[0]} at native size: {n} windows of "
+                            f"{inf['crop']} for this image (slow, and the logits alone take "
+                            f"{method.num_classes * rgb.shape[0] * rgb.shape[1] * 4 / 2**30:.1f} GiB); size=auto "
+                            "predicts at the checkpoint's test size")  # fmt: skip
         x, _ = pipeline(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(rgb.shape[:2]))
         scores = method.predict_logits(x[None].to(device), rgb.shape[:2])
         write_prediction(scores[0].argmax(0).cpu().numpy(), rgb, classes, out, path.relative_to(root), cfg.alpha,

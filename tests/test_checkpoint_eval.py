@@ -167,3 +167,67 @@ def test_merged_checkpoint_evaluates_without_the_weights_file(compose_cfg, tmp_p
     again = evaluate(compose_cfg([f"ckpt_path={merged}", "trainer=cpu"], config_name="eval"))
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
         assert again[k] == pytest.approx(metrics[k], abs=1e-9), k
+
+
+def test_eval_reads_only_the_targets_and_refuses_overrides_it_would_ignore(compose_cfg, tmp_path):
+    """dgss-eval data=gta2cbm needs the Cityscapes / BDD / Mapillary validation images, not GTAV's training
+    images; a model override on a dgss checkpoint (it rebuilds its own model) is refused instead of ignored; a
+    tiny backbone composes with real data (no dangling ${synthetic.height})."""
+    from test_real_data import FIXTURES, _write_pair
+
+    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full", "~callbacks.iou_tables"]))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    root = tmp_path / "data"
+    for key in (("cityscapes", "val"), ("bdd100k", "val"), ("mapillary", "val")):  # no gta/ at all
+        _write_pair(root, *FIXTURES[key], size=(64, 32))
+    ev = ["trainer=cpu", f"ckpt_path={ckpt}", "data=gta2cbm", f"paths.data_dir={root}", "data.num_workers=0"]
+    out = evaluate(compose_cfg(ev, config_name="eval"))
+    assert {"val/cityscapes/mIoU", "val/bdd100k/mIoU", "val/mapillary/mIoU"} <= set(out)
+    with pytest.raises(ConfigError, match=r"is a dgss-train checkpoint: it rebuilds its own FullFineTune model, so "
+                       r"method \(or the experiment setting them\) would be ignored; drop them"):  # fmt: skip
+        evaluate(compose_cfg([*ev, "method=rein"], config_name="eval"))
+    cfg = compose_cfg(["data=cs2acdc", "backbone=tiny"])
+    assert list(cfg.backbone.img_size) == [512, 512]
+
+
+def test_predict_defaults_to_the_size_dgss_eval_scores(compose_cfg, tmp_path, caplog):
+    """dgss-predict used native resolution while dgss-eval fits images into the target's test size: its masks were
+    not the ones scored. size=auto (default) takes the checkpoint's test size; the masks equal the evaluation's
+    predictions pixel for pixel."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from dgss.data.synthetic import render_sample
+    from dgss.data.transforms import TestPipeline
+    from dgss.predict import predict, resolve_size
+
+    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full", "data.test_pipeline.size=[256,128]"]))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    method, saved = load_method(str(ckpt))
+    data = OmegaConf.to_container(saved.data)
+    assert resolve_size("auto", data) == (
+        (256, 128),
+        "256×128, the test size of the checkpoint's target game",
+    )
+    assert resolve_size("fog", data)[0] == (256, 128) and resolve_size(None, data)[0] is None
+    with pytest.raises(ConfigError, match=r"size='rain': use auto, a target of the checkpoint \(game, photo"):
+        resolve_size("rain", data)
+    src = tmp_path / "photos"
+    src.mkdir()
+    rgb = np.asarray(render_sample("photo", 0, 64, 128, 0)[0])
+    Image.fromarray(rgb).save(src / "a.png")
+    out = tmp_path / "pred"
+    with caplog.at_level(logging.INFO, logger="dgss.predict"):
+        predict(compose_cfg([f"ckpt_path={ckpt}", f"input={src}", f"output={out}", "progress=false", "device=cpu"],
+                            config_name="predict"))  # fmt: skip
+    assert "images fitted into 256×128, the test size of the checkpoint's target game" in caplog.text
+    pipe = TestPipeline((256, 128))  # what dgss-eval feeds the model; the label stays at full resolution
+    pipe.set_normalization(*method.backbone.normalization)
+    x, _ = pipe(torch.from_numpy(rgb.copy()).permute(2, 0, 1), torch.zeros(64, 128))
+    method.eval()
+    with torch.no_grad():
+        scored = method.predict_logits(x[None], (64, 128))[0].argmax(0).numpy()
+    mask = np.array(Image.open(out / "masks/a.png"))
+    assert x.shape[-2:] == (128, 256) and mask.shape == (64, 128) and np.array_equal(mask, scored)

@@ -87,8 +87,7 @@ def test_train_pipeline_pads_label_with_ignore():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [(dict(sources={}), "data.sources is empty"),
-     (dict(source_weights={"zzz": 1.0}), r"data.source_weights names \['zzz'\]"),
+    [(dict(source_weights={"zzz": 1.0}), r"data.source_weights names \['zzz'\]"),
      (dict(exclude_from_mean=["cityscapes"]), r"data.exclude_from_mean names \['cityscapes'\]"),
      (dict(num_classes=7, class_names=["a", "b"]), "data.num_classes=7 but data.class_names has 2 names"),
      (dict(batch_size=0), "data.batch_size=0")],
@@ -96,3 +95,10 @@ def test_train_pipeline_pads_label_with_ignore():
 def test_bad_data_config_is_one_line(kw, match):
     with pytest.raises(ConfigError, match=match):
         dm(**kw)
+
+
+def test_no_sources_is_fine_for_evaluation_and_refused_for_training():
+    data = dm(sources={})  # dgss-eval builds the targets only
+    assert len(data.val_dataloader()) == len(data.targets)
+    with pytest.raises(ConfigError, match="data.sources is empty; name at least one training data set"):
+        data.train_dataloader()

@@ -96,8 +96,6 @@ class DGSSDataModule(pl.LightningDataModule):
         rare_class_sampling: Mapping | None = None,
     ):
         super().__init__()
-        if not sources:
-            raise ConfigError("data.sources is empty; name at least one training data set")
         if not targets:
             raise ConfigError("data.targets is empty; name at least one evaluation data set")
         if batch_size <= 0 or val_batch_size <= 0:
@@ -172,6 +170,8 @@ class DGSSDataModule(pl.LightningDataModule):
         return None
 
     def train_dataloader(self) -> DataLoader:
+        if not self.sources:
+            raise ConfigError("data.sources is empty; name at least one training data set")
         names = list(self.sources)
         data = _Sources([self.sources[n] for n in names])
         # the same seed on every rank: all ranks draw one order and each takes its own share; `gen` is re-seeded
