@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
@@ -240,3 +241,41 @@ class WandbMedia(pl.Callback):
                 ],  # fmt: skip
                 step=trainer.global_step,
             )
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counted in optimizer steps of ``trainer.max_steps`` (an iteration-based run has
+    no meaningful epochs: Lightning's bar showed ``Epoch 0/-2`` and, after a resume, ``20/9`` batches of a pass), with
+    the rate and the time left; after a resume it starts at the checkpoint's step."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        steps = self.trainer.max_steps
+        return steps if steps and steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'train (steps)':{len(self.validation_description)}}"
+
+    def _start_at_step(self) -> None:
+        """The bar starts at the checkpoint's step (its rate and time left measured from there, not from 0)."""
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
+                                completed=self.trainer.global_step)  # fmt: skip
+
+    def _initialize_train_progress_bar_id(self) -> None:
+        super()._initialize_train_progress_bar_id()
+        self._start_at_step()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per pass over the data
+            super().on_train_epoch_start(trainer, pl_module)
+            self._start_at_step()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()

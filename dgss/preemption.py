@@ -1,4 +1,4 @@
-"""Preemption: on SIGTERM, SIGUSR1 or SIGUSR2 save a checkpoint at the next safe point, requeue, stop.
+"""Preemption: on SIGTERM, SIGINT (Ctrl-C), SIGUSR1 or SIGUSR2 save a checkpoint at the next safe point, requeue, stop.
 
 Schedulers warn before they stop a job: SLURM sends ``--signal=USR1@<s>`` (submitit: USR2) before the time limit
 and SIGTERM on preemption (then SIGKILL after ``KillWait``); Kubernetes and cloud spot VMs send SIGTERM. The handler
@@ -9,6 +9,9 @@ in one, and training stops by raising ``Preempted``: ``dgss-train`` prints one l
 requeued, else 128 + the signal's number. The requeued job, or the same command with ``resume=auto``, continues
 from that checkpoint exactly. Under DDP one rank receiving the signal is enough: the signal is reduced over the
 ranks every step.
+
+Ctrl-C (SIGINT) is handled the same way, without a requeue: the first one says on the console that the step in
+flight finishes and a checkpoint follows; a second one stops at once (KeyboardInterrupt), without a checkpoint.
 
 A checkpoint written during validation holds the training state of the last step (validation changes nothing of
 it); as for any checkpoint written at a validation step, Lightning's resumed run skips that validation (no partial
@@ -22,6 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +42,12 @@ CHECKPOINT_NAME = "preempted.ckpt"
 class Preempted(Exception):
     """Training stopped on a signal after saving ``path``; ``requeued`` names the SLURM job put back in the queue."""
 
-    def __init__(self, signame: str, step: int, path: Path, requeued: str | None):
+    def __init__(
+        self, signame: str, step: int, path: Path, requeued: str | None, resume_hint: str = "resume=auto"
+    ):
         self.signame, self.step, self.path, self.requeued = signame, step, path, requeued
-        then = (
-            f"SLURM job {requeued} requeued"
-            if requeued
-            else "rerun the same command with resume=auto to continue"
-        )
+        rerun = f"rerun the same command with {resume_hint}" if resume_hint else "rerun the same command"
+        then = f"SLURM job {requeued} requeued" if requeued else f"{rerun} to continue"
         super().__init__(f"stopped by {signame} at step {step}; checkpoint {path}; {then}")
 
     @property
@@ -70,7 +73,7 @@ class Preemption(pl.Callback):
     def __init__(
         self,
         dirpath: str | Path,
-        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+        signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"),
         requeue: Any = "auto",
     ):
         self.dirpath = Path(dirpath)
@@ -85,10 +88,18 @@ class Preemption(pl.Callback):
         self.requeue = requeue
         self.received: str | None = None
         self.stopped: Preempted | None = None
+        self.resume_hint = "resume=auto"  # what the stop message tells the user to add (dgss-train sets it)
+        self.requeue_refused: str | None = None  # why a requeued job could not continue (dgss-train sets it)
         self._previous: dict[signal.Signals, Any] = {}
 
     # ------------------------------------------------------------------------------- signals
     def _note(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":  # the second Ctrl-C: stop now, no checkpoint
+                self._restore_handlers()
+                raise KeyboardInterrupt
+            print("\ndgss-train: Ctrl-C: finishing this step, then saving a checkpoint to resume from "
+                  "(Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)  # fmt: skip
         self.received = self.received or signal.Signals(signum).name
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,14 +159,17 @@ class Preemption(pl.Callback):
     def _save_and_requeue(self, trainer: pl.Trainer, signame: str) -> Preempted:
         path = self.dirpath / CHECKPOINT_NAME
         trainer.save_checkpoint(path)
-        requeued = self._requeue() if trainer.is_global_zero else None
-        self.stopped = Preempted(signame, trainer.global_step, path, requeued)
+        requeued = self._requeue() if trainer.is_global_zero and signame != "SIGINT" else None
+        self.stopped = Preempted(signame, trainer.global_step, path, requeued, self.resume_hint)
         log.warning(f"preemption: {self.stopped}")
         return self.stopped
 
     def _requeue(self) -> str | None:
         job = slurm_job_id()
         if self.requeue is False or (self.requeue == "auto" and job is None):
+            return None
+        if self.requeue_refused:  # the same command again would start over in a new folder
+            log.warning(f"preemption: SLURM job {job} not requeued: {self.requeue_refused}")
             return None
         if job is None:
             raise ConfigError(

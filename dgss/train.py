@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dgss.config import (
 )
 from dgss.errors import ConfigError
 from dgss.methods.base import check_same_method
+from dgss.preemption import Preemption
 
 log = logging.getLogger("dgss.train")
 
@@ -128,6 +130,15 @@ def finished_metrics(output_dir: str | Path) -> dict[str, float]:
     return {**out, "val/mean_mIoU": float(last["mean_mIoU"])}
 
 
+def resume_hint(cfg: DictConfig) -> str:
+    """What to add to the same command to continue this run after a stop: its folder's name when Hydra made it up
+    (a new run would get a new folder), and resume=auto unless given."""
+    made_up = sorted(set(Path(cfg.paths.output_dir).parts) & GENERATED_RUN_FOLDERS)
+    return " ".join(
+        [*(f"run_name={n}" for n in made_up[:1]), *([] if cfg.get("resume") == "auto" else ["resume=auto"])]
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
     check_types(cfg)
@@ -150,6 +161,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("compile"):
         model.compile()  # nn.Module.compile: forward compiled in place, parameter names (checkpoint keys) unchanged
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
+    for cb in callbacks:
+        if isinstance(cb, Preemption):
+            cb.resume_hint = resume_hint(cfg)
+            if cb.resume_hint:  # a requeued job runs the same command: without these it would start over
+                cb.requeue_refused = (
+                    f"the command lacks {cb.resume_hint}, so the requeued job would start over"
+                )
     keep_wandb_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
@@ -164,7 +182,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # false for dgss: Lightning checks only the loader, but the DataModule keeps the training stream's state (its
+        # pass and position, dgss.data.resumable) in every checkpoint and resumes it exactly
+        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:

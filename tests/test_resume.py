@@ -137,7 +137,13 @@ def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(
 
 @pytest.mark.parametrize(
     "sig,during,accumulate",
-    [("SIGTERM", "train", 1), ("SIGUSR1", "validation", 1), ("SIGUSR2", "train", 1), ("SIGTERM", "train", 2)],
+    [
+        ("SIGTERM", "train", 1),
+        ("SIGUSR1", "validation", 1),
+        ("SIGUSR2", "train", 1),
+        ("SIGTERM", "train", 2),
+        ("SIGINT", "train", 1),
+    ],
 )
 def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
     compose_cfg, tmp_path, monkeypatch, sig, during, accumulate
@@ -344,3 +350,63 @@ def test_resume_auto_needs_a_named_run(compose_cfg):
     assert (
         named.hydra.run.dir.endswith("/train/runs/mine") and resume_from(named) is None
     )  # nothing there yet
+
+
+def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(compose_cfg, tmp_path, capsys):
+    """Ctrl-C used to leave no checkpoint and no hint. Now the first one finishes the step, writes preempted.ckpt and
+    names the rerun (with the made-up folder's name as run_name); a second one stops at once without a checkpoint."""
+    from dgss.preemption import Preempted
+
+    try:
+        cfg = compose_cfg([o for o in RESUMABLE if o != "resume=auto"] + [
+            "+callbacks.signal._target_=resume_helpers.SignalAt", "+callbacks.signal.step=3",
+            "+callbacks.signal.signal=SIGINT"])  # fmt: skip
+        cfg.paths.output_dir = str(tmp_path / cfg.hydra.run.dir.rsplit("/", 1)[1])  # a folder Hydra made up
+        name = Path(cfg.paths.output_dir).name
+        with pytest.raises(Preempted) as stop:
+            train(cfg)
+        assert str(stop.value) == (f"stopped by SIGINT at step 4; checkpoint {tmp_path / name}/checkpoints/"
+                                   f"preempted.ckpt; rerun the same command with run_name={name} resume=auto to continue")  # fmt: skip
+        assert stop.value.exit_code == 130
+        assert "Ctrl-C: finishing this step, then saving a checkpoint" in capsys.readouterr().err
+        twice = compose_cfg([*RESUMABLE, "+callbacks.signal._target_=resume_helpers.SignalAt",
+                             "+callbacks.signal.step=3", "+callbacks.signal.signal=SIGINT", "+callbacks.again._target_="
+                             "resume_helpers.SignalAt", "+callbacks.again.step=3", "+callbacks.again.signal=SIGINT",
+                             f"paths.output_dir={tmp_path / 'twice'}"])  # fmt: skip
+        with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt shutdown
+            train(twice)
+        assert not (tmp_path / "twice" / "checkpoints" / "preempted.ckpt").exists()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_progress_bar_counts_steps_of_max_steps_also_after_a_resume(compose_cfg, tmp_path, recwarn):
+    from dgss.callbacks import StepProgressBar
+
+    seen = []
+
+    class Spy(StepProgressBar):
+        def on_train_batch_end(self, trainer, *args):
+            super().on_train_batch_end(trainer, *args)
+            bar = self.train_progress_bar
+            seen.append((int(bar.completed), bar.total, bar.description))
+
+    run = [o for o in RESUMABLE if o != "~callbacks.progress_bar"] + [
+        "callbacks.progress_bar._target_=" + __name__ + ".Spy"
+    ]
+    globals()["Spy"] = Spy
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train(
+            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"])
+        )
+    first = list(seen)
+    seen.clear()
+    train(compose_cfg(run))
+    assert [c for c, *_ in first] == [1, 2, 3] and {t for _, t, _ in first} == {6}
+    assert [c for c, *_ in seen] == [3, 4, 5, 6] and {t for _, t, _ in seen} == {
+        6
+    }  # from the checkpoint's step 2
+    assert all("train (steps)" in d and "Epoch" not in d for *_, d in first + seen)
+    assert not [
+        w for w in recwarn if "not resumable" in str(w.message)
+    ]  # Lightning's false alarm is filtered
