@@ -50,27 +50,25 @@ def load_file(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = Fals
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one line
-        msg = str(e)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        if unsafe:
-            raise UnreadableFile(
-                where,
-                f"holds Python objects beyond tensors and plain containers ({unsafe.group(1)}); refused, since "
-                "loading it could run code. dgss checkpoints and state dicts never need that: if you trust the "
-                "file, re-save its tensors as a plain state dict (or .safetensors) and pass that",
-            ) from None
-        if mmap and "mmap" in msg:  # an old (non-zip) torch.save format: readable, just not memory-mapped
+        if mmap and "mmap" in str(e):  # an old (non-zip) torch.save format: readable, just not memory-mapped
             return load_file(path, key, mmap=False)
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)  # torch's own reason, not its advice
-        detail = (
-            detail.group(1) if detail else next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+        raise UnreadableFile(where, unreadable_reason(e)) from None
+
+
+def unreadable_reason(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` (or a safetensors read) failed, as the tail of a one-line message."""
+    msg = str(e)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+    if unsafe:
+        return (
+            f"holds Python objects beyond tensors and plain containers ({unsafe.group(1)}); refused, since loading "
+            "it could run code. dgss checkpoints and state dicts never need that: if you trust the file, re-save "
+            "its tensors as a plain state dict (or .safetensors) and pass that"
         )
-        detail = f"{type(e).__name__}: {detail.split('. ')[0][:120]}" if detail else type(e).__name__
-        raise UnreadableFile(
-            where,
-            f"is not a readable PyTorch checkpoint, or it is truncated ({detail}); copy it again or point at "
-            "the right file",
-        ) from None
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)  # torch's own reason, not its advice
+    detail = detail.group(1) if detail else next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    detail = f"{type(e).__name__}: {detail.split('. ')[0][:120]}" if detail else type(e).__name__
+    return f"is not a readable PyTorch checkpoint, or it is truncated ({detail}); copy it again or point at the right file"
 
 
 def load_checkpoint_dict(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> dict:

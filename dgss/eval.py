@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgss.callbacks import IoUTables, SkippedSamples
 from dgss.checkpoint import load_checkpoint_dict
-from dgss.config import build_method, check_types, instantiate_group, run_cli
+from dgss.config import build_method, check_types, entry_point, instantiate_group, run_cli
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.eval")
@@ -88,10 +88,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli(evaluate, cfg, "dgss-eval")
     return metrics.get("val/mean_mIoU")
 
+
+main = entry_point(hydra_main, "dgss-eval")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from dgss.config import check_types, run_cli
+from dgss.config import check_types, entry_point, run_cli
 from dgss.data.classes import ClassSet
 from dgss.data.label_maps import CITYSCAPES_ID_TO_TRAIN
 from dgss.data.transforms import TestPipeline
@@ -147,9 +147,11 @@ def predict(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run_cli(predict, cfg, "dgss-predict")
 
+
+main = entry_point(hydra_main, "dgss-predict")
 
 if __name__ == "__main__":
     main()

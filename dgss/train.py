@@ -21,6 +21,7 @@ from dgss.config import (
     build_method,
     check_launch,
     check_types,
+    entry_point,
     instantiate_group,
     model_config,
     run_cli,
@@ -212,9 +213,11 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(_main, cfg, "dgss-train")
 
+
+main = entry_point(hydra_main, "dgss-train")
 
 if __name__ == "__main__":
     main()

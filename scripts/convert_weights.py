@@ -53,16 +53,23 @@ class ConvertError(Exception):
 def read_release(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an official file: a state dict (possibly under model / module / state_dict), or a TorchScript
     archive (OpenAI CLIP)."""
+    from dgss.checkpoint import unreadable_reason
+
     if not path.is_file():
-        raise ConvertError(f"{path} does not exist")
+        raise ConvertError(f"{path} does not exist; download the official release first")
+    if path.stat().st_size == 0:
+        raise ConvertError(f"{path} is empty (0 bytes): an interrupted download? download it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - TorchScript archives (OpenAI CLIP) are not plain pickles
+    except Exception as e:  # noqa: BLE001 - TorchScript archives (OpenAI CLIP) are not plain pickles
+        reason = unreadable_reason(e)
+        if reason.startswith("holds Python objects"):  # a pickle that would run code: never try further
+            raise ConvertError(f"{path} {reason}") from None
         try:
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             raise ConvertError(
-                f"{path} is neither a PyTorch state dict nor a TorchScript archive: {e}"
+                f"{path} is neither a PyTorch state dict nor a TorchScript archive ({reason})"
             ) from None
     for key in ("model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -153,7 +160,8 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
     state = fit_rel_pos({k: v for k, v in state.items() if k in own}, own)
     problem = state_mismatch(own, state)
     if problem:
-        raise ConvertError(f"{src} does not fit {name} (patch {patch}, image {img_size}): {problem}")
+        raise ConvertError(f"{src} does not fit {name} (patch {patch}, image {img_size}: {problem}); pass the "
+                           f"official {family} release of this model, or --model for the release's size")  # fmt: skip
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     record = {"source": str(src), "source_sha256": digest, "family": family, "model": name, "patch_size": patch,
               "img_size": img_size, "resample": resample}  # fmt: skip

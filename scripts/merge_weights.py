@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--backbone-weights", default=None, help="the frozen backbone's weights file, if it moved")
     a = p.parse_args(argv)
-    from dgss.errors import ConfigError
+    from dgss.config import user_error
 
     try:
         print(merge(a.ckpt, a.out, a.backbone_weights))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # a user's file or option: one line; anything else is a bug (traceback)
+        msg = user_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     return 0
 

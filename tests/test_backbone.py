@@ -145,7 +145,7 @@ def test_missing_and_mismatched_weights_name_the_problem(tmp_path):
             model_kwargs=dict(depth=2, embed_dim=64, num_heads=2),
         )
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="is not a readable (PyTorch )?checkpoint"):
         Backbone(
             "vit_large_patch14_dinov2",
             weights=str(path),

@@ -373,10 +373,9 @@ class FisherTune(SegmentationMethod):
 
     def _accumulate_eps(self, mag: torch.Tensor) -> None:
         beta = self.ft["fisher"]["ema_decay"]
-        self.eps_ema = self.eps_ema.to(self.device)
-        self.eps_ema = (
-            self.eps_ema + mag if beta is None else self.eps_ema.mul_(beta).add_(mag, alpha=1 - beta)
-        )
+        # a new tensor, not an in-place update: under ddp_spawn the initial tensor is shared memory of all ranks
+        eps = self.eps_ema.to(self.device)
+        self.eps_ema = eps + mag if beta is None else eps.mul(beta).add(mag, alpha=1 - beta)
         self.stat_counts["eps"] += 1
 
     def _debias(self, n: int) -> float:

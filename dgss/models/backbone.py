@@ -48,6 +48,41 @@ TINY_KWARGS = {
 DEFAULT_OUT_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1)  # 24 blocks -> [7, 11, 15, 23]; 12 -> [3, 5, 7, 11]
 
 
+def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (``.safetensors``, or ``.pth`` / ``.bin`` loaded with ``weights_only``), picked
+    and cleaned as ``timm.models.load_state_dict`` does; every unreadable file as one :class:`ConfigError` line."""
+    from dgss.checkpoint import load_file
+
+    if path.suffix == ".safetensors":
+        if path.stat().st_size == 0:
+            raise ConfigError(
+                f"{key}={str(path)!r} is empty (0 bytes): an interrupted copy or download? copy it again"
+            )
+        try:
+            from safetensors.torch import load_file as load_safetensors
+
+            checkpoint = load_safetensors(str(path))
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ConfigError(f"{key}={str(path)!r} is not a readable .safetensors file, or it is truncated "
+                              f"({type(e).__name__}: {detail[:120]}); copy it again or point at the right file") from None  # fmt: skip
+    else:
+        checkpoint = load_file(path, key)
+    if isinstance(checkpoint, dict):
+        for k in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(checkpoint.get(k), dict):
+                checkpoint = checkpoint[k]
+                break
+    if (
+        not isinstance(checkpoint, dict)
+        or not checkpoint
+        or not all(torch.is_tensor(v) for v in checkpoint.values())
+    ):
+        raise ConfigError(f"{key}={str(path)!r} holds no state dict of tensors; point it at a backbone's weights file "
+                          "(scripts/convert_weights.py makes one from an official release)")  # fmt: skip
+    return timm.models.clean_state_dict(checkpoint)
+
+
 def supported_models() -> list[str]:
     """timm architecture names of the supported families."""
     return sorted({n for pats in FAMILY_PATTERNS.values() for n in timm.list_models(pats)})
@@ -217,10 +252,7 @@ class Backbone(nn.Module):
                 f"backbone.weights={str(path)!r} does not exist; point it at a local .pth/.safetensors file "
                 "(dgss never downloads weights)"
             )
-        try:
-            state = timm.models.load_state_dict(str(path), weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise ConfigError(f"backbone.weights={str(path)!r} is not a readable checkpoint: {e}") from None
+        state = read_weights(path, "backbone.weights")
         filter_fn = getattr(sys.modules[type(self.model).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
             try:
@@ -232,10 +264,14 @@ class Backbone(nn.Module):
         own = self.model.state_dict()
         classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
         state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}
+        if any(k.startswith("backbone.model.") for k in state):
+            raise ConfigError(f"backbone.weights={str(path)!r} is a dgss-train checkpoint, not backbone weights: pass it "
+                              "as ckpt_path=, and the backbone's own weights file as backbone.weights")  # fmt: skip
         problem = state_mismatch(own, state)
         if problem:
             raise ConfigError(
-                f"backbone.weights={str(path)!r} does not fit backbone.name={self.name!r}: {problem}"
+                f"backbone.weights={str(path)!r} does not fit backbone.name={self.name!r} ({problem}); point it at "
+                "this model's weights (scripts/convert_weights.py makes them from an official release)"
             )
         self.model.load_state_dict(state, strict=True)
         self.weights = str(path)
