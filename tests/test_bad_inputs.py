@@ -266,3 +266,17 @@ def test_user_config_files(kind, tmp_path):
             "hydra/launcher=slurm",
         ]
     )
+
+
+def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_path, compose_cfg):
+    """The resume=auto probe read every checkpoint of the run folder with weights_only=False: a crafted file
+    dropped there ran its payload. Now it is skipped (with a warning) like any unreadable file."""
+    folder = tmp_path / "run"
+    cfg = [*DATA, *RUN, "backbone=tiny", f"backbone.weights={made['weights']}", "method=frozen", "resume=auto",
+           f"paths.output_dir={folder}"]  # fmt: skip
+    train(compose_cfg(cfg))
+    torch.save({"state_dict": {}, "x": Payload(tmp_path / "MARKER")}, folder / "checkpoints" / "zzz.ckpt")
+    with pytest.warns(UserWarning, match=r"zzz.ckpt is unreadable \(it holds Python objects .*could run code"):
+        train(compose_cfg([*cfg, "trainer.max_steps=2", "trainer.val_check_interval=2"]))
+    assert not (tmp_path / "MARKER").exists()
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
