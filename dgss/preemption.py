@@ -158,7 +158,9 @@ class Preemption(pl.Callback):
 
     def _save_and_requeue(self, trainer: pl.Trainer, signame: str) -> Preempted:
         path = self.dirpath / CHECKPOINT_NAME
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(
+            path, weights_only=False
+        )  # the full training state (False: no "not set" notice)
         requeued = self._requeue() if trainer.is_global_zero and signame != "SIGINT" else None
         self.stopped = Preempted(signame, trainer.global_step, path, requeued, self.resume_hint)
         log.warning(f"preemption: {self.stopped}")

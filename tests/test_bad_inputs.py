@@ -276,7 +276,9 @@ def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_pat
            f"paths.output_dir={folder}"]  # fmt: skip
     train(compose_cfg(cfg))
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "MARKER")}, folder / "checkpoints" / "zzz.ckpt")
-    with pytest.warns(UserWarning, match=r"zzz.ckpt is unreadable \(it holds Python objects .*could run code"):
+    with pytest.warns(
+        UserWarning, match=r"zzz.ckpt is unreadable \(it holds Python objects .*could run code"
+    ):
         train(compose_cfg([*cfg, "trainer.max_steps=2", "trainer.val_check_interval=2"]))
     assert not (tmp_path / "MARKER").exists()
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

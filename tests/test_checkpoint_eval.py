@@ -231,3 +231,24 @@ def test_predict_defaults_to_the_size_dgss_eval_scores(compose_cfg, tmp_path, ca
         scored = method.predict_logits(x[None], (64, 128))[0].argmax(0).numpy()
     mask = np.array(Image.open(out / "masks/a.png"))
     assert x.shape[-2:] == (128, 256) and mask.shape == (64, 128) and np.array_equal(mask, scored)
+
+
+def test_predict_at_native_size_warns_before_a_slow_image(compose_cfg, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from dgss.predict import predict
+
+    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full"]))
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(np.zeros((128, 256, 3), np.uint8)).save(src / "big.png")
+    cfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", f"input={src}", "size=null",
+                       "inference={mode: slide, crop: 32, stride: 32}", f"output={tmp_path / 'p'}", "progress=false"],
+                      config_name="predict")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="dgss.predict"):
+        predict(cfg)
+    assert "images fitted into native resolution (size=null)" in caplog.text
+    assert "big.png is 256×128 at native size: 32 windows of 32 for this image" in caplog.text
