@@ -48,19 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchmark import METHODS  # noqa: E402  (every method, in one place)
 from benchmarks_md import peak_bf16_tflops  # noqa: E402
 
-METHODS = (
-    "full",
-    "frozen",
-    "rein",
-    "fishertune",
-    "lora",
-    "adaptformer",
-    "vpt",
-    "cobot_lora",
-    "cobot_adaptformer",
-)
 STAGES = ("methods", "slide", "cli", "fp32", "compile")
 # rough cost of a stage in seconds on an H100 (only used to skip what no longer fits in the budget)
 STAGE_MIN_S = {"methods": 60, "slide": 20, "cli": 90, "fp32": 30, "compile": 100}
