@@ -162,8 +162,8 @@ class SegmentationMethod(pl.LightningModule):
         self._saved_buffers = None
 
     def step_is_finite(self, value: torch.Tensor | None, what: str = "loss") -> bool:
-        """The non-finite guard: False (skip the step) when ``value`` (the loss; None = the gradients' norms) is NaN
-        / inf on any rank. A skipped step changes no parameter, buffer or optimizer state (its running statistics
+        """The non-finite guard: False (skip the step) when ``value`` (the loss, or the gradients' summed norms) is
+        NaN / inf on any rank. A skipped step changes no parameter, buffer or optimizer state (its running statistics
         are restored, its gradients dropped); it is counted, logged and warned about, and ``max_nonfinite`` in a row
         raise :class:`TrainingAborted`. The iteration still counts, so the schedule stays on the step axis."""
         finite = bool(torch.isfinite(value.detach()).all()) if value is not None else True
@@ -192,8 +192,6 @@ class SegmentationMethod(pl.LightningModule):
             )
         return False
 
-    loss_is_finite = step_is_finite
-
     def step_done(self) -> None:
         """An update went through: the streak ends and the saved running statistics are dropped."""
         self.nonfinite["streak"] = 0
@@ -220,9 +218,8 @@ class SegmentationMethod(pl.LightningModule):
         losses = self.head.loss(self(batch["image"]), batch["label"])
         loss = sum(losses.values())
         if not self.step_is_finite(loss):
-            return (
-                None  # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
-            )
+            # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch["image"].shape[0])
@@ -251,9 +248,9 @@ class SegmentationMethod(pl.LightningModule):
         self.val_iou.reset()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
-        skipped = batch.get("skipped")
-        if skipped is not None and int(torch.as_tensor(skipped).sum()):
-            self.val_iou.skip(dataloader_idx, int(torch.as_tensor(skipped).sum()))
+        skipped = int(torch.as_tensor(batch.get("skipped", 0)).sum())
+        if skipped:
+            self.val_iou.skip(dataloader_idx, skipped)
         if batch["image"] is None:  # every image of the batch was unreadable (on_bad: skip): nothing to score
             return None
         label = batch["label"]

@@ -356,7 +356,7 @@ class FisherTune(SegmentationMethod):
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         with self.perturbation.active(seed=seed):
             loss_p = self._loss(batch)
-        if not self.loss_is_finite(loss_p):
+        if not self.step_is_finite(loss_p):
             return None  # nothing enters the statistics; the step is skipped
         params = [p for p in self.candidates.values() if p.requires_grad]
         if with_head:
@@ -407,7 +407,7 @@ class FisherTune(SegmentationMethod):
                 return self._skip_step(opt, sched)
             perturbed, mag = result
         loss = self._loss(batch)
-        if not self.loss_is_finite(loss):
+        if not self.step_is_finite(loss):
             return self._skip_step(opt, sched)
         self.manual_backward(loss * w)
         self._all_reduce_mean(self._backbone_grads().values())
