@@ -10,12 +10,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from rich.console import Console
 from rich.table import Table
 
+from dgss.compat import StepProgressBar  # noqa: F401  (the progress bar of callbacks=default)
+from dgss.console import show
 from dgss.data.classes import IGNORE_INDEX
 from dgss.metrics import summarize
 
@@ -64,8 +64,9 @@ class IoUTables(pl.Callback):
     """After every validation: a per-class table in the console, ``metrics.json`` (all validations so far),
     ``iou.csv`` (one row per step, domain and class) in the run dir, and a wandb table."""
 
-    def __init__(self, output_dir: str | Path | None = None, console: bool = True):
+    def __init__(self, output_dir: str | Path | None = None, console: bool = True, title: str | None = None):
         self.output_dir = Path(output_dir) if output_dir else None
+        self.title = title  # default: "<stage> IoU (%) at step <n>"
         self.console = console
         self.history: list[dict] = []
 
@@ -102,10 +103,9 @@ class IoUTables(pl.Callback):
 
     @rank_zero_only
     def _write(self, trainer, entry, per_class, names, mean_over) -> None:
-        if self.console:
-            Console().print(
-                iou_table(per_class, names, mean_over, f"{entry['stage']} IoU (%) at step {entry['step']}")
-            )
+        if self.console:  # the console and the run's log file
+            title = self.title or f"{entry['stage']} IoU (%) at step {entry['step']}"
+            show(iou_table(per_class, names, mean_over, title))
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
@@ -241,41 +241,3 @@ class WandbMedia(pl.Callback):
                 ],  # fmt: skip
                 step=trainer.global_step,
             )
-
-
-class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar counted in optimizer steps of ``trainer.max_steps`` (an iteration-based run has
-    no meaningful epochs: Lightning's bar showed ``Epoch 0/-2`` and, after a resume, ``20/9`` batches of a pass), with
-    the rate and the time left; after a resume it starts at the checkpoint's step."""
-
-    @property
-    def total_train_batches(self) -> int | float:
-        steps = self.trainer.max_steps
-        return steps if steps and steps > 0 else super().total_train_batches
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return f"{'train (steps)':{len(self.validation_description)}}"
-
-    def _start_at_step(self) -> None:
-        """The bar starts at the checkpoint's step (its rate and time left measured from there, not from 0)."""
-        if self.progress is not None and self.train_progress_bar_id is not None:
-            self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
-                                completed=self.trainer.global_step)  # fmt: skip
-
-    def _initialize_train_progress_bar_id(self) -> None:
-        super()._initialize_train_progress_bar_id()
-        self._start_at_step()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per pass over the data
-            super().on_train_epoch_start(trainer, pl_module)
-            self._start_at_step()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
-    ) -> None:
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()

@@ -21,6 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from dgss.compat import should_accumulate
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, remove_cut_off
 
@@ -111,7 +112,7 @@ class StepCheckpoint(ModelCheckpoint):
     step it had not saved yet."""
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        if not trainer.fit_loop._should_accumulate():
+        if not should_accumulate(trainer):
             super().on_train_batch_end(trainer, *args, **kwargs)
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import sys
-import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +20,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.preemption import Preempted
-
-# Lightning 2.6 x torch 2.14 noise, printed on every fit: not actionable for users
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 # a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps

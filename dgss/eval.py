@@ -80,10 +80,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[IoUTables(out), SkippedSamples()],
+        callbacks=[IoUTables(out, title="evaluation IoU (%)"), SkippedSamples()],
         logger=instantiate_group(cfg.get("logger")) or False,
     )
-    trainer.validate(method, datamodule=datamodule)
+    trainer.validate(method, datamodule=datamodule, verbose=False)  # the IoU table says it once
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

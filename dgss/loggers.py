@@ -1,4 +1,4 @@
-"""Lightning's CSV logger, made to keep a resumed run's history."""
+"""Lightning's CSV logger, made to keep a resumed run's history; its wandb logger without a deprecated setting."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -65,3 +66,13 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuedWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(_LightningWandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` without the ``anonymous`` setting it always passes (wandb 0.2x+ warns
+    on every run that it "has no effect and will be removed")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

@@ -32,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from dgss.compat import should_accumulate
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.preemption")
@@ -140,9 +141,7 @@ class Preemption(pl.Callback):
         return signal.Signals(num).name if num else None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if (
-            trainer.fit_loop._should_accumulate()
-        ):  # mid-accumulation: gradients are not in checkpoints, so wait
+        if should_accumulate(trainer):  # mid-accumulation: gradients are not in checkpoints, so wait
             return
         # raised, not should_stop: Lightning would run a validation first, past the grace period
         if signame := self._agreed(trainer):

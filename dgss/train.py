@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.checkpoint import find_resume_checkpoint, load_checkpoint_dict
+from dgss.compat import quiet_fit
 from dgss.config import (
     GENERATED_RUN_FOLDERS,
     build_method,
@@ -183,10 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.get("seed")})
-    with warnings.catch_warnings():
-        # false for dgss: Lightning checks only the loader, but the DataModule keeps the training stream's state (its
-        # pass and position, dgss.data.resumable) in every checkpoint and resumes it exactly
-        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    with quiet_fit():  # Lightning warnings that are false for dgss (dgss.compat.FALSE_WARNINGS)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback

@@ -108,3 +108,24 @@ def test_trains_without_wandb_installed_and_logger_wandb_says_so_in_one_line(
     with pytest.raises(SystemExit) as e:
         run_cli(train, cfg, "dgss-train")
     assert e.value.code == 2
+
+
+def test_a_demo_run_prints_no_warning_and_logs_its_summary_and_tables(compose_cfg, tmp_path, capfd, caplog):
+    """make demo's run, shortened: no Python warning, no Lightning tip on the console; the parameter summary and
+    the IoU tables go through the dgss logger (Hydra writes it to <task>.log)."""
+    import logging
+    import re
+    import warnings
+
+    run = ["experiment=demo", "backbone.weights=null", "synthetic.train_length=8", "synthetic.val_length=2", "trainer.max_steps=4",
+           "trainer.val_check_interval=4", "logger=csv", "~callbacks.progress_bar", "method.schedule.warmup_iters=1",
+           "method.schedule.growth_tau=1", "method.schedule.growth_end=3", "method.schedule.refresh_every=1",
+           "method.fisher.window=1", "method.scheduler.warmup_steps=1", "trainer.log_every_n_steps=1"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="dgss"):
+        warnings.simplefilter("always")
+        train(compose_cfg(run))
+    assert [str(w.message)[:100] for w in caught] == [], [w.filename for w in caught]
+    out, err = capfd.readouterr()
+    assert "Tip:" not in out + err and "anonymous" not in out + err
+    assert re.search(r"FisherTune: [\d,]+ parameters, [\d,]+ trainable \([\d.]+%\)", caplog.text)
+    assert "val IoU (%) at step 4" in caplog.text and "mean over targets" in caplog.text

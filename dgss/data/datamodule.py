@@ -18,7 +18,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import (
     ConcatDataset,
     DataLoader,
@@ -29,6 +28,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from dgss.compat import UnrepeatedDistributedSampler, batches_done
 from dgss.data.classes import ClassSet
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
 from dgss.data.resumable import Draw, SeededSampler, SkipSampler, seeded
@@ -215,7 +215,7 @@ class DGSSDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if self._train_sampler is None or trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = batches_done(trainer)
         return {"train_stream": self._train_sampler.state_dict(done)}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -17,10 +17,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from dgss import console
 from dgss.checkpoint import rng_states, set_rng_states
+from dgss.compat import grad_norm
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
@@ -206,7 +208,7 @@ class SegmentationMethod(pl.LightningModule):
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not str(self.trainer.precision).startswith("16"):
-            if not self.step_is_finite(torch.stack(torch._foreach_norm(grads)).sum(), "gradients"):
+            if not self.step_is_finite(grad_norm(grads), "gradients"):
                 self._skip_window = False  # the window ends here
                 return
         self.step_done()
@@ -380,8 +382,8 @@ class SegmentationMethod(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         s = self.parameter_summary()
-        rank_zero_info(
-            f"[dgss] {type(self).__name__}: {s['params/total']:,} parameters, {s['params/trainable']:,} trainable "
+        console.info(
+            f"{type(self).__name__}: {s['params/total']:,} parameters, {s['params/trainable']:,} trainable "
             f"({s['params/trainable_pct']:.2f}%), backbone trainable {s['params/backbone_trainable']:,}, "
             f"head {s['params/head']:,}"
         )

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from dgss import console
+from dgss.compat import grad_norm
 from dgss.errors import ConfigError
 from dgss.methods.base import SegmentationMethod
 from dgss.methods.selected_adamw import SelectedAdamW
@@ -258,8 +260,8 @@ class FisherTune(SegmentationMethod):
                 f"method.schedule.growth_end={s['growth_end']} is past trainer.max_steps={self.trainer.max_steps}: "
                 f"the selection will not reach delta_max"
             )
-        rank_zero_info(
-            f"[dgss] FisherTune: {len(self.candidates)} candidate tensors "
+        console.info(
+            f"FisherTune: {len(self.candidates)} candidate tensors "
             f"({sum(p.numel() for p in self.candidates.values()):,} elements); final selection "
             f"{self.k_target(s['growth_end']):,} of {self.n_base:,} backbone elements"
         )
@@ -412,7 +414,7 @@ class FisherTune(SegmentationMethod):
         self.manual_backward(loss * w)
         self._all_reduce_mean(self._backbone_grads().values())
         grads = [p.grad for p in self.parameters() if p.grad is not None] + list(perturbed.values())
-        if grads and not self.step_is_finite(torch.stack(torch._foreach_norm(grads)).sum(), "gradients"):
+        if grads and not self.step_is_finite(grad_norm(grads), "gradients"):
             return self._skip_step(opt, sched)
         del grads
         if stats:  # both passes finite: the statistics take them
@@ -651,7 +653,7 @@ class FisherTune(SegmentationMethod):
         torch.save({"index": {n: self.selected_opt.index(n).cpu() for n in self.candidates},
                     "shapes": {n: tuple(p.shape) for n, p in self.candidates.items()},
                     "history": self.history, "breakdown": self.breakdown()}, path)  # fmt: skip
-        rank_zero_info(f"[dgss] FisherTune: final selection saved to {path}")
+        console.info(f"FisherTune: final selection saved to {path}")
 
     # ------------------------------------------------------------------------------ checkpoints
     def reattachable_keys(self) -> set[str]:

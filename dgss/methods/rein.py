@@ -22,9 +22,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from dgss import console
 from dgss.errors import ConfigError, state_mismatch
 from dgss.methods.base import SegmentationMethod
 
@@ -174,9 +174,7 @@ class Rein(SegmentationMethod):
         cfg = dict(self.rein_cfg)
         if cfg.get("link_token_to_query", True) and not getattr(self.head, "uses_queries", False):
             # transform / merge would get no gradient: unused parameters stall DDP and inflate counts
-            rank_zero_info(
-                f"[dgss] Rein: {type(self.head).__name__} takes no queries, so the query link is not built"
-            )
+            console.info(f"Rein: {type(self.head).__name__} takes no queries, so the query link is not built")
             cfg["link_token_to_query"] = False
         self.reins = ReinLayers(num_layers=len(blocks), embed_dim=bb.embed_dim, **cfg)
         if self.reins.link_token_to_query:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
+from dgss.compat import vit_pos_embed
 from dgss.errors import ConfigError, state_mismatch
 
 BlockHook = Callable[[torch.Tensor, int], torch.Tensor]
@@ -312,9 +313,9 @@ class Backbone(nn.Module):
             t = m.pos_drop(t)
             t = m.patch_drop(t)
         elif self.family == "eva":
-            t, rope = m._pos_embed(t)
+            t, rope = vit_pos_embed(m, t)
         else:
-            t = m._pos_embed(t)
+            t = vit_pos_embed(m, t)
             t = m.patch_drop(t)
         return m.norm_pre(t), grid, rope
 

@@ -1,0 +1,121 @@
+"""Every private Lightning, timm and torch API dgss relies on, in one place (``tests/test_compat.py`` has a test per
+entry): an upgrade that moves one of them breaks here, loudly, not somewhere in a method.
+
+Also the console's quiet: Lightning messages that are false or irrelevant for an iteration-based dgss run are
+silenced here, each by its exact text and where it is raised, never by a blanket filter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler  # noqa: F401  (re-exported)
+from torch import nn
+
+__all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "quiet_fit",
+           "should_accumulate", "vit_pos_embed"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+def should_accumulate(trainer: pl.Trainer) -> bool:
+    """True inside a gradient-accumulation window (this batch does not end with an optimizer step)."""
+    return trainer.fit_loop._should_accumulate()
+
+
+def batches_done(trainer: pl.Trainer) -> int:
+    """Training batches processed in the current pass (Lightning's progress counter, restored on resume)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+# Lightning warnings that are false for dgss, by their text: (message regex, why)
+FALSE_WARNINGS = (
+    (r".*your dataloader is not resumable.*",
+     "the DataModule keeps the training stream's state (dgss.data.resumable) in every checkpoint"),
+    (r"Found \d+ module\(s\) in eval mode at the start of training.*",
+     "frozen backbones stay in eval mode on purpose (SegmentationMethod.freeze)"),
+    (r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*",
+     "FisherTune checkpoints after its step, which is the state a resume continues from"),
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+     "Lightning 2.6 calls a torch 2.14-deprecated pytree API on every step; nothing a user can act on"),
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_fit() -> Iterator[None]:
+    """Around ``trainer.fit``: the warnings of :data:`FALSE_WARNINGS` are not shown (only there, only those)."""
+    with warnings.catch_warnings():
+        for message, _ in FALSE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+class _NoTips(logging.Filter):
+    """Lightning's advertisements for its cloud products, logged at every Trainer construction."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in str(record.msg)
+
+
+_LIGHTNING_LOG = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+if not any(isinstance(f, _NoTips) for f in _LIGHTNING_LOG.filters):
+    _LIGHTNING_LOG.addFilter(_NoTips())
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counted in optimizer steps of ``trainer.max_steps`` (an iteration-based run has
+    no meaningful epochs: Lightning's bar showed ``Epoch 0/-2`` and, after a resume, ``20/9`` batches of a pass), with
+    the rate and the time left; after a resume it starts at the checkpoint's step. Overrides private methods of
+    ``RichProgressBar``: hence here."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        steps = self.trainer.max_steps
+        return steps if steps and steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'train (steps)':{len(self.validation_description)}}"
+
+    def _start_at_step(self) -> None:
+        """The bar starts at the checkpoint's step (its rate and time left measured from there, not from 0)."""
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
+                                completed=self.trainer.global_step)  # fmt: skip
+
+    def _initialize_train_progress_bar_id(self) -> None:
+        super()._initialize_train_progress_bar_id()
+        self._start_at_step()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per pass over the data
+            super().on_train_epoch_start(trainer, pl_module)
+            self._start_at_step()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+# ------------------------------------------------------------------------------------------------------ timm
+def vit_pos_embed(model: nn.Module, tokens: torch.Tensor):
+    """timm's position embedding step of a ViT / EVA (prefix tokens, absolute positions resampled to the grid,
+    dropout; EVA: also the rotary embedding): ``model._pos_embed``."""
+    return model._pos_embed(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------- torch
+def grad_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, one fused pass (non-finite if any element is)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(tensors, norm_type=2.0)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))), 2.0)
