@@ -241,3 +241,13 @@ class WandbMedia(pl.Callback):
                 ],  # fmt: skip
                 step=trainer.global_step,
             )
+
+
+class StoreConfig(pl.Callback):
+    """Puts the resolved model + data config into every checkpoint, so ``dgss-eval`` can rebuild the model."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["dgss_config"] = self.cfg

@@ -1,9 +1,14 @@
-"""Checkpoints that survive a kill: atomic writes, step-boundary saves, random states and ``resume=auto``.
+"""The dgss checkpoint format, in one place: reading a user's file safely, writing atomically, what a checkpoint
+holds of the model (frozen backbone tensors left out and re-attached from the weights file, checked by sha256;
+FisherTune's selected elements as a sparse delta; the method that wrote it), rebuilding a method from one
+(``load_method``: dgss-eval, dgss-predict), merging one with its weights file (``merge``: dgss-merge), random states,
+and ``resume=auto``'s search.
 
 ``AtomicCheckpointIO`` (the trainer's checkpoint plugin) writes every checkpoint to a hidden temporary in the same
 folder, fsyncs it and renames it over the target, so a kill at any moment leaves the previous file or the new one,
-never a truncated one. ``find_resume_checkpoint`` picks the newest checkpoint of a run that loads, warning about
-and skipping unreadable ones.
+never a truncated one, and reads every checkpoint back with :func:`load_file` (``weights_only``). A dgss-train
+checkpoint is Lightning's dict plus ``dgss_config`` (the resolved backbone / head / method / data config),
+``dgss`` (backbone identity, dropped keys), ``rng_states`` and, for FisherTune, ``fishertune``.
 """
 
 from __future__ import annotations
@@ -143,6 +148,153 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- the model part
+def method_target(method) -> str:
+    return f"{type(method).__module__}.{type(method).__name__}"
+
+
+def check_same_method(checkpoint: dict, target: str) -> None:
+    """A dgss checkpoint names the method it was trained with (``_target_``); loading it into another is a user
+    error, named as such (not as the missing tensors it would otherwise surface as)."""
+    saved = ((checkpoint.get("dgss_config") or {}).get("method") or {}).get("_target_")
+    if saved and saved != target:
+        raise ConfigError(
+            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {target.rsplit('.', 1)[-1]}: "
+            "resume it with the method (experiment) it was trained with, or evaluate it with dgss-eval "
+            "ckpt_path=<file>"
+        )
+
+
+def strip_reattachable(checkpoint: dict, method) -> None:
+    """Leave out of ``checkpoint`` what the backbone's weights file gives back (``method.reattachable_keys()``), and
+    record the backbone's identity (file, sha256) so :func:`check_reattach` can refuse another file."""
+    drop = method.reattachable_keys()
+    state = checkpoint["state_dict"]
+    for k in [k for k in state if k in drop]:
+        del state[k]
+    checkpoint["dgss"] = {"backbone": method.backbone.identity, "dropped_keys": len(drop)}
+
+
+def check_reattach(checkpoint: dict, method) -> bool:
+    """Before loading ``checkpoint`` into ``method``: the tensors it left out must be exactly those the weights file
+    gives (the same file, by sha256). Returns whether loading must be non-strict (something was left out)."""
+    missing = set(method.state_dict()) - set(checkpoint["state_dict"])
+    if not missing:
+        return False
+    saved = checkpoint.get("dgss", {}).get("backbone", {})
+    if not method.backbone.weights:
+        raise ConfigError(
+            f"the checkpoint holds no frozen backbone tensors ({len(missing)} keys); set "
+            f"backbone.weights to the file it was trained from ({saved.get('weights')})"
+        )
+    unexpected = missing - method.reattachable_keys()
+    if unexpected:
+        raise ConfigError(f"the checkpoint lacks trained tensors: {', '.join(sorted(unexpected)[:5])}")
+    want, have = saved.get("weights_sha256"), method.backbone.identity["weights_sha256"]
+    if want and want != have:
+        raise ConfigError(
+            f"backbone.weights={method.backbone.weights!r} (sha256 {have[:12]}) is not the file this checkpoint "
+            f"was trained with ({saved.get('weights')}, sha256 {want[:12]})"
+        )
+    return True
+
+
+def sparse_delta(params: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The elements ``index[name]`` of each parameter: ``{name: {"index", "value"}}`` (FisherTune's selection)."""
+    return {n: {"index": i.cpu(), "value": params[n].detach().reshape(-1)[i].cpu()} for n, i in index.items()}
+
+
+def apply_sparse_delta(
+    state: dict, delta: dict[str, dict], pretrained: dict[str, torch.Tensor], prefix: str
+) -> None:
+    """Into ``state``: each ``prefix + name`` is its pretrained tensor with the delta's elements written over it
+    (unless the checkpoint already holds the whole tensor: a run without a weights file)."""
+    for name, d in delta.items():
+        if prefix + name in state:
+            continue
+        full = pretrained[name].detach().clone()
+        full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
+        state[prefix + name] = full
+
+
+# --------------------------------------------------------------------------------------------- rebuilding
+def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = None, inference: dict | None = None,
+                recipe=None):  # fmt: skip
+    """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
+
+    A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
+    and ``decode_head.*``, e.g. a published Rein checkpoint) needs ``recipe``, the config it was trained with
+    (``experiment=rein``): the method is built from it and the release's tensors imported.
+    """
+    from omegaconf import OmegaConf
+
+    from dgss.config import build_method
+
+    path = Path(ckpt_path).expanduser()
+    ckpt = load_checkpoint_dict(path, "ckpt_path")
+    official = "dgss_config" not in ckpt
+    if not official and recipe is not None:
+        given = [k for k in ("backbone", "head", "method") if recipe.get(k) is not None]
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is a dgss-train checkpoint: it rebuilds its own "
+            f"{ckpt['dgss_config']['method']['_target_'].rsplit('.', 1)[-1]} model, so {', '.join(given)} (or the "
+            "experiment setting them) would be ignored; drop them (data=, inference=, backbone_weights= still apply)"
+        )
+    if official:
+        state = ckpt.get("state_dict", ckpt)
+        if not any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state):
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)"
+            )
+        if recipe is None or recipe.get("method") is None:
+            raise ConfigError(f"ckpt_path={str(path)!r} is an official release without a dgss config; add the recipe "
+                              "it was trained with, e.g. experiment=rein (and backbone.weights=<converted file>)")  # fmt: skip
+        saved = OmegaConf.create(OmegaConf.to_container(recipe, resolve=True))
+    else:
+        saved = OmegaConf.create(ckpt["dgss_config"])
+    if backbone_weights:
+        saved.backbone.weights = backbone_weights
+    if inference:
+        saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
+    method = build_method(saved)
+    if official:
+        if not hasattr(method, "load_official"):
+            raise ConfigError(
+                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
+            )
+        method.load_official(state)
+    else:
+        method.on_load_checkpoint(ckpt)
+        method.load_state_dict(ckpt["state_dict"], strict=method.strict_loading)
+    return method, saved
+
+
+def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike, backbone_weights: str | None = None) -> dict:
+    """One self-contained checkpoint from a frozen-backbone / sparse one and its weights file: every tensor inside,
+    ``backbone.weights: null`` in its config, the merge's provenance recorded; optimizer and scheduler state left
+    out (a model file, not a training state). Written atomically; returns the provenance."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    method, saved = load_method(ckpt_path, backbone_weights)
+    ckpt = load_checkpoint_dict(ckpt_path)
+    identity = method.backbone.identity
+    ckpt["state_dict"] = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+    cfg = OmegaConf.to_container(saved, resolve=True)
+    cfg["backbone"]["weights"] = None  # every tensor is in this file now
+    ckpt["dgss_config"] = cfg
+    ckpt["dgss"] = {**ckpt.get("dgss", {}), "backbone": {**identity, "weights": None, "weights_sha256": None},
+                    "merged": {"from": str(ckpt_path), "from_sha256": hashlib.sha256(Path(ckpt_path).read_bytes()).hexdigest(),
+                               "backbone_weights": identity["weights"], "backbone_sha256": identity["weights_sha256"]}}  # fmt: skip
+    for key in ("optimizer_states", "lr_schedulers"):
+        ckpt.pop(key, None)
+    with atomic_path(out) as tmp:
+        torch.save(ckpt, tmp)
+    return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"]}
+
+
+# ------------------------------------------------------------------------------------------ random states
 def rng_states() -> dict[str, Any]:
     """The process's random streams (torch CPU, this device's CUDA, Python, numpy) as tensors and plain values (the
     checkpoint stays loadable with ``weights_only``): dropout, drop-path and the loss's point sampling continue

@@ -26,12 +26,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from dgss.config import check_types, entry_point, run_cli
+from dgss.checkpoint import load_method
+from dgss.cli import entry_point, run_cli
+from dgss.config import check_types
 from dgss.data.classes import ClassSet
 from dgss.data.label_maps import CITYSCAPES_ID_TO_TRAIN
 from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
-from dgss.eval import load_method
 from dgss.io import atomic_path
 from dgss.models.inference import windows
 

@@ -14,34 +14,23 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dgss.checkpoint import find_resume_checkpoint, load_checkpoint_dict
+from dgss.callbacks import StoreConfig
+from dgss.checkpoint import check_same_method, find_resume_checkpoint, load_checkpoint_dict
+from dgss.cli import entry_point, run_cli
 from dgss.compat import quiet_fit
 from dgss.config import (
     GENERATED_RUN_FOLDERS,
     build_method,
     check_launch,
     check_types,
-    entry_point,
     instantiate_group,
     model_config,
-    run_cli,
     wandb_installed,
 )
 from dgss.errors import ConfigError
-from dgss.methods.base import check_same_method
 from dgss.preemption import Preemption
 
 log = logging.getLogger("dgss.train")
-
-
-class StoreConfig(pl.Callback):
-    """Puts the resolved model + data config into every checkpoint, so ``dgss-eval`` can rebuild the model."""
-
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["dgss_config"] = self.cfg
 
 
 def resume_from(cfg: DictConfig) -> str | None:

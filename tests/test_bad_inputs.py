@@ -13,7 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from dgss.config import check_argv, run_cli
+from dgss import merge
+from dgss.cli import check_argv, run_cli
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.predict import predict
@@ -23,7 +24,6 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import convert_datasets  # noqa: E402
 import convert_weights  # noqa: E402
-import merge_weights  # noqa: E402
 
 TINY = dict(depth=4, embed_dim=96, num_heads=3, patch_size=8)  # conf/backbone/tiny.yaml
 DATA = ["data=synthetic", "synthetic.height=32", "synthetic.width=64", "synthetic.train_length=4",
@@ -100,10 +100,10 @@ CKPT_USERS = [
     "dgss-train ckpt_path",
     "dgss-eval ckpt_path",
     "dgss-predict ckpt_path",
-    "merge_weights.py ckpt",
+    "dgss-merge ckpt",
 ]
 WEIGHT_USERS = ["dgss-train backbone.weights", "dgss-eval backbone_weights", "dgss-predict backbone_weights",
-                "merge_weights.py --backbone-weights", "convert_weights.py src"]  # fmt: skip
+                "dgss-merge --backbone-weights", "convert_weights.py src"]  # fmt: skip
 
 
 def run_command(name: str, f: Path, made: dict, tmp: Path, compose_cfg) -> tuple[int, Path | None]:
@@ -138,10 +138,10 @@ def run_command(name: str, f: Path, made: dict, tmp: Path, compose_cfg) -> tuple
         return cli(predict, cfg, "dgss-predict"), None
     if name == "dgss-predict image":
         return None, None
-    if name == "merge_weights.py ckpt":
-        return merge_weights.main([str(f), "--out", str(out)]), out
-    if name == "merge_weights.py --backbone-weights":
-        return merge_weights.main([str(made["ckpt"]), "--backbone-weights", str(f), "--out", str(out)]), out
+    if name == "dgss-merge ckpt":
+        return merge.main([str(f), "--out", str(out)]), out
+    if name == "dgss-merge --backbone-weights":
+        return merge.main([str(made["ckpt"]), "--backbone-weights", str(f), "--out", str(out)]), out
     if name == "convert_weights.py src":
         return convert_weights.main(["dinov2", str(f), "--out", str(out), "--model", "vit_small_patch14_dinov2",
                                      "--img-size", "64"]), out  # fmt: skip

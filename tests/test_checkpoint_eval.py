@@ -5,8 +5,9 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
+from dgss.checkpoint import load_method
 from dgss.errors import ConfigError
-from dgss.eval import evaluate, load_method
+from dgss.eval import evaluate
 from dgss.train import train
 
 TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2, patch_size=16)
@@ -147,16 +148,12 @@ def test_rein_with_mask2former_trains_and_eval_reproduces(compose_cfg, tmp_path)
 
 
 def test_merged_checkpoint_evaluates_without_the_weights_file(compose_cfg, tmp_path, weights):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import merge_weights
+    from dgss.checkpoint import merge
 
     cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=frozen"])
     metrics = train(cfg)
     merged = tmp_path / "merged.ckpt"
-    info = merge_weights.merge(tmp_path / "checkpoints" / "last.ckpt", merged)
+    info = merge(tmp_path / "checkpoints" / "last.ckpt", merged)
     assert info["backbone_weights"] == str(weights) and len(info["backbone_sha256"]) == 64
     weights.unlink()  # the merged file must not need it
     ckpt = torch.load(merged, map_location="cpu", weights_only=False)

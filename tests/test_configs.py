@@ -132,7 +132,7 @@ def test_bf16_mixed_is_a_trainer_option(compose_cfg):
 
 
 def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_cfg):
-    from dgss.config import user_error
+    from dgss.cli import user_error
 
     m = build_method(
         compose_cfg(["experiment=demo", "method=rein", "debug=tiny"])

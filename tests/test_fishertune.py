@@ -1,8 +1,6 @@
 """FisherTune: Fisher estimates, DR-FIM, schedule, selection, masked optimisation, sparse checkpoints."""
 
 import math
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -316,11 +314,10 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     again = evaluate(ecfg)
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
         assert again[k] == metrics[k], k
-    # merged with the backbone into one file (scripts/merge_weights.py), it evaluates without the weights file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import merge_weights
+    # merged with the backbone into one file (dgss-merge), it evaluates without the weights file
+    from dgss.checkpoint import merge
 
-    merge_weights.merge(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "merged.ckpt")
+    merge(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "merged.ckpt")
     weights.unlink()
     again = evaluate(
         compose_cfg([f"ckpt_path={tmp_path / 'merged.ckpt'}", "trainer=cpu"], config_name="eval")

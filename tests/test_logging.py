@@ -90,7 +90,7 @@ def test_trains_without_wandb_installed_and_logger_wandb_says_so_in_one_line(
     work; ``logger=wandb`` (or ``many``) stops before anything is written, naming the package and the choices."""
     import sys
 
-    from dgss.config import run_cli
+    from dgss.cli import run_cli
     from dgss.errors import ConfigError
 
     # `import wandb` raises ImportError, find_spec finds nothing

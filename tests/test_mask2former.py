@@ -137,9 +137,10 @@ TO_MMDET = [  # written out independently of dgss's map: our names -> mmdet 3.x 
 def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
     import re
 
+    from dgss.checkpoint import load_method
     from dgss.config import build_method
     from dgss.errors import ConfigError
-    from dgss.eval import evaluate, load_method
+    from dgss.eval import evaluate
 
     tiny = ["experiment=rein", "trainer=cpu", "backbone.tiny=true", "backbone.weights=null", "backbone.img_size=64",
             "head.tiny=true", "data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.val_length=2",

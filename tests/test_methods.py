@@ -160,7 +160,7 @@ def _nan_at(method, bad_calls):
 
 
 def test_nonfinite_loss_skips_the_step_and_k_in_a_row_abort(tmp_path):
-    from dgss.config import user_error
+    from dgss.cli import user_error
     from dgss.errors import TrainingAborted
 
     torch.manual_seed(0)

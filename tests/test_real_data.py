@@ -238,7 +238,7 @@ def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
     one line dgss prints is the worker's own message, naming the file."""
     import torch
 
-    from dgss.config import user_error
+    from dgss.cli import user_error
 
     for n in range(4):
         _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")

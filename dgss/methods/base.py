@@ -21,7 +21,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from dgss import console
-from dgss.checkpoint import rng_states, set_rng_states
+from dgss.checkpoint import (
+    check_reattach,
+    check_same_method,
+    method_target,
+    rng_states,
+    set_rng_states,
+    strip_reattachable,
+)
 from dgss.compat import grad_norm
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
@@ -40,18 +47,6 @@ INFERENCE_DEFAULTS = {
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
 DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_token", "rel_pos", "level_embed",
                     "query_embed")  # fmt: skip
-
-
-def check_same_method(checkpoint: dict, target: str) -> None:
-    """A dgss checkpoint names the method it was trained with (``_target_``); loading it into another is a user
-    error, named as such (not as the missing tensors it would otherwise surface as)."""
-    saved = ((checkpoint.get("dgss_config") or {}).get("method") or {}).get("_target_")
-    if saved and saved != target:
-        raise ConfigError(
-            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {target.rsplit('.', 1)[-1]}: "
-            "resume it with the method (experiment) it was trained with, or evaluate it with dgss-eval "
-            "ckpt_path=<file>"
-        )
 
 
 class SegmentationMethod(pl.LightningModule):
@@ -334,37 +329,15 @@ class SegmentationMethod(pl.LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop = self.reattachable_keys()
-        state = checkpoint["state_dict"]
-        for k in [k for k in state if k in drop]:
-            del state[k]
-        checkpoint["dgss"] = {"backbone": self.backbone.identity, "dropped_keys": len(drop)}
+        strip_reattachable(checkpoint, self)
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_same_method(checkpoint, f"{type(self).__module__}.{type(self).__name__}")
+        check_same_method(checkpoint, method_target(self))
         if "rng_states" in checkpoint and self._trainer is not None:  # a fit resumes (not an evaluation)
             set_rng_states(checkpoint["rng_states"])
-        meta = checkpoint.get("dgss", {})
-        missing = set(self.state_dict()) - set(checkpoint["state_dict"])
-        if not missing:
-            return
-        saved = meta.get("backbone", {})
-        if not self.backbone.weights:
-            raise ConfigError(
-                f"the checkpoint holds no frozen backbone tensors ({len(missing)} keys); set "
-                f"backbone.weights to the file it was trained from ({saved.get('weights')})"
-            )
-        unexpected = missing - self.reattachable_keys()
-        if unexpected:
-            raise ConfigError(f"the checkpoint lacks trained tensors: {', '.join(sorted(unexpected)[:5])}")
-        want, have = saved.get("weights_sha256"), self.backbone.identity["weights_sha256"]
-        if want and want != have:
-            raise ConfigError(
-                f"backbone.weights={self.backbone.weights!r} (sha256 {have[:12]}) is not the file this checkpoint "
-                f"was trained with ({saved.get('weights')}, sha256 {want[:12]})"
-            )
-        self.strict_loading = False  # the frozen tensors come from the weights file
+        if check_reattach(checkpoint, self):
+            self.strict_loading = False  # the frozen tensors come from the weights file
 
     # ---------------------------------------------------------------------------- summary
     def parameter_summary(self) -> dict[str, float]:

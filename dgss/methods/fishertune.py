@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dgss import console
+from dgss.checkpoint import apply_sparse_delta, sparse_delta
 from dgss.compat import grad_norm
 from dgss.errors import ConfigError
 from dgss.methods.base import SegmentationMethod
@@ -663,14 +664,9 @@ class FisherTune(SegmentationMethod):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        delta = {}
-        for name, s in self.selected_opt.state.items():
-            delta[name] = {
-                "index": s["index"].cpu(),
-                "value": self.candidates[name].detach().reshape(-1)[s["index"]].cpu(),
-            }
+        index = {n: s["index"] for n, s in self.selected_opt.state.items()}
         checkpoint["fishertune"] = {
-            "delta": delta,
+            "delta": sparse_delta(self.candidates, index),
             "optimizer": {n: {k: v.cpu() for k, v in s.items()} for n, s in self.selected_opt.state.items()},
             "fisher": {w: {n: v.cpu() for n, v in d.items()} for w, d in self.fisher.items()},
             "stat_counts": dict(self.stat_counts),
@@ -686,14 +682,7 @@ class FisherTune(SegmentationMethod):
             raise ConfigError(
                 "the checkpoint has no FisherTune state: it was not written by method=fishertune"
             )
-        state = checkpoint["state_dict"]
-        for name, d in ft["delta"].items():
-            key = f"backbone.model.{name}"
-            if key in state:
-                continue  # a full backbone was saved (no weights file)
-            full = self.candidates[name].detach().clone()  # the pretrained tensor from the weights file
-            full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
-            state[key] = full
+        apply_sparse_delta(checkpoint["state_dict"], ft["delta"], self.candidates, "backbone.model.")
         self.selected_opt.load_state_dict(ft["optimizer"])
         self.masks = {}
         for name, p in self.candidates.items():

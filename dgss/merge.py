@@ -1,0 +1,38 @@
+"""``dgss-merge <ckpt> --out <file> [--backbone-weights <file>]``: one self-contained checkpoint from a frozen-backbone
+or sparse (FisherTune) dgss checkpoint and its weights file (``dgss.checkpoint.merge``).
+
+dgss checkpoints of frozen-backbone methods (frozen, rein, lora, adaptformer, vpt, cobot) hold only what trained, and
+FisherTune's hold the selected elements as a sparse delta; both re-attach the backbone from its weights file (checked
+by sha256). The merged file holds every tensor, so it evaluates (``dgss-eval ckpt_path=<merged>``) and ships without
+the weights file; its config records ``backbone.weights: null`` and the provenance of the merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dgss-merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="a dgss-train checkpoint")
+    p.add_argument("--out", required=True, help="the merged checkpoint to write (atomically)")
+    p.add_argument("--backbone-weights", default=None, help="the frozen backbone's weights file, if it moved")
+    a = p.parse_args(argv)
+    from dgss.checkpoint import merge
+    from dgss.cli import user_error
+
+    try:
+        print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights)))
+    except Exception as e:  # a user's file or option: one line; anything else is a bug (traceback)
+        msg = user_error(e)
+        if msg is None:
+            raise
+        print(f"dgss-merge: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
