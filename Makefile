@@ -22,15 +22,15 @@ $(BIN)/dgss-train: pyproject.toml
 
 install: $(BIN)/dgss-train ## create .venv with torch 2.14.1 + torchvision 0.29.1, then dgss and its extras (editable)
 
-TINY_WEIGHTS ?= weights/tiny_mim.safetensors
+TOY_WEIGHTS ?= weights/toy_mim.safetensors
 
-$(TINY_WEIGHTS): scripts/pretrain_tiny.py | $(BIN)/dgss-train
-	$(BIN)/python scripts/pretrain_tiny.py --out $@
+$(TOY_WEIGHTS): scripts/pretrain_toy.py | $(BIN)/dgss-train
+	$(BIN)/python scripts/pretrain_toy.py --out $@
 
-pretrain: $(TINY_WEIGHTS) ## pretrain the demo's tiny ViT without labels (cached in weights/; ~3 min on 2 cores)
+pretrain: $(TOY_WEIGHTS) ## pretrain the demo's toy ViT without labels (cached in weights/; ~3 min on 2 cores)
 
-demo: install $(TINY_WEIGHTS) ## FisherTune from the tiny pretrained ViT on the embedded domains (CPU, < 10 min incl. pretraining)
-	$(BIN)/dgss-train experiment=demo backbone.weights=$(TINY_WEIGHTS) hydra.run.dir=logs/demo
+demo: install $(TOY_WEIGHTS) ## FisherTune from the pretrained toy ViT on the embedded domains (CPU, < 10 min incl. pretraining)
+	$(BIN)/dgss-train experiment=demo backbone.weights=$(TOY_WEIGHTS) hydra.run.dir=logs/demo
 
 test: install ## the default test suite (no slow tests; < 15 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow"

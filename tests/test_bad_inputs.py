@@ -25,7 +25,7 @@ sys.path.insert(0, str(SCRIPTS))
 import convert_datasets  # noqa: E402
 import convert_weights  # noqa: E402
 
-TINY = dict(depth=4, embed_dim=96, num_heads=3, patch_size=8)  # conf/backbone/tiny.yaml
+TINY = dict(depth=4, embed_dim=96, num_heads=3, patch_size=8)  # conf/backbone/toy.yaml
 DATA = ["data=synthetic", "synthetic.height=32", "synthetic.width=64", "synthetic.train_length=4",
         "synthetic.val_length=1", "data.batch_size=2", "data.val_batch_size=1", "data.num_workers=0"]  # fmt: skip
 RUN = ["trainer=cpu", "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.num_sanity_val_steps=0", "~logger", "callbacks=default",
@@ -50,14 +50,14 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("made")
     torch.manual_seed(0)
     weights = root / "tiny.pth"
-    torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=(32, 64), **TINY)
+    torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=(96, 192), **TINY)
                .state_dict(), weights)  # fmt: skip
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_module("dgss.conf", version_base="1.3"):
-        cfg = compose("train", [*DATA, *RUN, "backbone=tiny", f"backbone.weights={weights}", "method=frozen",
+        cfg = compose("train", [*DATA, *RUN, "backbone=toy", f"backbone.weights={weights}", "method=frozen",
                                 f"paths.output_dir={root / 'run'}"])  # fmt: skip
     train(cfg)
     image = root / "street.png"
@@ -111,12 +111,12 @@ def run_command(name: str, f: Path, made: dict, tmp: Path, compose_cfg) -> tuple
     out = tmp / "out.ckpt"
     out.write_bytes(b"the user's earlier file")
     if name == "dgss-train ckpt_path":
-        cfg = compose_cfg([*DATA, *RUN, "backbone=tiny", f"backbone.weights={made['weights']}", "method=frozen",
+        cfg = compose_cfg([*DATA, *RUN, "backbone=toy", f"backbone.weights={made['weights']}", "method=frozen",
                            f"ckpt_path={f}"])  # fmt: skip
         return cli(train, cfg, "dgss-train"), None
     if name == "dgss-train backbone.weights":
         return cli(
-            train, compose_cfg([*DATA, *RUN, "backbone=tiny", f"backbone.weights={f}"]), "dgss-train"
+            train, compose_cfg([*DATA, *RUN, "backbone=toy", f"backbone.weights={f}"]), "dgss-train"
         ), None
     if name == "dgss-eval ckpt_path":
         return cli(
@@ -272,7 +272,7 @@ def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_pat
     """The resume=auto probe read every checkpoint of the run folder with weights_only=False: a crafted file
     dropped there ran its payload. Now it is skipped (with a warning) like any unreadable file."""
     folder = tmp_path / "run"
-    cfg = [*DATA, *RUN, "backbone=tiny", f"backbone.weights={made['weights']}", "method=frozen", "resume=auto",
+    cfg = [*DATA, *RUN, "backbone=toy", f"backbone.weights={made['weights']}", "method=frozen", "resume=auto",
            f"paths.output_dir={folder}"]  # fmt: skip
     train(compose_cfg(cfg))
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "MARKER")}, folder / "checkpoints" / "zzz.ckpt")

@@ -168,11 +168,11 @@ def test_merged_checkpoint_evaluates_without_the_weights_file(compose_cfg, tmp_p
 
 def test_eval_reads_only_the_targets_and_refuses_overrides_it_would_ignore(compose_cfg, tmp_path):
     """dgss-eval data=gta2cbm needs the Cityscapes / BDD / Mapillary validation images, not GTAV's training
-    images; a model override on a dgss checkpoint (it rebuilds its own model) is refused instead of ignored; a
-    tiny backbone composes with real data (no dangling ${synthetic.height})."""
+    images; a model override on a dgss checkpoint (it rebuilds its own model) is refused instead of ignored; the
+    toy backbone composes with real data (no dangling ${synthetic.height})."""
     from test_real_data import FIXTURES, _write_pair
 
-    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full", "~callbacks.iou_tables"]))
+    train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full", "~callbacks.iou_tables"]))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     root = tmp_path / "data"
     for key in (("cityscapes", "val"), ("bdd100k", "val"), ("mapillary", "val")):  # no gta/ at all
@@ -183,8 +183,8 @@ def test_eval_reads_only_the_targets_and_refuses_overrides_it_would_ignore(compo
     with pytest.raises(ConfigError, match=r"is a dgss-train checkpoint: it rebuilds its own FullFineTune model, so "
                        r"method \(or the experiment setting them\) would be ignored; drop them"):  # fmt: skip
         evaluate(compose_cfg([*ev, "method=rein"], config_name="eval"))
-    cfg = compose_cfg(["data=cs2acdc", "backbone=tiny"])
-    assert list(cfg.backbone.img_size) == [512, 512]
+    cfg = compose_cfg(["data=cs2acdc", "backbone=toy"])  # no backbone config reads a data-only key
+    assert list(cfg.backbone.img_size) == [96, 192]
 
 
 def test_predict_defaults_to_the_size_dgss_eval_scores(compose_cfg, tmp_path, caplog):
@@ -200,7 +200,7 @@ def test_predict_defaults_to_the_size_dgss_eval_scores(compose_cfg, tmp_path, ca
     from dgss.data.transforms import TestPipeline
     from dgss.predict import predict, resolve_size
 
-    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full", "data.test_pipeline.size=[256,128]"]))
+    train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full", "data.test_pipeline.size=[256,128]"]))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     method, saved = load_method(str(ckpt))
     data = OmegaConf.to_container(saved.data)
@@ -238,7 +238,7 @@ def test_predict_at_native_size_warns_before_a_slow_image(compose_cfg, tmp_path,
 
     from dgss.predict import predict
 
-    train(compose_cfg([*DATA, *RUN, "backbone=tiny", "method=full"]))
+    train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full"]))
     src = tmp_path / "photos"
     src.mkdir()
     Image.fromarray(np.zeros((128, 256, 3), np.uint8)).save(src / "big.png")

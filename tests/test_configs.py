@@ -27,7 +27,7 @@ def test_every_backbone_config_builds_tiny(compose_cfg, backbone):
     assert m.backbone.num_blocks == 4 and m.backbone.embed_dim in (64, 96)
 
 
-@pytest.mark.parametrize("backbone", [b for b in config_names("backbone") if b != "tiny"])
+@pytest.mark.parametrize("backbone", [b for b in config_names("backbone") if b != "toy"])
 def test_real_backbone_configs_name_a_local_weights_file(compose_cfg, backbone):
     cfg = compose_cfg([f"backbone={backbone}"])
     assert cfg.backbone.weights.endswith(f"/{cfg.backbone.name}.safetensors")

@@ -271,7 +271,7 @@ FT_SMALL = ["method=fishertune", "method.schedule.warmup_iters=1", "method.sched
             "method.perturb.after_blocks=[0,1]"]  # fmt: skip
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "eva02_l", "samvit_b", "clip_l"])
+@pytest.mark.parametrize("backbone", ["toy", "eva02_l", "samvit_b", "clip_l"])
 def test_trains_and_evaluates_on_every_family(compose_cfg, tmp_path, backbone):
     cfg = compose_cfg([f"backbone={backbone}", "debug=tiny", "trainer.max_steps=4", "trainer.val_check_interval=4",
                        "synthetic.val_length=2", "callbacks=minimal", "~logger", *FT_SMALL])  # fmt: skip

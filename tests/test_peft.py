@@ -191,7 +191,7 @@ def test_only_peft_and_head_change(tmp_path, cls, kw):
 
 
 # ------------------------------------------------------------------------------- every method x family
-@pytest.mark.parametrize("backbone", ["tiny", "eva02_l", "samvit_b", "clip_l"])
+@pytest.mark.parametrize("backbone", ["toy", "eva02_l", "samvit_b", "clip_l"])
 @pytest.mark.parametrize("method", ["lora", "adaptformer", "vpt", "cobot_lora", "cobot_adaptformer"])
 def test_every_peft_method_trains_and_evaluates_on_every_family(compose_cfg, method, backbone):
     cfg = compose_cfg([f"method={method}", f"backbone={backbone}", "debug=tiny", "trainer.max_steps=2",

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from dgss.data.datamodule import DGSSDataModule
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts
@@ -23,10 +22,12 @@ from dgss.errors import ConfigError
 REIN_SCALES = [int(512 * k * 0.1) for k in range(5, 21)]
 
 
-def test_rein_scales_in_every_real_data_config():
+def test_rein_scales_in_every_real_data_config(compose_cfg):
     assert shortest_edges((256, 1024), 16) == REIN_SCALES
     for name in ("gta2cbm", "gtasyn2cbm", "cs2bm", "cs2acdc"):
-        tp = yaml.safe_load(open(f"conf/data/{name}.yaml"))["data"]["train_pipeline"]
+        tp = compose_cfg(
+            [f"data={name}"]
+        ).data.train_pipeline  # composed: the shared data/_real.yaml included
         assert tp["scales"] == REIN_SCALES and tp["crop"] == [512, 512] and tp["cat_max_ratio"] == 0.75
         assert tp["max_long_edge"] == 2048 and tp["flip"] == 0.5 and tp["photometric"] and tp["mean"] is None
     pipe = TrainPipeline(scales=REIN_SCALES, photometric=False)

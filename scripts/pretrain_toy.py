@@ -1,7 +1,7 @@
-"""Pretrain the demo's tiny ViT self-supervised on unlabelled images of every embedded domain.
+"""Pretrain the demo's toy ViT self-supervised on unlabelled images of every embedded domain.
 
 Broad pretraining in miniature: a foundation model sees many kinds of images without labels before anyone tunes
-it for segmentation. Here the tiny DINOv2-style ViT of ``backbone=tiny`` learns masked-image modelling (SimMIM:
+it for segmentation. Here the toy DINOv2-style ViT of ``backbone=toy`` learns masked-image modelling (SimMIM:
 block-masked patch tokens are replaced by a learned mask token, a linear decoder predicts the masked patches'
 per-patch-normalised pixels) on a pool of images rendered from all five domains' ``unlabelled`` split, a scene
 range that no training or validation split uses. No label is read.
@@ -9,8 +9,8 @@ range that no training or validation split uses. No label is read.
 The result is saved as a timm state dict in safetensors, the format ``backbone.weights`` loads (through timm's
 checkpoint filter, like any released checkpoint), with a JSON record of the run next to it.
 
-    python scripts/pretrain_tiny.py --out weights/tiny_mim.safetensors          # ~2-3 min on 2 CPU cores
-    dgss-train experiment=demo backbone.weights=weights/tiny_mim.safetensors
+    python scripts/pretrain_toy.py --out weights/toy_mim.safetensors          # ~2-3 min on 2 CPU cores
+    dgss-train experiment=demo backbone.weights=weights/toy_mim.safetensors
 """
 
 from __future__ import annotations
@@ -89,10 +89,8 @@ def block_mask(b: int, gh: int, gw: int, ratio: float, block: int, gen: torch.Ge
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="weights/tiny_mim.safetensors")
-    ap.add_argument(
-        "--backbone", nargs="*", default=["backbone=tiny"], help="Hydra overrides of the backbone"
-    )
+    ap.add_argument("--out", default="weights/toy_mim.safetensors")
+    ap.add_argument("--backbone", nargs="*", default=["backbone=toy"], help="Hydra overrides of the backbone")
     ap.add_argument("--height", type=int, default=96, help="rendered image size (the demo's)")
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument(

@@ -1,4 +1,4 @@
-"""scripts/pretrain_tiny.py writes weights that the demo's backbone config loads from a local file."""
+"""scripts/pretrain_toy.py writes weights that the demo's backbone config loads from a local file."""
 
 import json
 import sys
@@ -10,11 +10,11 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import pretrain_tiny  # noqa: E402
+import pretrain_toy  # noqa: E402
 
 
 def test_block_mask_ratio_and_cells():
-    m = pretrain_tiny.block_mask(3, 6, 12, 0.5, 2, torch.Generator().manual_seed(0))
+    m = pretrain_toy.block_mask(3, 6, 12, 0.5, 2, torch.Generator().manual_seed(0))
     assert m.shape == (3, 6, 12) and (m.float().mean((1, 2)) == 0.5).all()
     assert torch.equal(m[:, ::2, ::2], m[:, 1::2, 1::2])  # 2x2 cells
 
@@ -22,9 +22,9 @@ def test_block_mask_ratio_and_cells():
 def test_pretrained_file_loads_through_the_backbone_config(compose_cfg, tmp_path, monkeypatch):
     out = tmp_path / "tiny.safetensors"
     GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["pretrain_tiny.py", "--out", str(out), "--steps", "3", "--batch", "2",
+    monkeypatch.setattr(sys, "argv", ["pretrain_toy.py", "--out", str(out), "--steps", "3", "--batch", "2",
                                       "--per-domain", "1", "--threads", "1"])  # fmt: skip
-    pretrain_tiny.main()
+    pretrain_toy.main()
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["images"] == 5 and record["steps"] == 3 and not out.with_suffix(".tmp").exists()
     cfg = compose_cfg(["experiment=demo", f"backbone.weights={out}"])
