@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -53,11 +54,10 @@ def _protocol(trainer: pl.Trainer, pl_module: pl.LightningModule, domain: str) -
     dm = getattr(trainer, "datamodule", None)
     ds = getattr(dm, "targets", {}).get(domain)
     size = getattr(getattr(ds, "transform", None), "size", None)
-    inference = getattr(pl_module, "inference_cfg", None)
-    counts = getattr(pl_module, "last_counts", {}).get(domain)  # scored / left out (on_bad: skip) in this run
+    counts = pl_module.last_counts.get(domain)  # scored / left out (on_bad: skip) in this run
     out = {"images": counts["images"] if counts else (len(ds) if ds is not None else None),
            "skipped": counts["skipped"] if counts else 0, "test_size": list(size) if size else "native"}  # fmt: skip
-    return {**out, "inference": dict(inference)} if inference else out
+    return {**out, "inference": asdict(pl_module.inference_options)}
 
 
 class IoUTables(pl.Callback):

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,12 +158,92 @@ def check_argv(argv: list[str]) -> None:
                     )
 
 
-def entry_point(hydra_main: Callable[[], Any], prog: str) -> Callable[[], Any]:
-    """A console script: :func:`check_argv` first (one line and exit 2 on a bad config file or choice), then Hydra."""
+HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "-hh", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p",
+               "--package", "-sc", "--shell-completion", "--resolve", "--version", "--experimental-rerun")  # fmt: skip
+VALUED = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def compose_error(e: BaseException) -> str:
+    """One line for an error of composing a config: the key it names, and what is wrong or valid."""
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    chain = []
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    err = next(
+        (x for x in chain if isinstance(x, OmegaConfBaseException) and getattr(x, "full_key", None)), None
+    )
+    if err is None:
+        return first_line(chain[0]).rstrip(".")
+    key, msg = err.full_key, str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, AttributeError)):
+        owner = getattr(err, "object_type", None)
+        valid = [f.name for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner) else []
+        hint = f"; valid: {', '.join(valid)}" if valid else ""
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+        return f"{key} is not an option{f' (did you mean {close[0]}?)' if close else ''}{hint}"
+    if isinstance(err, ValidationError):
+        m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+        if m:
+            kind = {"Integer": "int", "Float": "float", "Boolean": "bool", "String": "str"}.get(
+                m.group(2), m.group(2)
+            )
+            return f"{key}={m.group(1)!r} must be {kind}"
+    return f"{key}: {msg}"
+
+
+def check_compose(config_name: str, argv: list[str]) -> None:
+    """Compose the config as Hydra will, before Hydra runs: a misspelt key or a value of the wrong type (the
+    methods' options have typed schemas) becomes one :class:`ConfigError` line naming the key, and the methods'
+    ``Literal`` choices are checked (dgss.options). Skipped for multiruns and Hydra's informational flags."""
+    from hydra import compose, initialize_config_module
+
+    from dgss.options import Options, schema_for
+
+    if any(a in HYDRA_FLAGS or a.startswith(tuple(f + "=" for f in HYDRA_FLAGS)) for a in argv):
+        return
+    overrides, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in VALUED:  # a flag and its value
+            if a in ("--config-name", "-cn") and i + 1 < len(argv):
+                config_name = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config-name="):
+            config_name = a.split("=", 1)[1]
+        elif not a.startswith("-"):
+            overrides.append(a)
+        i += 1
+    dirs = _config_dirs(argv)
+    if dirs:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in dirs) + "]")
+    try:
+        with initialize_config_module(config_module="dgss.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - any composition error is the user's config: one line
+        raise ConfigError(compose_error(e)) from None
+    method = cfg.get("method")
+    node = schema_for(method) if method is not None else None
+    if node is None:
+        return
+    for name, hint in typing.get_type_hints(node).items():
+        if isinstance(hint, type) and issubclass(hint, Options):
+            hint.of(method.get(name), f"method.{name}")
+        elif typing.get_origin(hint) is typing.Literal and method.get(name) not in typing.get_args(hint):
+            raise ConfigError(f"method.{name}={method.get(name)!r} is not supported; choose one of "
+                              f"{list(typing.get_args(hint))}")  # fmt: skip
+
+
+def entry_point(hydra_main: Callable[[], Any], prog: str, config_name: str) -> Callable[[], Any]:
+    """A console script: :func:`check_argv` and :func:`check_compose` first (one line and exit 2 on a bad config
+    file, choice, key or value), then Hydra."""
 
     def main() -> Any:
         try:
             check_argv(sys.argv[1:])
+            check_compose(config_name, sys.argv[1:])
         except ConfigError as e:
             if os.environ.get("DGSS_DEBUG"):
                 raise

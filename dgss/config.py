@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import dgss.methods  # noqa: F401,E402  (registers the methods' option schemas before any composition)
 from dgss.errors import ConfigError
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
@@ -34,13 +35,13 @@ OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replac
 
 MODEL_KEYS = ("backbone", "head", "method")
 
-# keys users override most, with the type they must have (``None`` allowed where the config allows it)
+# keys outside the method that users override most, with the type they must have (``None`` allowed where the config
+# allows it); the method's options are typed by their registered schemas (dgss.options)
 TYPED_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,), "trainer.max_steps": (int,), "trainer.val_check_interval": (int, float),
     "trainer.devices": (int, str, ListConfig), "trainer.num_nodes": (int,), "trainer.log_every_n_steps": (int,),
     "trainer.accumulate_grad_batches": (int,), "data.batch_size": (int,), "data.val_batch_size": (int,),
-    "data.num_workers": (int,), "method.optimizer.lr": (int, float), "method.optimizer.weight_decay": (int, float),
-    "method.scheduler.warmup_steps": (int,), "method.scheduler.power": (int, float), "head.channels": (int,),
+    "data.num_workers": (int,), "head.channels": (int,),
     "synthetic.height": (int,), "synthetic.width": (int,), "synthetic.train_length": (int,), "synthetic.val_length": (int,),
 }  # fmt: skip
 
@@ -75,10 +76,12 @@ def check_launch(trainer_cfg, mode, launcher: str | None) -> None:
 
 
 def build_method(cfg: DictConfig):
-    """backbone + head factory -> the method LightningModule (``cfg.method``)."""
+    """backbone + head factory -> the method LightningModule (``cfg.method``), its tuning built."""
     backbone = hydra.utils.instantiate(cfg.backbone)
     head = hydra.utils.instantiate(cfg.head)
-    return hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")
+    method = hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")
+    method.configure_model()
+    return method
 
 
 def wandb_installed() -> bool:

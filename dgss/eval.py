@@ -46,7 +46,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get("val/mean_mIoU")
 
 
-main = entry_point(hydra_main, "dgss-eval")
+main = entry_point(hydra_main, "dgss-eval", "eval")
 
 if __name__ == "__main__":
     main()

@@ -120,7 +120,7 @@ def predict(cfg: DictConfig) -> dict:
     pipeline = TestPipeline(size)
     pipeline.set_normalization(*method.backbone.normalization)
     out, root = Path(cfg.output).expanduser(), Path(cfg.input).expanduser()
-    inf = method.inference_cfg
+    inf = method.inference_options
     bar = tqdm(images, desc="dgss-predict", disable=not cfg.progress)
     for path in bar:
         try:
@@ -131,12 +131,12 @@ def predict(cfg: DictConfig) -> dict:
                 f"cannot read {path} ({e}); remove it from input= or convert it to PNG / JPEG"
             ) from None
         bar.set_postfix_str(f"{path.name} {rgb.shape[1]}×{rgb.shape[0]}")
-        if size is None and inf["mode"] == "slide":
-            n = len(windows(*rgb.shape[:2], (inf["crop"],) * 2, (inf["stride"],) * 2)) * len(inf["scales"]) * (
-                2 if inf["flip"] else 1)  # fmt: skip
+        if size is None and inf.mode == "slide":
+            n = len(windows(*rgb.shape[:2], (inf.crop,) * 2, (inf.stride,) * 2)) * len(inf.scales) * (
+                2 if inf.flip else 1)  # fmt: skip
             if n > NATIVE_WINDOWS_WARN:
                 log.warning(f"dgss-predict: {path} is {rgb.shape[1]}×{rgb.shape[0]} at native size: {n} windows of "
-                            f"{inf['crop']} for this image (slow, and the logits alone take "
+                            f"{inf.crop} for this image (slow, and the logits alone take "
                             f"{method.num_classes * rgb.shape[0] * rgb.shape[1] * 4 / 2**30:.1f} GiB); size=auto "
                             "predicts at the checkpoint's test size")  # fmt: skip
         x, _ = pipeline(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(rgb.shape[:2]))
@@ -152,7 +152,7 @@ def hydra_main(cfg: DictConfig) -> None:
     run_cli(predict, cfg, "dgss-predict")
 
 
-main = entry_point(hydra_main, "dgss-predict")
+main = entry_point(hydra_main, "dgss-predict", "predict")
 
 if __name__ == "__main__":
     main()

@@ -203,7 +203,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(_main, cfg, "dgss-train")
 
 
-main = entry_point(hydra_main, "dgss-train")
+main = entry_point(hydra_main, "dgss-train", "train")
 
 if __name__ == "__main__":
     main()

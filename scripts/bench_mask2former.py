@@ -56,7 +56,9 @@ def main() -> None:
     bb = Backbone("vit_large_patch14_dinov2", tiny=a.tiny, img_size=a.size, model_kwargs={"patch_size": 16},
                   out_indices=[7, 11, 15, 23])  # fmt: skip
     head = lambda in_channels, num_classes: Mask2FormerHead(in_channels, num_classes, tiny=a.tiny)  # noqa: E731
-    m = Rein(bb, head, num_classes=19).to(dev)
+    m = Rein(bb, head, num_classes=19)
+    m.configure_model()  # the tuning (Lightning would call this in fit)
+    m = m.to(dev)
     m.train()
     opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4, weight_decay=0.05)
     x = torch.randn(a.batch, 3, a.size, a.size, device=dev)

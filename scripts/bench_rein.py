@@ -34,7 +34,9 @@ def run_variant(method: str, a: argparse.Namespace, out) -> None:
     base_rss = rss_mb()
     bb = Backbone("vit_base_patch16_224", img_size=a.size, model_kwargs={"dynamic_img_size": True})
     cls = Rein if method == "rein" else FullFineTune
-    m = cls(bb, functools.partial(LightHead, channels=256), num_classes=19).to(dev)
+    m = cls(bb, functools.partial(LightHead, channels=256), num_classes=19)
+    m.configure_model()  # the tuning (Lightning would call this in fit)
+    m = m.to(dev)
     m.train()
     opt = torch.optim.AdamW(
         [{"params": g["params"], "lr": 1e-4 * g["lr_mult"]} for g in m.param_groups()], lr=1e-4

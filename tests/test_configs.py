@@ -88,7 +88,7 @@ def test_debug_and_trainer_configs_compose(compose_cfg, debug, trainer):
 def test_experiment_is_a_delta_and_command_line_wins(compose_cfg):
     cfg = compose_cfg(["experiment=full", "trainer=cpu", "method.optimizer.lr=3e-4"])
     assert cfg.trainer.accelerator == "cpu" and cfg.backbone.name.startswith("vit_large_patch14_dinov2")
-    assert cfg.method.optimizer.lr == 3e-4 and cfg.method.lr_mults.backbone == 0.1
+    assert cfg.method.optimizer.lr == 3e-4 and cfg.method._target_.endswith("FullFineTune")
     frozen = compose_cfg(["experiment=frozen"])
     assert frozen.method._target_.endswith("FrozenBackbone")
     assert list(frozen.data.targets) == [
@@ -114,7 +114,6 @@ def test_optuna_and_slurm_configs_compose(compose_cfg):
     "override, match",
     [("trainer.max_steps=abc", "trainer.max_steps='abc' must be int"),
      ("data.batch_size=2.5", "data.batch_size=2.5 must be int"),
-     ("method.optimizer.lr=fast", "method.optimizer.lr='fast' must be int or float"),
      ("synthetic.height=true", "synthetic.height=True must be int")],
 )  # fmt: skip
 def test_bad_override_values_name_the_key(compose_cfg, override, match):
@@ -123,6 +122,37 @@ def test_bad_override_values_name_the_key(compose_cfg, override, match):
     cfg = compose_cfg(["debug=tiny", override])
     with pytest.raises(ConfigError, match=match):
         train(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [(["method.optimizer.lr=fast"], "method.optimizer.lr='fast' must be float"),
+     (["method=rein", "method.rein.num_tokns=4"], "method.rein.num_tokns is not an option (did you mean num_tokens?); "
+      "valid: num_tokens, lora_rank, query_dim, patch_size, scale_init, zero_mlp_delta_f, use_softmax, link_token_to_query"),
+     (["method=rein", "method.rein.lora_rank=none"], "method.rein.lora_rank='none' must be int"),
+     (["method=fishertune", "method.selection.scope=perblock"],
+      "method.selection.scope='perblock' is not supported; choose one of ['global', 'per_block', 'per_tensor']"),
+     (["method=cobot_lora", "method.cobot.head=quat"],
+      "method.cobot.head='quat' is not supported; choose one of ['quaternion', 'linear', 'none']"),
+     (["method=cobot_adaptformer", "method.peft.rank=3"],
+      "method.peft.rank is not an option; valid: bottleneck, scale, dropout, norm"),
+     (["method.inference.mode=sliding"], "method.inference.mode='sliding' is not supported; choose one of ['whole', 'slide']"),
+     (["method.scheduler.warmup_step=5"], "method.scheduler.warmup_step is not an option (did you mean warmup_steps?); "
+      "valid: warmup_steps, warmup_start_factor, power")],
+)  # fmt: skip
+def test_method_options_are_typed_at_compose_time(overrides, line):
+    """Every method option has one typed home (a dataclass registered as the method's Hydra schema): a misspelt
+    key, a value of the wrong type or an unsupported choice is one line naming the key, before anything runs."""
+    from dgss.cli import check_compose
+    from dgss.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_compose("train", ["debug=tiny", *overrides])
+    assert str(e.value) == line
+    check_compose(
+        "train", ["debug=tiny", "method=rein", "method.rein.lora_rank=null", "method.rein.num_tokens=7"]
+    )
+    check_compose("train", ["-m", "method=full,frozen"])  # multiruns are Hydra's to compose
 
 
 def test_bf16_mixed_is_a_trainer_option(compose_cfg):

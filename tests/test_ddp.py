@@ -29,7 +29,9 @@ def _method():
         img_size=(32, 64),
         model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
     )
-    return FullFineTune(bb, functools.partial(LightHead, channels=16), num_classes=19)
+    m = FullFineTune(bb, functools.partial(LightHead, channels=16), num_classes=19)
+    m.configure_model()
+    return m
 
 
 def _dm():  # 5 and 3 images over 2 ranks with batch 2: uneven shards, a padded sampler would repeat one

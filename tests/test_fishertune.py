@@ -174,12 +174,12 @@ def test_global_ranking_follows_the_scores_across_blocks():
     assert sum(len(i) for i in chosen.values()) == block1 // 2
     assert all(len(i) == 0 for n, i in chosen.items() if not n.startswith("blocks.1."))
     # per-block budgets: each block gets its share whatever the scores
-    m.ft["selection"]["scope"] = "per_block"
+    m.options.selection.scope = "per_block"
     chosen = m.select(dict(scores), 1000)
     per_block = {b: sum(len(i) for n, i in chosen.items() if n.startswith(f"blocks.{b}.")) for b in (0, 1)}
     assert per_block[0] > 400 and per_block[1] > 400 and sum(len(i) for i in chosen.values()) == 1000
     # rows: whole rows of 2-d tensors, the budget met to within one row
-    m.ft["selection"].update(scope="global", granularity="row")
+    m.options.selection.scope, m.options.selection.granularity = "global", "row"
     chosen = m.select(dict(scores), 1000)
     n_sel = sum(len(i) for i in chosen.values())
     assert 1000 - 32 < n_sel <= 1000
@@ -210,7 +210,7 @@ class Watch(pl.Callback):
 
     def on_train_batch_start(self, trainer, m, batch, batch_idx):
         t = m.global_step
-        if t == m.ft["schedule"]["warmup_iters"]:
+        if t == m.options.schedule.warmup_iters:
             self.at_t1 = (snapshot(m.backbone), dict(m.stat_counts))
 
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):

@@ -105,6 +105,7 @@ def test_rein_queries_become_the_head_queries():
     bb = Backbone("vit_small_patch14_dinov2", tiny=True, img_size=64, model_kwargs={"patch_size": 16})
     head = lambda in_channels, num_classes: Mask2FormerHead(in_channels, num_classes, **SMALL)  # noqa: E731
     method = Rein(bb, head, num_classes=19, rein={"num_tokens": 7, "query_dim": 32, "lora_rank": 4})
+    method.configure_model()
     names = {n for n, p in method.named_parameters() if p.requires_grad}
     assert "head.querys2feat.weight" in names and "reins.merge.weight" in names
     assert not any("query_embed" in n or "query_feat" in n for n in names)  # replaced by the link
@@ -115,7 +116,9 @@ def test_rein_queries_become_the_head_queries():
     with pytest.raises(
         ValueError, match=r"method.rein.query_dim=256 must equal the head's width head.dim=32"
     ):
-        Rein(Backbone("vit_small_patch14_dinov2", tiny=True, img_size=64), head, num_classes=19)
+        Rein(
+            Backbone("vit_small_patch14_dinov2", tiny=True, img_size=64), head, num_classes=19
+        ).configure_model()
 
 
 TO_MMDET = [  # written out independently of dgss's map: our names -> mmdet 3.x Mask2Former names

@@ -21,7 +21,9 @@ H, W = 32, 64
 def make_method(cls, weights=None, **kw):
     mk = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)
     bb = Backbone("vit_small_patch14_reg4_dinov2", weights=weights, img_size=(H, W), model_kwargs=mk)
-    return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    m = cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    m.configure_model()  # what build_method does: the tuning is built
+    return m
 
 
 def make_dm(n_train=8, n_val=3, **kw):

@@ -20,7 +20,9 @@ def build(cls, name, meta=True, img_size=224, model_kwargs=None, **kw):
     ctx = torch.device("meta") if meta else torch.device("cpu")
     with ctx:
         bb = Backbone(name, img_size=img_size, model_kwargs=model_kwargs)
-        return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+        m = cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+        m.configure_model()
+        return m
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -123,7 +125,9 @@ PATCH = {"dinov2": 14, "eva02": 14, "sam": 16, "clip": 14}
 def tiny(cls, family, **kw):
     torch.manual_seed(0)
     bb = Backbone(FAMILIES[family], tiny=True, img_size=4 * PATCH[family])
-    return cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    m = cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    m.configure_model()
+    return m
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -178,6 +182,7 @@ def test_only_peft_and_head_change(tmp_path, cls, kw):
     bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
                   model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
     m = cls(bb, functools.partial(LightHead, channels=16), num_classes=19, **kw)
+    m.configure_model()
     before = snapshot(m)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     trainer(tmp_path, steps=3).fit(m, make_dm())

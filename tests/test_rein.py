@@ -225,12 +225,10 @@ def test_query_link_feeds_a_query_head_and_is_skipped_for_the_light_head():
 
     def build(head):
         bb = Backbone("vit_large_patch14_dinov2", tiny=True, img_size=64)
-        return Rein(
-            bb,
-            functools.partial(head, channels=8),
-            num_classes=5,
-            rein={"num_tokens": 6, "lora_rank": 2, "query_dim": 8},
-        )
+        m = Rein(bb, functools.partial(head, channels=8), num_classes=5,
+                 rein={"num_tokens": 6, "lora_rank": 2, "query_dim": 8})  # fmt: skip
+        m.configure_model()
+        return m
 
     m = build(QueryHead)
     x, y = torch.randn(2, 3, 56, 56), torch.randint(0, 5, (2, 56, 56))

@@ -1,0 +1,4 @@
+"""The methods. Importing this package registers every method's options as a Hydra schema (``<name>_schema`` in
+the ``method`` group), which ``conf/method/<name>.yaml`` starts from."""
+
+from dgss.methods import cobot, fishertune, frozen, full, peft, rein  # noqa: F401  (registers the schemas)

@@ -5,15 +5,21 @@ biases and position / cls / register tokens; per-module lr multipliers), AdamW (
 the poly schedule with optional linear warm-up, frozen modules kept in eval mode, checkpoints that drop
 frozen backbone tensors (re-attached from the weights file on load), and the parameter summary.
 
-A method subclasses it and overrides :meth:`configure_tuning` (freeze, wrap, add modules) and, where it
-needs them, ``default_lr_mults``, ``extra_no_decay`` or the step hooks.
+A method is one file: a dataclass of its options (registered as its Hydra schema) and a subclass that overrides
+:meth:`configure_tuning` (freeze, wrap, add modules) and, where it needs them, ``default_lr_mults``,
+``extra_no_decay`` or the step hooks. Tuning is built once, in :meth:`configure_model` (Lightning calls it before
+fit / validate; ``dgss.config.build_method`` right after construction), never from a constructor.
+
+Eval mode, one rule: modules a method freezes (:meth:`freeze`) run in eval mode; modules it places inside them and
+trains (:meth:`adopt`, e.g. AdaptFormer's adapters with their dropout) run in the trainer's mode.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,38 +40,85 @@ from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
-
-INFERENCE_DEFAULTS = {
-    "mode": "whole",
-    "crop": 512,
-    "stride": 341,
-    "window_batch": 8,
-    "flip": False,
-    "scales": [1.0],
-}
+from dgss.options import Options
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
 DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_token", "rel_pos", "level_embed",
                     "query_embed")  # fmt: skip
 
 
+@dataclass
+class SchedulerOptions(Options):
+    """``method.scheduler``: a linear warm-up from ``warmup_start_factor`` × lr over ``warmup_steps``, then a poly
+    decay (``power``) to 0 at ``trainer.max_steps`` (Rein's recipe: no warm-up, power 0.9)."""
+
+    warmup_steps: int = 0
+    warmup_start_factor: float = 1e-6
+    power: float = 0.9
+
+
+@dataclass
+class InferenceOptions(Options):
+    """``method.inference``: how validation, ``dgss-eval`` and ``dgss-predict`` run the model."""
+
+    mode: Literal["whole", "slide"] = "whole"  # slide: windows of ``crop`` every ``stride``, logits averaged
+    crop: int = 512
+    stride: int = 341
+    window_batch: int = 8  # slide: windows per forward pass
+    flip: bool = False  # TTA: also the mirrored image
+    scales: list[float] = field(default_factory=lambda: [1.0])  # TTA, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+
+@dataclass
+class OptimizerConfig:
+    """``method.optimizer``: the optimizer as a Hydra partial (Rein's AdamW); the method supplies the param groups
+    (lr multipliers, no decay on norms / biases / tokens)."""
+
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class MethodConfig:
+    """The Hydra node of every method: the base's options. A method's config subclasses it, sets ``_target_`` and
+    adds its own option groups; ``method/<name>.yaml`` starts from the registered ``<name>_schema``."""
+
+    _target_: str = ""
+    num_classes: int = 19  # checked against the data at fit / validate time
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+    lr_mults: dict[str, float] = field(
+        default_factory=dict
+    )  # per module path, longest match; over the method's own
+    no_decay: list[str] = field(
+        default_factory=lambda: list(DEFAULT_NO_DECAY)
+    )  # name substrings without decay
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    max_nonfinite: int = (
+        10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
+    )
+
+
+def default_optimizer() -> Callable[..., torch.optim.Optimizer]:
+    c = OptimizerConfig()
+    return functools.partial(
+        torch.optim.AdamW, lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas), eps=c.eps
+    )
+
+
 class SegmentationMethod(pl.LightningModule):
-    """Backbone + head with a tuning recipe.
+    """Backbone + head with a tuning recipe; the options are :class:`MethodConfig`'s.
 
     Args:
         backbone: the feature extractor.
         head: a factory ``head(in_channels=..., num_classes=...)`` (a Hydra partial).
-        num_classes: size of the label space (checked against the data at fit / validate time).
-        optimizer: a factory ``optimizer(param_groups)`` carrying ``lr`` and ``weight_decay`` (Hydra partial).
-        scheduler: ``warmup_steps``, ``warmup_start_factor``, ``power`` of the poly decay to 0 at ``max_steps``.
-        lr_mults: lr multiplier per module path (``backbone``, ``backbone.model.blocks.0``; longest match wins),
-            merged over ``default_lr_mults``.
-        no_decay: name substrings that get weight decay 0 (norms, biases and 1-d tensors always do).
-        max_nonfinite: a non-finite loss skips its update (counted, logged as ``train/nonfinite_skipped``; the
-            iteration still counts, so schedules stay on the step axis); this many in a row abort the run, keeping
-            the checkpoints saved before them.
-        inference: ``mode`` whole | slide, ``crop``, ``stride``, ``window_batch`` (windows per forward), ``flip`` and
-            ``scales`` (TTA) for validation / test.
+        optimizer: a factory ``optimizer(param_groups)`` carrying ``lr`` and ``weight_decay`` (a Hydra partial).
+        scheduler, inference: :class:`SchedulerOptions`, :class:`InferenceOptions` (or their dicts).
+        num_classes, lr_mults, no_decay, max_nonfinite: as :class:`MethodConfig`.
     """
 
     default_lr_mults: dict[str, float] = {}
@@ -75,35 +128,25 @@ class SegmentationMethod(pl.LightningModule):
         self,
         backbone: Backbone,
         head: Callable[..., nn.Module],
-        num_classes: int = 19,
+        num_classes: int = MethodConfig.num_classes,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        scheduler: dict | None = None,
+        scheduler: SchedulerOptions | dict | None = None,
         lr_mults: dict[str, float] | None = None,
-        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
-        inference: dict | None = None,
-        max_nonfinite: int = 10,
+        no_decay: Sequence[str] | None = None,
+        inference: InferenceOptions | dict | None = None,
+        max_nonfinite: int = MethodConfig.max_nonfinite,
     ):
         super().__init__()
         self.backbone = backbone
         self.head = head(in_channels=backbone.out_channels, num_classes=num_classes)
         self.num_classes = num_classes
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05)
-        self.scheduler_cfg = {
-            "warmup_steps": 0,
-            "warmup_start_factor": 1e-6,
-            "power": 0.9,
-            **(scheduler or {}),
-        }
+        self.optimizer_factory = optimizer or default_optimizer()
+        self.scheduler_options = SchedulerOptions.of(scheduler, "method.scheduler")
+        self.inference_options = InferenceOptions.of(inference, "method.inference")
         self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
-        self.no_decay = (*no_decay, *self.extra_no_decay)
+        self.no_decay = (*(DEFAULT_NO_DECAY if no_decay is None else no_decay), *self.extra_no_decay)
         self.max_nonfinite = int(max_nonfinite)
         self.nonfinite = {"total": 0, "streak": 0}
-        self.inference_cfg = {**INFERENCE_DEFAULTS, **(inference or {})}
-        unknown = set(self.inference_cfg) - set(INFERENCE_DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"method.inference has unknown keys {sorted(unknown)}; valid: {', '.join(INFERENCE_DEFAULTS)}"
-            )
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None
@@ -111,24 +154,38 @@ class SegmentationMethod(pl.LightningModule):
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
         self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
         self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
-        self._eval_modules: list[nn.Module] = []
+        self._frozen: list[nn.Module] = []  # eval mode (freeze)
+        self._adopted: list[nn.Module] = []  # the trainer's mode, inside frozen modules (adopt)
+        self._built = False
+
+    def configure_model(self) -> None:
+        """Build the tuning once (Lightning calls this before fit / validate; ``build_method`` and ``load_method``
+        right after construction): :meth:`configure_tuning` runs on a fully constructed method."""
+        if self._built:
+            return
+        self._built = True
         self.configure_tuning()
 
     # ----------------------------------------------------------------------------- what trains
     def configure_tuning(self) -> None:
         """Subclasses freeze, wrap or add modules here. The base trains everything."""
 
-    def freeze(self, module: nn.Module, eval_mode: bool = True) -> None:
-        """``requires_grad=False`` for all of ``module``; with ``eval_mode`` it stays in eval under ``train()``."""
+    def freeze(self, module: nn.Module) -> None:
+        """``requires_grad=False`` for all of ``module``, which then runs in eval mode (no dropout / drop-path)."""
         module.requires_grad_(False)
-        if eval_mode:
-            self._eval_modules.append(module)
-            module.eval()
+        self._frozen.append(module)
+        module.eval()
+
+    def adopt(self, module: nn.Module) -> None:
+        """A trainable module the method placed inside a frozen one: it follows the trainer's mode."""
+        self._adopted.append(module)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self._eval_modules:  # Lightning calls train() around every validation
+        for m in self._frozen:  # Lightning calls train() around every validation
             m.eval()
+        for m in self._adopted:
+            m.train(mode)
         return self
 
     # -------------------------------------------------------------------------------- forward
@@ -137,7 +194,9 @@ class SegmentationMethod(pl.LightningModule):
 
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731
-        return inference.predict(fn, images, out_size, self.backbone.patch_size, **self.inference_cfg)
+        return inference.predict(
+            fn, images, out_size, self.backbone.patch_size, **asdict(self.inference_options)
+        )
 
     # ---------------------------------------------------------------------------------- steps
     def running_buffers(self) -> list[torch.Tensor]:
@@ -307,15 +366,15 @@ class SegmentationMethod(pl.LightningModule):
             if self.trainer.max_steps > 0
             else int(self.trainer.estimated_stepping_batches)
         )
-        cfg = self.scheduler_cfg
-        warm = int(cfg["warmup_steps"])
+        cfg = self.scheduler_options
+        warm = cfg.warmup_steps
         if warm >= total:
             raise ConfigError(f"method.scheduler.warmup_steps={warm} must be below trainer.max_steps={total}")
-        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=cfg["power"])
+        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=cfg.power)
         if not warm:
             return poly
         linear = torch.optim.lr_scheduler.LinearLR(
-            opt, start_factor=cfg["warmup_start_factor"], total_iters=warm
+            opt, start_factor=cfg.warmup_start_factor, total_iters=warm
         )
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, poly], milestones=[warm])
 

@@ -18,12 +18,16 @@ LoRA B = 0: exactly the pretrained backbone at step 0, and COBOT's core equals p
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dgss.errors import ConfigError
-from dgss.methods.peft import PEFTMethod, wrap_adapters, wrap_lora
+from dgss.methods.base import MethodConfig
+from dgss.methods.peft import AdapterOptions, LoRAOptions, PEFTMethod, wrap_adapters, wrap_lora
+from dgss.options import Options, register
 
 
 def quaternion_matrix(r: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -85,45 +89,79 @@ class CobotState(nn.Module):
         return h if m is None else h @ m.to(h.dtype)
 
 
-class Cobot(PEFTMethod):
-    """COBOT over ``base`` = ``lora`` (rank r, slices q and v per block) or ``adaptformer`` (bottleneck V).
+@dataclass
+class CobotOptions(Options):
+    """``method.cobot``: SAM-COBOT's own options (no weight decay on any COBOT parameter)."""
 
-    ``peft``: the base's options (``rank`` 4 / ``bottleneck`` 16, …); ``cobot``: ``init`` (identity), ``head``
-    (quaternion), ``lr_mult`` for C, S and the heads (1.0; the official medical recipe's 100× is relative to a base
-    lr of 1.25e-6) and ``lr_mult_gamma`` (1.0). No weight decay on any COBOT parameter.
-    """
+    init: Literal["identity", "official"] = (
+        "identity"  # identity: the pretrained model at step 0 | the code's init
+    )
+    head: Literal["quaternion", "linear", "none"] = "quaternion"
+    lr_mult: float = (
+        1.0  # C, S, heads (the official 100x is relative to a base lr of 1.25e-6; ours: 1.0 at 1e-4)
+    )
+    lr_mult_gamma: float = 1.0
+
+
+@dataclass
+class CobotLoRAOptions(Options):
+    """``method.peft`` of COBOT over LoRA (the LoRA init is COBOT's: ``method.cobot.init``)."""
+
+    rank: int = LoRAOptions.rank
+
+
+@dataclass
+class CobotLoRAConfig(MethodConfig):
+    _target_: str = "dgss.methods.cobot.Cobot"
+    base: Literal["lora", "adaptformer"] = "lora"
+    peft: CobotLoRAOptions = field(default_factory=CobotLoRAOptions)
+    cobot: CobotOptions = field(default_factory=CobotOptions)
+
+
+@dataclass
+class CobotAdaptFormerConfig(CobotLoRAConfig):
+    base: Literal["lora", "adaptformer"] = "adaptformer"
+    peft: AdapterOptions = field(default_factory=AdapterOptions)
+
+
+class Cobot(PEFTMethod):
+    """COBOT over ``base`` = ``lora`` (rank r, slices q and v per block) or ``adaptformer`` (bottleneck V); ``peft``:
+    the base's options (:class:`CobotLoRAOptions` / :class:`AdapterOptions`), ``cobot``: :class:`CobotOptions`."""
 
     extra_no_decay = ("cobot.",)
+    BASES = {"lora": CobotLoRAOptions, "adaptformer": AdapterOptions}
 
-    def __init__(self, *args, base: str = "lora", cobot: dict | None = None, **kwargs):
-        if base not in ("lora", "adaptformer"):
+    def __init__(self, *args, base: Literal["lora", "adaptformer"] = "lora", cobot: CobotOptions | dict | None = None,
+                 **kwargs):  # fmt: skip
+        if base not in self.BASES:
             raise ConfigError(f"method.base={base!r}; choose lora or adaptformer")
-        self.base_kind = base
-        self.cobot_cfg = {"init": "identity", "head": "quaternion", "lr_mult": 1.0, "lr_mult_gamma": 1.0,
-                          **(cobot or {})}  # fmt: skip
-        mult, mult_gamma = float(self.cobot_cfg["lr_mult"]), float(self.cobot_cfg["lr_mult_gamma"])
+        peft = self.BASES[base].of(kwargs.pop("peft", None), "method.peft")
+        options = CobotOptions.of(cobot, "method.cobot")
         lr_mults = {**(kwargs.pop("lr_mults", None) or {})}
         for name in ("coef", "relation", "q_r", "q_i", "q_j", "q_k", "linear"):
-            lr_mults.setdefault(f"cobot.{name}", mult)
-        lr_mults.setdefault("cobot.gamma", mult_gamma)
-        super().__init__(*args, lr_mults=lr_mults, **kwargs)
+            lr_mults.setdefault(f"cobot.{name}", options.lr_mult)
+        lr_mults.setdefault("cobot.gamma", options.lr_mult_gamma)
+        super().__init__(*args, peft=peft, lr_mults=lr_mults, **kwargs)
+        self.base_kind, self.cobot_options = base, options
 
-    def place(self, backbone) -> None:
-        init = self.cobot_cfg["init"]
+    def place(self, backbone) -> list[nn.Module]:
+        init, o = self.cobot_options.init, self.peft_options
         if self.base_kind == "lora":
-            rank = int(self.peft_cfg.get("rank", 4))
             branches = [
-                lr for pair in wrap_lora(backbone, rank, init) for lr in pair
+                lr for pair in wrap_lora(backbone, o.rank, init) for lr in pair
             ]  # q of block l: 2l, v: 2l+1
-            hidden = rank
+            hidden = o.rank
         else:
-            keys = ("bottleneck", "scale", "dropout", "norm")
-            branches = wrap_adapters(backbone, **{k: self.peft_cfg[k] for k in keys if k in self.peft_cfg})
-            self.adapters = branches
-            hidden = int(self.peft_cfg.get("bottleneck", 16))
-        self.cobot = CobotState(hidden, len(branches), self.cobot_cfg["head"], init)
+            branches = wrap_adapters(backbone, o)
+            hidden = o.bottleneck
+        self.cobot = CobotState(hidden, len(branches), self.cobot_options.head, init)
         for s, branch in enumerate(branches):
             branch.core = functools.partial(self.cobot, s=s)
+        return branches
 
     def cobot_parameters(self) -> int:
         return sum(p.numel() for p in self.cobot.parameters())
+
+
+register(CobotLoRAConfig, "method", "cobot_lora_schema")
+register(CobotAdaptFormerConfig, "method", "cobot_adaptformer_schema")

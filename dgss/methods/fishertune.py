@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -35,33 +37,123 @@ from dgss import console
 from dgss.checkpoint import apply_sparse_delta, sparse_delta
 from dgss.compat import grad_norm
 from dgss.errors import ConfigError
-from dgss.methods.base import SegmentationMethod
+from dgss.methods.base import MethodConfig, SegmentationMethod
 from dgss.methods.selected_adamw import SelectedAdamW
 from dgss.models.style_perturb import ChannelStatPerturbation
+from dgss.options import Options, register
 
+GROUPS = ("schedule", "selection", "fisher", "perturb", "optim", "finalize")
 KINDS = ("q", "k", "v", "proj", "fc1", "fc2", "norm", "other")
-DEFAULTS = {
-    "schedule": dict(warmup_iters=2000, delta_min=0.005, delta_max=0.05, budget=None, ratio_base="all_backbone",
-                     growth_tau=2000, growth_end=12000, refresh_every=500, monotone=True),
-    "selection": dict(granularity="element", scope="global",
-                      exclude=["pos_embed", "cls_token", "reg_token", "mask_token", "patch_embed"]),
-    "fisher": dict(loss="train_loss", per_sample=False, ema_decay=0.99, interval=1, window=200, normalize="mean",
-                   gamma=1.0, prior_precision=1.0, eps=1e-8, ratio_factor="mul_gamma", estimator="ema"),
-    "perturb": dict(type="dsu", scale=1.0, after_blocks=[0, 1, 2], train_aug=False, seed=0),
-    "optim": dict(backbone_lr_mult=0.1, backbone_wd=0.0, prior_l2=0.0, clip_grad_norm=None),
-    "finalize": dict(drop_fisher=True, prune_frozen_tensors=True),
-}  # fmt: skip
-CHOICES = {
-    ("schedule", "ratio_base"): ("all_backbone", "candidates"),
-    ("selection", "granularity"): ("element", "row", "tensor"),
-    ("selection", "scope"): ("global", "per_block", "per_tensor"),
-    ("fisher", "loss"): ("train_loss",),
-    ("fisher", "per_sample"): (False,),
-    ("fisher", "normalize"): ("mean", "none"),
-    ("fisher", "ratio_factor"): ("mul_gamma", "div_gamma"),
-    ("fisher", "estimator"): ("ema",),
-    ("perturb", "type"): ("dsu",),
-}
+
+
+# -------------------------------------------------------------------------------------------------- options
+# Every value the paper does not state is ours, marked (ours) and explained in docs/methods.md; the 40k-step
+# recipe (conf/method/fishertune.yaml) scales the schedule lengths with trainer.max_steps.
+@dataclass
+class ScheduleOptions(Options):
+    """``method.schedule``: when and how far the selection grows."""
+
+    warmup_iters: int = 2000  # T1: head-only warm-up, backbone frozen (ours: 5 %)
+    delta_min: float = 0.005  # first selected fraction (ours: grows 10x)
+    delta_max: float = 0.05  # final fraction: 5 % of a 304M ViT-L = 15.2M elements, the paper's count
+    budget: int | None = None  # absolute final count (e.g. 15210000); overrides delta_max
+    ratio_base: Literal["all_backbone", "candidates"] = "all_backbone"  # what delta is a fraction of
+    growth_tau: int = 2000  # T of ratio(t) = dmax - (dmax - dmin) exp(-(t - T1) / T) (ours)
+    growth_end: int = 12000  # ratio snaps to delta_max here; selection fixed after (ours)
+    refresh_every: int = 500  # selection refresh interval during growth (ours)
+    monotone: bool = (
+        True  # false: re-select from scratch; deselected elements return to their pretrained value
+    )
+
+
+@dataclass
+class SelectionOptions(Options):
+    """``method.selection``: what is ranked, and over which scope."""
+
+    granularity: Literal["element", "row", "tensor"] = "element"
+    scope: Literal["global", "per_block", "per_tensor"] = (
+        "global"  # one ranking, or budgets in proportion to size
+    )
+    exclude: list[str] = field(
+        default_factory=lambda: ["pos_embed", "cls_token", "reg_token", "mask_token", "patch_embed"]
+    )
+
+
+@dataclass
+class FisherOptions(Options):
+    """``method.fisher``: the Fisher estimates F(x) and F(x') and the DR-FIM score."""
+
+    loss: Literal["train_loss"] = "train_loss"  # the head's training loss (its backward is needed anyway)
+    per_sample: Literal[False] = False  # squared batch gradient (the usual cheap approximation)
+    ema_decay: float | None = (
+        0.99  # F <- b F + (1 - b) g^2, bias-corrected (ours: ~100-batch memory); null: mean
+    )
+    interval: int = 1  # statistics every n-th step inside the window
+    window: int | None = (
+        200  # statistics in the last `window` steps before each refresh; null = every growth step
+    )
+    normalize: Literal["mean", "none"] = "mean"  # divide both Fisher estimates by the clean one's mean
+    gamma: float = 1.0  # KL weight of the variational model
+    prior_precision: float = 1.0  # tau^-2: floors the domain ratio's denominator
+    eps: float = 1.0e-8  # numerical guard only
+    ratio_factor: Literal["mul_gamma", "div_gamma"] = (
+        "mul_gamma"  # the two readings of the paper's ratio term
+    )
+    estimator: Literal["ema"] = "ema"  # closed-form Lambda = F / gamma + tau^-2
+
+
+@dataclass
+class PerturbOptions(Options):
+    """``method.perturb``: the simulated domain shift x' (feature statistics of early blocks re-drawn)."""
+
+    type: Literal["dsu"] = "dsu"  # re-draw channel mean / std of patch tokens around themselves
+    scale: float = 1.0  # s: multiple of the batch std of each statistic
+    after_blocks: list[int] = field(
+        default_factory=lambda: [0, 1, 2]
+    )  # shallow blocks, where style lives (ours)
+    train_aug: bool = False  # also train on the perturbed view on statistic steps
+    seed: int = 0  # draws from a generator seeded by (seed, step, rank): identical after a resume
+
+
+@dataclass
+class OptimOptions(Options):
+    """``method.optim``: how selected backbone elements are stepped."""
+
+    backbone_lr_mult: float = (
+        0.1  # selected elements at 0.1 x the head's lr, like full fine-tuning in Rein's recipe
+    )
+    backbone_wd: float = 0.0  # decoupled decay on selected elements only (AdamW would decay every element)
+    prior_l2: float = 0.0  # optional pull of selected elements towards their pretrained values
+    clip_grad_norm: float | None = None  # after masking, so unselected gradients never count
+
+
+@dataclass
+class FinalizeOptions(Options):
+    """``method.finalize``: after the last refresh."""
+
+    drop_fisher: bool = True  # free the statistics
+    prune_frozen_tensors: bool = True  # no gradients for tensors without a selected element
+
+
+@dataclass
+class FisherTuneOptions(Options):
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    fisher: FisherOptions = field(default_factory=FisherOptions)
+    perturb: PerturbOptions = field(default_factory=PerturbOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    finalize: FinalizeOptions = field(default_factory=FinalizeOptions)
+
+
+@dataclass
+class FisherTuneConfig(MethodConfig):
+    _target_: str = "dgss.methods.fishertune.FisherTune"
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    fisher: FisherOptions = field(default_factory=FisherOptions)
+    perturb: PerturbOptions = field(default_factory=PerturbOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    finalize: FinalizeOptions = field(default_factory=FinalizeOptions)
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -154,59 +246,53 @@ class FisherTune(SegmentationMethod):
     """Selective fine-tuning of backbone elements ranked by DR-FIM; head trained throughout.
 
     Option groups (see ``conf/method/fishertune.yaml`` and docs/methods.md): ``schedule``, ``selection``,
-    ``fisher``, ``perturb``, ``optim``, ``finalize``; every key not given takes :data:`DEFAULTS`.
+    ``fisher``, ``perturb``, ``optim``, ``finalize``: :class:`FisherTuneOptions` (every key not given takes its default).
     """
 
     def __init__(self, *args, **kwargs):
-        self.ft = {g: {**d, **(kwargs.pop(g, None) or {})} for g, d in DEFAULTS.items()}
+        groups = {g: kwargs.pop(g, None) for g in GROUPS}
         super().__init__(*args, **kwargs)
+        self.options = FisherTuneOptions.of(groups, "method")
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------------------------ set-up
     def configure_tuning(self) -> None:
-        for (group, key), allowed in CHOICES.items():
-            if self.ft[group][key] not in allowed:
-                raise ConfigError(
-                    f"method.{group}.{key}={self.ft[group][key]!r} is not supported; choose one of {list(allowed)}"
-                )
         self.freeze(self.backbone)  # eval mode throughout: the unselected majority stays the pretrained model
-        exclude = tuple(self.ft["selection"]["exclude"])
+        exclude = tuple(self.options.selection.exclude)
         named = dict(self.backbone.model.named_parameters())
         self.candidates = {n: p for n, p in named.items() if not any(e in n for e in exclude)}
         if not self.candidates:
             raise ConfigError(
                 f"method.selection.exclude={list(exclude)} leaves no backbone parameter to select"
             )
-        s = self.ft["schedule"]
+        s = self.options.schedule
         n_cand = sum(p.numel() for p in self.candidates.values())
-        self.n_base = n_cand if s["ratio_base"] == "candidates" else sum(p.numel() for p in named.values())
-        self.delta_max = s["budget"] / self.n_base if s["budget"] else float(s["delta_max"])
+        self.n_base = n_cand if s.ratio_base == "candidates" else sum(p.numel() for p in named.values())
+        self.delta_max = s.budget / self.n_base if s.budget else float(s.delta_max)
         k_final = round(self.delta_max * self.n_base)
-        if k_final > n_cand or not 0 <= s["delta_min"] <= self.delta_max:
+        if k_final > n_cand or not 0 <= s.delta_min <= self.delta_max:
             raise ConfigError(
                 f"method.schedule: a final selection of {k_final:,} elements (budget / delta_max) with delta_min="
-                f"{s['delta_min']} does not fit the {n_cand:,} candidate elements; lower budget or delta_max"
+                f"{s.delta_min} does not fit the {n_cand:,} candidate elements; lower budget or delta_max"
             )
-        if not 0 <= s["warmup_iters"] <= s["growth_end"] or s["refresh_every"] < 1 or s["growth_tau"] <= 0:
+        if not 0 <= s.warmup_iters <= s.growth_end or s.refresh_every < 1 or s.growth_tau <= 0:
             raise ConfigError(
                 "method.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
-                f"warmup_iters={s['warmup_iters']}, growth_end={s['growth_end']}, "
-                f"refresh_every={s['refresh_every']}, growth_tau={s['growth_tau']}"
+                f"warmup_iters={s.warmup_iters}, growth_end={s.growth_end}, "
+                f"refresh_every={s.refresh_every}, growth_tau={s.growth_tau}"
             )
-        p = self.ft["perturb"]
-        bad = [b for b in p["after_blocks"] if not 0 <= b < self.backbone.num_blocks]
+        p = self.options.perturb
+        bad = [b for b in p.after_blocks if not 0 <= b < self.backbone.num_blocks]
         if bad:
             raise ConfigError(
                 f"method.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
             )
-        self.perturb_seed = int(p.get("seed", 0))
-        self.perturbation = ChannelStatPerturbation(
-            p["after_blocks"], p["scale"], self.backbone.num_prefix_tokens
-        )
+        self.perturb_seed = int(p.seed)
+        self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens)
         self.backbone.register_block_hook(self.perturbation)
-        o = self.ft["optim"]
+        o = self.options.optim
         self.selected_opt = SelectedAdamW(
-            self.candidates, weight_decay=o["backbone_wd"], prior_l2=o["prior_l2"], **self._adam_kwargs()
+            self.candidates, weight_decay=o.backbone_wd, prior_l2=o.prior_l2, **self._adam_kwargs()
         )
         self.masks: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, dict[str, torch.Tensor]] = {}  # "x" / "p" -> name -> EMA of squared gradients
@@ -231,7 +317,7 @@ class FisherTune(SegmentationMethod):
                 groups.append(
                     {**g, "params": [g["params"][i] for i in keep], "names": [g["names"][i] for i in keep]}
                 )
-        mult = self.ft["optim"]["backbone_lr_mult"]
+        mult = self.options.optim.backbone_lr_mult
         groups.append(
             {"params": [], "names": [], "lr_mult": mult, "decay": False, "name": "backbone_selected"}
         )
@@ -255,29 +341,27 @@ class FisherTune(SegmentationMethod):
                 "FisherTune steps its optimizers itself: set trainer.gradient_clip_val=null (use "
                 "method.optim.clip_grad_norm) and trainer.accumulate_grad_batches=1"
             )
-        s = self.ft["schedule"]
-        if self.trainer.max_steps > 0 and s["growth_end"] > self.trainer.max_steps:
+        s = self.options.schedule
+        if self.trainer.max_steps > 0 and s.growth_end > self.trainer.max_steps:
             rank_zero_warn(
-                f"method.schedule.growth_end={s['growth_end']} is past trainer.max_steps={self.trainer.max_steps}: "
+                f"method.schedule.growth_end={s.growth_end} is past trainer.max_steps={self.trainer.max_steps}: "
                 f"the selection will not reach delta_max"
             )
         console.info(
             f"FisherTune: {len(self.candidates)} candidate tensors "
             f"({sum(p.numel() for p in self.candidates.values()):,} elements); final selection "
-            f"{self.k_target(s['growth_end']):,} of {self.n_base:,} backbone elements"
+            f"{self.k_target(s.growth_end):,} of {self.n_base:,} backbone elements"
         )
 
     # ---------------------------------------------------------------------------------- schedule
     def k_target(self, t: int) -> int:
-        s = self.ft["schedule"]
-        r = growth_ratio(
-            t, s["warmup_iters"], s["delta_min"], self.delta_max, s["growth_tau"], s["growth_end"]
-        )
+        s = self.options.schedule
+        r = growth_ratio(t, s.warmup_iters, s.delta_min, self.delta_max, s.growth_tau, s.growth_end)
         return round(r * self.n_base)
 
     def next_refresh(self, t: int) -> int | None:
-        s = self.ft["schedule"]
-        t1, end, every = s["warmup_iters"], s["growth_end"], s["refresh_every"]
+        s = self.options.schedule
+        t1, end, every = s.warmup_iters, s.growth_end, s.refresh_every
         if t < t1 or t > end:
             return None
         return min(t1 + math.ceil((t - t1) / every) * every, end)
@@ -289,8 +373,8 @@ class FisherTune(SegmentationMethod):
         r = self.next_refresh(t)
         if r is None:
             return False
-        f = self.ft["fisher"]
-        return (f["window"] is None or r - t < f["window"]) and (r - t) % f["interval"] == 0
+        f = self.options.fisher
+        return (f.window is None or r - t < f.window) and (r - t) % f.interval == 0
 
     # ------------------------------------------------------------------------------------ steps
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -330,7 +414,7 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def _accumulate(self, which: str, grads: dict[str, torch.Tensor], scale: float = 1.0) -> None:
         """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
-        beta = self.ft["fisher"]["ema_decay"]
+        beta = self.options.fisher.ema_decay
         store = self.fisher.setdefault(which, {})
         for name, g in grads.items():
             sq = (g.float() * scale) ** 2
@@ -375,7 +459,7 @@ class FisherTune(SegmentationMethod):
         return out, mag
 
     def _accumulate_eps(self, mag: torch.Tensor) -> None:
-        beta = self.ft["fisher"]["ema_decay"]
+        beta = self.options.fisher.ema_decay
         # a new tensor, not an in-place update: under ddp_spawn the initial tensor is shared memory of all ranks
         eps = self.eps_ema.to(self.device)
         self.eps_ema = eps + mag if beta is None else eps.mul(beta).add(mag, alpha=1 - beta)
@@ -383,7 +467,7 @@ class FisherTune(SegmentationMethod):
 
     def _debias(self, n: int) -> float:
         """Factor that turns an accumulated statistic after n updates into the estimate (0 before any)."""
-        beta = self.ft["fisher"]["ema_decay"]
+        beta = self.options.fisher.ema_decay
         if not n:
             return 0.0
         return 1.0 / n if beta is None else 1.0 / (1 - beta**n)
@@ -394,13 +478,13 @@ class FisherTune(SegmentationMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         t = self.global_step
-        s = self.ft["schedule"]
-        if t >= s["warmup_iters"] and not self._growing:
+        s = self.options.schedule
+        if t >= s.warmup_iters and not self._growing:
             self._start_growth()
         opt, sched = self.optimizers(), self.lr_schedulers()
         growing = self._growing and not self._final  # selection still changing
         stats = growing and self.is_stat_step(t)
-        aug = stats and self.ft["perturb"]["train_aug"]
+        aug = stats and self.options.perturb.train_aug
         w = 0.5 if aug else 1.0
         self.save_buffers()
         perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -434,14 +518,14 @@ class FisherTune(SegmentationMethod):
         if self._growing:
             for name, g in self._backbone_grads().items():
                 g.mul_(self.masks[name])  # before clipping: unselected gradients must not count
-        clip = self.ft["optim"]["clip_grad_norm"]
+        clip = self.options.optim.clip_grad_norm
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip)
         opt.step()
         self.selected_opt.step(lr=self.backbone_lr())
         self._zero_grads()
         sched.step()
-        if growing and t >= s["growth_end"]:
+        if growing and t >= s.growth_end:
             self._finalize()
         bs = batch["image"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -465,22 +549,22 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
         """DR-FIM per candidate element from the current statistics (temporaries one tensor at a time)."""
-        f = self.ft["fisher"]
+        f = self.options.fisher
         norm = 1.0
-        if f["normalize"] == "mean":
+        if f.normalize == "mean":
             total = sum(float(v.double().sum()) for v in self.fisher.get("x", {}).values())
             total *= self._debias(self.stat_counts["x"])
             count = sum(p.numel() for p in self.candidates.values())
             norm = max(total / count, torch.finfo(torch.float32).tiny)
         eps_bar = float(self.eps_ema.sum()) * self._debias(self.stat_counts["eps"])
         return {
-            k: dr_fim(self._estimate("x", k, 1 / norm), self._estimate("p", k, 1 / norm), eps_bar, f["gamma"],
-                      f["prior_precision"], f["eps"], f["ratio_factor"])
+            k: dr_fim(self._estimate("x", k, 1 / norm), self._estimate("p", k, 1 / norm), eps_bar, f.gamma,
+                      f.prior_precision, f.eps, f.ratio_factor)
             for k in self.candidates
         }  # fmt: skip
 
     def _groups(self) -> list[list[str]]:
-        scope = self.ft["selection"]["scope"]
+        scope = self.options.selection.scope
         names = list(self.candidates)
         if scope == "global":
             return [names]
@@ -496,8 +580,8 @@ class FisherTune(SegmentationMethod):
         """New elements (flat indices per tensor) that bring the selection to ``k`` (monotone) or the fresh
         top-k mask (not monotone): highest scores within each scope group, ``granularity`` units at a time.
         Consumes ``scores`` (edited in place and released tensor by tensor, to keep the peak memory low)."""
-        monotone = self.ft["schedule"]["monotone"]
-        gran = self.ft["selection"]["granularity"]
+        monotone = self.options.schedule.monotone
+        gran = self.options.selection.granularity
         groups = self._groups()
         targets = apportion(k, [sum(self.candidates[n].numel() for n in g) for g in groups])
         chosen: dict[str, torch.Tensor] = {}
@@ -542,7 +626,7 @@ class FisherTune(SegmentationMethod):
     def refresh(self, t: int) -> None:
         k = self.k_target(t)
         chosen = self.select(self.scores(), k)
-        monotone = self.ft["schedule"]["monotone"]
+        monotone = self.options.schedule.monotone
         for name, idx in chosen.items():
             mask = self.masks[name]
             if not monotone:
@@ -606,7 +690,7 @@ class FisherTune(SegmentationMethod):
         out = Path(self.trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "fishertune_selection.csv"
-        new = not path.exists() or t == self.ft["schedule"]["warmup_iters"]
+        new = not path.exists() or t == self.options.schedule.warmup_iters
         with path.open("w" if new else "a") as fh:
             if new:
                 fh.write("step,block,kind,selected,share\n")
@@ -635,12 +719,12 @@ class FisherTune(SegmentationMethod):
     def _finalize(self) -> None:
         """After the last refresh: free the statistics and stop computing gradients of unselected tensors."""
         self._final = True
-        if self.ft["finalize"]["drop_fisher"]:
+        if self.options.finalize.drop_fisher:
             self.fisher = {}
         self._prune()
 
     def _prune(self) -> None:
-        if not self.ft["finalize"]["prune_frozen_tensors"]:
+        if not self.options.finalize.prune_frozen_tensors:
             return
         for name, p in self.candidates.items():
             if not bool(self.masks[name].any()):
@@ -697,3 +781,6 @@ class FisherTune(SegmentationMethod):
         self.history = list(ft["history"])
         self._final = bool(ft["final"])
         self._growing = False  # requires_grad is set again at the next training step (after DDP wraps)
+
+
+register(FisherTuneConfig, "method", "fishertune_schema")

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dgss.methods.base import SegmentationMethod
+from dataclasses import dataclass
+
+from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.options import register
+
+
+@dataclass
+class FrozenConfig(MethodConfig):
+    _target_: str = "dgss.methods.frozen.FrozenBackbone"
 
 
 class FrozenBackbone(SegmentationMethod):
     def configure_tuning(self) -> None:
         self.freeze(self.backbone)
+
+
+register(FrozenConfig, "method", "frozen_schema")

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from dgss.methods.base import SegmentationMethod
+from dataclasses import dataclass
+
+from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.options import register
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    _target_: str = "dgss.methods.full.FullFineTune"
 
 
 class FullFineTune(SegmentationMethod):
     default_lr_mults = {"backbone": 0.1}
+
+
+register(FullConfig, "method", "full_schema")

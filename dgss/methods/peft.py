@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import timm
 import torch
 from torch import nn
 
 from dgss.errors import ConfigError
-from dgss.methods.base import SegmentationMethod
+from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.options import Options, register
 
 Core = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,8 +88,7 @@ class Adapter(nn.Module):
     nn.Linear's Kaiming-uniform weight with a zero bias; up is zero, so the block is unchanged at step 0.
     """
 
-    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int = 16, scale: float = 1.0, dropout: float = 0.1,
-                 norm: bool = True):  # fmt: skip
+    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float, norm: bool):
         super().__init__()
         self.mlp = mlp
         self.ln = nn.LayerNorm(dim) if norm else nn.Identity()  # not `norm`: SwiGLU MLPs have their own
@@ -197,36 +199,80 @@ def wrap_lora(backbone, rank: int, init: str) -> list[tuple[LowRank, LowRank]]:
     return pairs
 
 
-def wrap_adapters(backbone, **adapter) -> list[Adapter]:
+def wrap_adapters(backbone, options: AdapterOptions) -> list[Adapter]:
     out = []
     for i in range(backbone.num_blocks):
         parts = backbone.block_parts(i)
-        a = Adapter(parts.mlp, backbone.embed_dim, **adapter)
+        a = Adapter(parts.mlp, backbone.embed_dim, **asdict(options))
         parts.block.mlp = a
         out.append(a)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class LoRAOptions(Options):
+    """``method.peft`` of LoRA (and COBOT over LoRA): q and v of every block."""
+
+    rank: int = 4  # r (SAM-COBOT's); the Rein paper's DINOv2-L baseline: 8 (its recipes set it)
+    init: Literal["identity", "official"] = "identity"  # identity: B = 0, the pretrained model at step 0
+
+
+@dataclass
+class AdapterOptions(Options):
+    """``method.peft`` of AdaptFormer (and COBOT over AdaptFormer): a bottleneck beside every block's MLP."""
+
+    bottleneck: int = (
+        16  # V (SAM-COBOT's); the Rein paper's baseline: 64, without norm (its recipes set them)
+    )
+    scale: float = 1.0
+    dropout: float = 0.1
+    norm: bool = True  # the adapter's own LayerNorm
+
+
+@dataclass
+class VPTOptions(Options):
+    """``method.peft`` of VPT-deep."""
+
+    num_tokens: int = 150  # the Rein paper's baseline (3,686,400 parameters on DINOv2-L)
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    _target_: str = "dgss.methods.peft.LoRA"
+    peft: LoRAOptions = field(default_factory=LoRAOptions)
+
+
+@dataclass
+class AdaptFormerConfig(MethodConfig):
+    _target_: str = "dgss.methods.peft.AdaptFormer"
+    peft: AdapterOptions = field(default_factory=AdapterOptions)
+
+
+@dataclass
+class VPTConfig(MethodConfig):
+    _target_: str = "dgss.methods.peft.VPT"
+    peft: VPTOptions = field(default_factory=VPTOptions)
 
 
 # ------------------------------------------------------------------------------------------------ methods
 class PEFTMethod(SegmentationMethod):
     """Frozen backbone (eval mode) + modules placed by :meth:`place`; they and the head train."""
 
-    def __init__(self, *args, peft: dict | None = None, **kwargs):
-        self.peft_cfg = dict(peft or {})  # read by configure_tuning, which the base __init__ calls
+    options_type: type[Options] = Options
+
+    def __init__(self, *args, peft: Options | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.peft_options = peft if isinstance(peft, Options) else self.options_type.of(peft, "method.peft")
 
     def configure_tuning(self) -> None:
         self.freeze(self.backbone)
-        self.place(self.backbone)  # new modules require grad; the frozen modules they wrap stay frozen
+        for module in self.place(self.backbone):  # new modules require grad; those they wrap stay frozen
+            self.adopt(module)
 
-    def place(self, backbone) -> None:
+    def place(self, backbone) -> list[nn.Module]:
+        """Put the method's modules into ``backbone``; returns them."""
         raise NotImplementedError
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for a in getattr(self, "adapters", []):  # adapter dropout sits inside the eval-mode backbone
-            a.drop.train(mode)
-        return self
 
     def peft_parameters(self) -> int:
         """Trainable parameters inside the backbone (the method's own, head excluded)."""
@@ -234,25 +280,27 @@ class PEFTMethod(SegmentationMethod):
 
 
 class LoRA(PEFTMethod):
-    """``peft``: ``rank`` (4), ``init`` (identity | official)."""
+    options_type = LoRAOptions
 
-    def place(self, backbone) -> None:
-        wrap_lora(backbone, int(self.peft_cfg.get("rank", 4)), self.peft_cfg.get("init", "identity"))
+    def place(self, backbone) -> list[nn.Module]:
+        o = self.peft_options
+        return [lr for pair in wrap_lora(backbone, o.rank, o.init) for lr in pair]
 
 
 class AdaptFormer(PEFTMethod):
-    """``peft``: ``bottleneck`` (16), ``scale`` (1.0), ``dropout`` (0.1), ``norm`` (true)."""
+    options_type = AdapterOptions
 
-    def place(self, backbone) -> None:
-        keys = ("bottleneck", "scale", "dropout", "norm")
-        self.adapters = wrap_adapters(backbone, **{k: self.peft_cfg[k] for k in keys if k in self.peft_cfg})
+    def place(self, backbone) -> list[nn.Module]:
+        return wrap_adapters(backbone, self.peft_options)
 
 
 class VPT(PEFTMethod):
-    """VPT-deep; ``peft``: ``num_tokens`` (150, the Rein table's baseline). SAM: :class:`PromptedSAMAttention`."""
+    """VPT-deep. SAM: :class:`PromptedSAMAttention`."""
 
-    def place(self, backbone) -> None:
-        n = int(self.peft_cfg.get("num_tokens", 150))
+    options_type = VPTOptions
+
+    def place(self, backbone) -> list[nn.Module]:
+        n = self.peft_options.num_tokens
         for i, blk in enumerate(backbone.model.blocks):
             if backbone.family == "sam":
                 blk.attn = PromptedSAMAttention(blk.attn, blk.norm1, backbone.embed_dim, n)
@@ -260,3 +308,9 @@ class VPT(PEFTMethod):
                 backbone.model.blocks[i] = PromptedBlock(
                     blk, backbone.embed_dim, n, backbone.num_prefix_tokens
                 )
+        return []  # the prompts sit in wrappers of frozen blocks, which keep the blocks' eval mode
+
+
+register(LoRAConfig, "method", "lora_schema")
+register(AdaptFormerConfig, "method", "adaptformer_schema")
+register(VPTConfig, "method", "vpt_schema")

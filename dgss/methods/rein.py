@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,28 @@ from torch import nn
 
 from dgss import console
 from dgss.errors import ConfigError, state_mismatch
-from dgss.methods.base import SegmentationMethod
+from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.options import Options, register
+
+
+@dataclass
+class ReinOptions(Options):
+    """``method.rein``: Rein's options (spec rein.md; defaults: the released DINOv2-L config)."""
+
+    num_tokens: int = 100  # m: learnable tokens per layer; also the number of Mask2Former queries
+    lora_rank: int | None = 16  # r of the token factorisation T_l = A_l B_l; null = full-rank tokens
+    query_dim: int = 256  # Q: width of the linked queries (= head.dim)
+    patch_size: int = 16  # enters the official token init bound only (16 in every released config)
+    scale_init: float = 1.0e-3  # initial value of the learnable scalar s
+    zero_mlp_delta_f: bool = False  # true: s is the constant 1, delta_f starts at zero (identity at init)
+    use_softmax: bool = True  # false: no softmax and no 1/sqrt(C)
+    link_token_to_query: bool = True  # build transform / merge for queries() (only with a query head)
+
+
+@dataclass
+class ReinConfig(MethodConfig):
+    _target_: str = "dgss.methods.rein.Rein"
+    rein: ReinOptions = field(default_factory=ReinOptions)
 
 
 class ReinLayers(nn.Module):
@@ -35,29 +57,14 @@ class ReinLayers(nn.Module):
     Args:
         num_layers: layers that get a Rein (L).
         embed_dim: token width (C).
-        num_tokens: learnable tokens per layer (m); also the number of queries.
-        lora_rank: rank r of the token factorisation T_l = A_l B_l; ``None`` = full-rank tokens (L, m, C).
-        query_dim: width of the linked queries (Q).
-        patch_size: enters the official token init bound only (16 in every released config).
-        scale_init: initial value of the learnable scalar s.
-        zero_mlp_delta_f: s is the constant 1 and delta_f starts at zero: Rein is the identity at init.
-        use_softmax: ``False`` drops both the softmax and the 1/√C scaling.
-        link_token_to_query: build ``transform`` / ``merge`` for :meth:`queries`.
+        **options: :class:`ReinOptions` (``num_tokens``, ``lora_rank``, …; their defaults otherwise).
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        embed_dim: int,
-        num_tokens: int = 100,
-        lora_rank: int | None = 16,
-        query_dim: int = 256,
-        patch_size: int = 16,
-        scale_init: float = 1e-3,
-        zero_mlp_delta_f: bool = False,
-        use_softmax: bool = True,
-        link_token_to_query: bool = True,
-    ):
+    def __init__(self, num_layers: int, embed_dim: int, **options):
+        o = ReinOptions.of(options, "method.rein")
+        num_tokens, lora_rank, query_dim, patch_size = o.num_tokens, o.lora_rank, o.query_dim, o.patch_size
+        scale_init, zero_mlp_delta_f, use_softmax = o.scale_init, o.zero_mlp_delta_f, o.use_softmax
+        link_token_to_query = o.link_token_to_query
         super().__init__()
         if num_layers < 1 or embed_dim < 1 or num_tokens < 2:
             raise ConfigError(
@@ -158,9 +165,9 @@ class Rein(SegmentationMethod):
 
     extra_no_decay = ("learnable_tokens",)  # Rein's recipe; the scalar scale is 0-d, so no decay either
 
-    def __init__(self, *args, rein: dict | None = None, **kwargs):
-        self.rein_cfg = dict(rein or {})  # read by configure_tuning, which the base __init__ calls
+    def __init__(self, *args, rein: ReinOptions | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.rein_options = ReinOptions.of(rein, "method.rein")
 
     def configure_tuning(self) -> None:
         self.freeze(self.backbone)
@@ -171,12 +178,12 @@ class Rein(SegmentationMethod):
             else list(range(bb.num_blocks))
         )
         self.rein_blocks = {b: k for k, b in enumerate(blocks)}
-        cfg = dict(self.rein_cfg)
-        if cfg.get("link_token_to_query", True) and not getattr(self.head, "uses_queries", False):
+        options = self.rein_options
+        if options.link_token_to_query and not getattr(self.head, "uses_queries", False):
             # transform / merge would get no gradient: unused parameters stall DDP and inflate counts
             console.info(f"Rein: {type(self.head).__name__} takes no queries, so the query link is not built")
-            cfg["link_token_to_query"] = False
-        self.reins = ReinLayers(num_layers=len(blocks), embed_dim=bb.embed_dim, **cfg)
+            options = replace(options, link_token_to_query=False)
+        self.reins = ReinLayers(num_layers=len(blocks), embed_dim=bb.embed_dim, **asdict(options))
         if self.reins.link_token_to_query:
             dim = getattr(self.head, "dim", self.reins.query_dim)
             if dim != self.reins.query_dim:
@@ -206,3 +213,6 @@ class Rein(SegmentationMethod):
         feats = self.backbone(images)
         queries = self.reins.queries() if self.reins.link_token_to_query else None
         return self.head(feats, queries=queries)
+
+
+register(ReinConfig, "method", "rein_schema")
