@@ -51,9 +51,9 @@ def iou_table(
 
 def _protocol(trainer: pl.Trainer, pl_module: pl.LightningModule, domain: str) -> dict:
     """How a target was evaluated (test resolution changes DGSS numbers by ~2 mIoU: record it with each result)."""
-    dm = getattr(trainer, "datamodule", None)
-    ds = getattr(dm, "targets", {}).get(domain)
-    size = getattr(getattr(ds, "transform", None), "size", None)
+    dm = trainer.datamodule
+    ds = dm.targets.get(domain) if dm is not None else None
+    size = dm.test_size(domain) if ds is not None else None
     counts = pl_module.last_counts.get(domain)  # scored / left out (on_bad: skip) in this run
     out = {"images": counts["images"] if counts else (len(ds) if ds is not None else None),
            "skipped": counts["skipped"] if counts else 0, "test_size": list(size) if size else "native"}  # fmt: skip
@@ -203,13 +203,10 @@ class WandbMedia(pl.Callback):
         buf = self._buffer.setdefault(domain, [])
         if len(buf) >= self.num_images:
             return
-        dm = trainer.datamodule
-        mean = torch.tensor(dm.test_pipeline.mean).view(3, 1, 1)
-        std = torch.tensor(dm.test_pipeline.std).view(3, 1, 1)
-        for img, lab, pred in zip(batch["image"], batch["label"], outputs["pred"]):
+        for img, lab, pred in zip(batch["image"], batch["label"], outputs["pred"]):  # uint8 images, as loaded
             if len(buf) >= self.num_images:
                 break
-            rgb = ((img.detach().cpu() * std + mean).clamp(0, 1) * 255).byte()
+            rgb = img.detach().cpu()
             if rgb.shape[-2:] != lab.shape:
                 rgb = torch.nn.functional.interpolate(rgb[None].float(), size=lab.shape, mode="bilinear")[
                     0

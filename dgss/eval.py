@@ -29,7 +29,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     data_cfg.sources = {}  # evaluation reads only the targets: the training images need not be on this machine
     datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.set_normalization(*method.backbone.normalization)
     out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,

@@ -118,7 +118,6 @@ def predict(cfg: DictConfig) -> dict:
     size, where = resolve_size(cfg.size, data)
     log.info(f"dgss-predict: images fitted into {where}")
     pipeline = TestPipeline(size)
-    pipeline.set_normalization(*method.backbone.normalization)
     out, root = Path(cfg.output).expanduser(), Path(cfg.input).expanduser()
     inf = method.inference_options
     bar = tqdm(images, desc="dgss-predict", disable=not cfg.progress)

@@ -147,7 +147,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_method(cfg)
-    datamodule.set_normalization(*model.backbone.normalization)
     if cfg.get("compile"):
         model.compile()  # nn.Module.compile: forward compiled in place, parameter names (checkpoint keys) unchanged
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]

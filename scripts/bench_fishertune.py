@@ -46,7 +46,9 @@ def run_variant(method: str, a: argparse.Namespace, out) -> None:
     else:
         m = FullFineTune(bb, head, num_classes=19)
     batch = {
-        "image": torch.randn(a.batch, 3, a.size, a.size),
+        "image": torch.randint(
+            0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8
+        ),  # the model normalises
         "label": torch.randint(0, 19, (a.batch, a.size, a.size)),
     }
     loader = torch.utils.data.DataLoader([batch] * (last + 1), batch_size=None)

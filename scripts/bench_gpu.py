@@ -232,13 +232,15 @@ CLI_KEYS = ("ok", "error", "train_exit", "train_s", "steps", "loss_first", "loss
 
 # ------------------------------------------------------------------------------------------------- training
 def fixed_batch(batch: int, size: int, device: str) -> dict:
-    """One batch as the DataModule hands it to a method: normalised images and trainId labels with an ignored band."""
+    """One batch as the DataModule hands it to a method: uint8 images (the method normalises and pads them) and
+    trainId labels with an ignored band."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    label = torch.randint(0, 19, (batch, size, size), generator=g)
+    label = torch.randint(0, 19, (batch, size, size), generator=g, dtype=torch.uint8)
     label[:, : size // 8] = 255
-    return {"image": torch.randn(batch, 3, size, size, generator=g).to(device), "label": label.to(device)}
+    image = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    return {"image": image.to(device), "label": label.to(device)}
 
 
 def compose(overrides: list[str]):
@@ -364,7 +366,7 @@ def slide_row(a: argparse.Namespace) -> dict:
                                                     f"method.inference.stride={stride}",
                                                     f"method.inference.window_batch={a.window_batch}"])  # fmt: skip
     method = build_method(cfg).to(a.device).eval()
-    images = torch.randn(a.slide_images, 3, h, w, device=a.device)
+    images = torch.randint(0, 256, (a.slide_images, 3, h, w), dtype=torch.uint8, device=a.device)
     dtype = torch.bfloat16
 
     def run():

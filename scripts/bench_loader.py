@@ -72,9 +72,11 @@ def main() -> None:
     write_pairs(root, a.num)
 
     from dgss.data.real import RealDataset
+    from dgss.data.samples import Samples
     from dgss.data.transforms import TrainPipeline
 
-    ds = RealDataset("gta", "all", root, transform=TrainPipeline(scales=REIN_SCALES))
+    ds = RealDataset("gta", "all", root)
+    samples = Samples(ds, TrainPipeline(scales=REIN_SCALES))  # what a training loader's worker runs
     mb = np.mean([p.stat().st_size for p in (root / "gta/images").glob("*.png")]) / 2**20
 
     def decode(i: int) -> None:
@@ -84,7 +86,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     r_decode = rate(decode, len(ds), a.passes)
-    r_train = rate(ds.__getitem__, len(ds), a.passes)
+    r_train = rate(samples.__getitem__, len(ds), a.passes)
     ratio = r_train / r_decode
     print(f"decode {r_decode:.2f}/s, train sample {r_train:.2f}/s, ratio {ratio:.3f} (target >= 0.6); "
           f"images {mb:.2f} MB on average")  # fmt: skip

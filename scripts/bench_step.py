@@ -30,19 +30,25 @@ from dgss.models.heads.light import LightHead
 
 
 class Cached(torch.utils.data.Dataset):
-    """Pre-rendered, pre-transformed samples: both loops read the same tensors, no rendering cost."""
+    """Pre-rendered uint8 samples (a dgss data set): both loops read the same tensors, no rendering cost."""
+
+    on_bad = "error"
 
     def __init__(self, n, h, w):
-        src = SyntheticDomain("game", "train", n, h, w, transform=TrainPipeline(crop=(h, w), short_edge=None))
-        torch.manual_seed(0)
-        self.items = [src[i] for i in range(n)]
-        self.transform = None
+        src = SyntheticDomain("game", "train", n, h, w)
+        self.items = [src.load(i) for i in range(n)]
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def load(self, i):
         return self.items[i]
+
+    def name(self, i):
+        return f"cached/{i}"
+
+    def __getitem__(self, i):  # the hand-written loop's dataset
+        return {"image": self.items[i][0], "label": self.items[i][1].long()}
 
 
 def build(h, w):
@@ -73,7 +79,7 @@ def hand_loop(data, steps, batch, h, w) -> list[float]:
         except StopIteration:
             it = iter(loader)
             b = next(it)
-        logits = m.head(m.backbone(b["image"]))
+        logits = m.head(m.backbone(m.normalize(b["image"])))
         logits = F.interpolate(logits, size=b["label"].shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, b["label"], ignore_index=255)
         opt.zero_grad(set_to_none=True)
@@ -95,10 +101,14 @@ class StepTimer(pl.Callback):
 
 def dgss_loop(data, steps, batch, h, w) -> list[float]:
     m = build(h, w)
-    dm = DGSSDataModule(
-        sources={"game": data}, targets={"game": data}, batch_size=batch, num_workers=0, pin_memory=False
+    dm = DGSSDataModule(  # no augmentation: the samples as the hand-written loop reads them
+        sources={"game": data},
+        targets={"game": data},
+        batch_size=batch,
+        num_workers=0,
+        pin_memory=False,
+        train_pipeline=TrainPipeline(crop=(h, w), flip=0, photometric=False, cat_max_ratio=1.0),
     )
-    dm.sources["game"].transform = None  # already transformed
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps + 1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,

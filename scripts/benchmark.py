@@ -107,7 +107,9 @@ def main() -> None:
     Clock = make_clock(pl, torch)
 
     batch = {
-        "image": torch.randn(a.batch, 3, a.size, a.size),
+        "image": torch.randint(
+            0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8
+        ),  # the model normalises
         "label": torch.randint(0, 19, (a.batch, a.size, a.size)),
     }
     loader = torch.utils.data.DataLoader([batch] * a.steps, batch_size=None)

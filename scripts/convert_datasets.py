@@ -263,7 +263,7 @@ def check(root: str | Path, samples: int | None = None, shown: int = 10) -> list
             values, sizes, bad = set(), set(), []
             for i in range(len(ds) if samples is None else min(samples, len(ds))):
                 try:
-                    image, label = ds.load(i)
+                    image, label = ds.load_arrays(i)
                 except ConfigError as e:
                     bad.append(str(e))
                     continue

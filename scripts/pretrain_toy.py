@@ -32,7 +32,6 @@ from torchvision.transforms import v2
 
 import dgss.config  # noqa: F401  (resolvers)
 from dgss.data.synthetic import DOMAINS, SPLIT_OFFSETS, render_sample
-from dgss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dgss.io import atomic_path
 
 
@@ -128,7 +127,7 @@ def main() -> None:
         v2.RandomResizedCrop(tuple(args.crop), scale=(0.25, 1.0), ratio=(1.5, 2.5), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(*bb.normalization),  # the backbone's own input normalisation
     ])  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     warm = max(1, args.steps // 20)

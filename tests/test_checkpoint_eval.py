@@ -221,7 +221,6 @@ def test_predict_defaults_to_the_size_dgss_eval_scores(compose_cfg, tmp_path, ca
                             config_name="predict"))  # fmt: skip
     assert "images fitted into 256×128, the test size of the checkpoint's target game" in caplog.text
     pipe = TestPipeline((256, 128))  # what dgss-eval feeds the model; the label stays at full resolution
-    pipe.set_normalization(*method.backbone.normalization)
     x, _ = pipe(torch.from_numpy(rgb.copy()).permute(2, 0, 1), torch.zeros(64, 128))
     method.eval()
     with torch.no_grad():

@@ -43,8 +43,8 @@ def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
     dm = hydra.utils.instantiate(cfg.data)
     assert dm.num_classes == cfg.data.num_classes and dm.target_names
     for name, ds in dm.targets.items():
-        sample = ds[0]
-        assert sample["image"].dtype == torch.float32 and sample["label"].ndim == 2, name
+        sample = dm.eval_samples[name][0]  # what the evaluation loader hands out: uint8, the model normalises
+        assert sample["image"].dtype == torch.uint8 and sample["label"].ndim == 2, name
         if data == "gta2cbm":
             assert (
                 ds.test_size

@@ -69,7 +69,7 @@ def test_gta_and_cityscapes_labelids_round_trip(tmp_path):
     table = lookup_table(CITYSCAPES_ID_TO_TRAIN)
     ds = RealDataset("gta", "all", tmp_path)
     for i, n in enumerate(sorted(raw)):
-        assert np.array_equal(ds[i]["label"].numpy(), table[raw[n]])
+        assert np.array_equal(ds.load(i)[1].numpy(), table[raw[n]])
     assert (table[raw["00001"]] == 255).any() and (table[raw["00001"]] < 19).any()
 
     city = _ids(34)
@@ -77,7 +77,7 @@ def test_gta_and_cityscapes_labelids_round_trip(tmp_path):
     Image.fromarray(city.astype(np.uint8)).save(_mk(tmp_path / f"{stem}_labelIds.png"))
     _rgb(tmp_path / "cityscapes/leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png")
     cd.convert("cityscapes", tmp_path, progress=False)
-    train_ids = RealDataset("cityscapes", "val", tmp_path)[0]["label"].numpy()
+    train_ids = RealDataset("cityscapes", "val", tmp_path).load(0)[1].numpy()
     assert np.array_equal(train_ids, table[city])
     back = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN.items()}  # trainId -> labelId (server export)
     kept = train_ids != 255
@@ -97,7 +97,7 @@ def test_synthia_reads_the_first_channel_of_its_16bit_labels(tmp_path):
     _png16_rgb(tmp_path / "synthia/GT/LABELS/0000001.png", channels)
     _rgb(tmp_path / "synthia/RGB/0000001.png")
     cd.convert("synthia", tmp_path, progress=False)
-    label = RealDataset("synthia", "all", tmp_path)[0]["label"].numpy()
+    label = RealDataset("synthia", "all", tmp_path).load(0)[1].numpy()
     assert np.array_equal(label, lookup_table(SYNTHIA_ID_TO_TRAIN, 65536)[ids])
     assert set(np.unique(label)) <= set(range(19)) | {255}
 
@@ -115,10 +115,10 @@ def test_mapillary_v12_and_half_resolution_validation(tmp_path):
     counts = cd.convert("mapillary", tmp_path, progress=False)
     assert counts["converted"] == 4  # train label, val label, half image, half label
     table = lookup_table(MAPILLARY_V12_TO_TRAIN)
-    assert np.array_equal(RealDataset("mapillary", "train", tmp_path)[0]["label"].numpy(), table[train])
-    half = RealDataset("mapillary", "val", tmp_path)[0]
-    assert half["image"].shape == (3, H // 2, W // 2)
-    assert np.array_equal(half["label"].numpy(), table[val][1::2, 1::2])  # nearest: no invented class values
+    assert np.array_equal(RealDataset("mapillary", "train", tmp_path).load(0)[1].numpy(), table[train])
+    image, label = RealDataset("mapillary", "val", tmp_path).load(0)
+    assert image.shape == (3, H // 2, W // 2)
+    assert np.array_equal(label.numpy(), table[val][1::2, 1::2])  # nearest: no invented class values
 
     (tmp_path / "mapillary/config_v1.2.json").write_text(json.dumps({"labels": [{}] * 124}))
     with pytest.raises(cd.ConvertError, match="lists 124 labels, v1.2 has 66: not a v1.2 config"):

@@ -22,10 +22,12 @@ def dm(**kw):
 
 def test_train_stream_and_named_eval_loaders():
     d = dm()
-    batch = next(iter(d.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["label"].shape == (2, 32, 32)
-    assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.int64
-    assert set(batch["label"].unique().tolist()) <= set(range(19)) | {255}
+    batch = next(iter(d.train_dataloader()))  # uint8 as loaded: the method normalises and pads
+    assert len(batch["image"]) == len(batch["label"]) == 2
+    for img, lab in zip(batch["image"], batch["label"]):
+        assert img.dtype == lab.dtype == torch.uint8 and img.shape[0] == 3 and img.shape[1:] == lab.shape
+        assert img.shape[1] <= 32 and img.shape[2] <= 32  # crops of images smaller than the crop stay smaller
+        assert set(lab.unique().tolist()) <= set(range(19)) | {255}
     assert d.target_names == ["fog", "night"] and d.num_classes == 19
     loaders = d.val_dataloader()
     assert [len(dl.dataset) for dl in loaders] == [5, 3]
@@ -63,26 +65,47 @@ def test_the_stream_is_the_same_whatever_the_number_of_workers():
         loader = dm(num_workers=workers).train_dataloader()
         streams.append([b for _ in range(2) for b in loader])
     for a, b in zip(*streams, strict=True):
-        assert (
-            a["name"] == b["name"]
-            and torch.equal(a["image"], b["image"])
-            and torch.equal(a["label"], b["label"])
+        assert a["name"] == b["name"]
+        assert all(
+            torch.equal(x, y) for x, y in zip(a["image"] + a["label"], b["image"] + b["label"], strict=True)
         )
-    assert not torch.equal(streams[0][0]["image"], streams[0][len(streams[0]) // 2]["image"])
+    first, later = streams[0][0]["image"][0], streams[0][len(streams[0]) // 2]["image"][0]
+    assert first.shape != later.shape or not torch.equal(first, later)
 
 
 def test_test_pipeline_keeps_label_resolution():
     img = torch.randint(0, 255, (3, 100, 200), dtype=torch.uint8)
     lab = torch.zeros(100, 200, dtype=torch.uint8)
     x, y = TestPipeline(size=(100, 50))(img, lab)
-    assert x.shape == (3, 50, 100) and y.shape == (100, 200) and y.dtype == torch.int64
+    assert x.shape == (3, 50, 100) and x.dtype == torch.uint8 and y.shape == (100, 200)
 
 
-def test_train_pipeline_pads_label_with_ignore():
-    img = torch.full((3, 20, 20), 128, dtype=torch.uint8)
-    lab = torch.zeros(20, 20, dtype=torch.uint8)
-    x, y = TrainPipeline(crop=(32, 32), short_edge=None, photometric=False, flip=0)(img, lab)
-    assert x.shape == (3, 32, 32) and (y == 255).sum() == 32 * 32 - 400 and (y == 0).sum() == 400
+def test_the_model_pads_after_normalising_bottom_right_with_image_0_and_label_255():
+    """mmseg's SegDataPreProcessor: the pipeline leaves a small crop small (so padding never enters the flip or the
+    photometric distortion); the method normalises, then pads to the crop size bottom / right."""
+    from test_methods import make_method
+
+    from dgss.methods.full import FullFineTune
+
+    img = torch.full((3, 20, 24), 128, dtype=torch.uint8)
+    lab = torch.zeros(20, 24, dtype=torch.uint8)
+    x, y = TrainPipeline(crop=(32, 32), short_edge=None, photometric=False, flip=1.0)(img, lab)
+    assert x.shape == (3, 20, 24) and x.dtype == torch.uint8 and (x == 128).all()  # flipped, not padded
+    m = make_method(FullFineTune)
+    m.train_crop = (32, 32)
+    images, labels = m.prepare_batch({"image": [x, x[:, :16, :16]], "label": [y, y[:16, :16]]})
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in m.backbone.normalization)
+    assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+    assert torch.allclose(images[0, :, :20, :24], (128 / 255 - mean) / std)  # the image, normalised
+    assert (images[0, :, 20:] == 0).all() and (
+        images[0, :, :, 24:] == 0
+    ).all()  # padding: 0 after normalising
+    assert (
+        (labels[0, :20, :24] == 0).all()
+        and (labels[0, 20:] == 255).all()
+        and (labels[0, :, 24:] == 255).all()
+    )
+    assert (labels[1, 16:] == 255).all() and (labels[1, :16, :16] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -135,8 +135,8 @@ def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
     m = fishertune(fisher=dict(window=None, ema_decay=None), schedule={**SCHED, "growth_end": 50})
     slopes, base = [], {n: torch.randn_like(p) for n, p in m.candidates.items()}
 
-    def known_loss(batch):
-        a = float(batch["image"].mean())  # differs per batch
+    def known_loss(images, labels):
+        a = float(images.mean())  # differs per batch
         if m.is_stat_step(m.global_step) and not m.perturbation.enabled:
             slopes.append(a)
         head = sum(0 * p.sum() for p in m.head.parameters())  # the warm-up trains the head only
@@ -348,9 +348,9 @@ def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
     m = fishertune(schedule={**SCHED, "growth_end": 100})  # statistics kept to look at
     loss, calls = m._loss, []
 
-    def patched(batch):  # NaN on the 4th call (step 2's perturbed pass) and the 7th (a clean pass)
+    def patched(images, labels):  # NaN on the 4th call (step 2's perturbed pass) and the 7th (a clean pass)
         calls.append(None)
-        out = loss(batch)
+        out = loss(images, labels)
         return out * float("nan") if len(calls) in (4, 7) else out
 
     m._loss = patched
@@ -371,9 +371,9 @@ def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identic
     assert m.is_stat_step(2)
     loss, calls, seen = m._loss, [], {}
 
-    def patched(batch):  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
+    def patched(images, labels):  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
         calls.append(None)
-        out = loss(batch)
+        out = loss(images, labels)
         return out * float("nan") if len(calls) == 4 else out
 
     m._loss = patched

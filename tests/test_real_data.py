@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dgss.data.label_maps import (
@@ -12,6 +13,8 @@ from dgss.data.label_maps import (
     to_train_ids,  # fmt: skip
 )
 from dgss.data.real import LAYOUTS, RealDataset
+from dgss.data.samples import Samples
+from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
 
 
@@ -80,9 +83,9 @@ def test_each_dataset_reads_its_layout(tmp_path, key):
     label = _write_pair(tmp_path, *FIXTURES[key])
     ds = RealDataset(dataset, split, tmp_path)
     assert len(ds) == 1 and split in LAYOUTS[dataset]
-    sample = ds[0]
-    assert sample["image"].shape == (3, 6, 8) and sample["image"].dtype.is_floating_point is False
-    assert np.array_equal(sample["label"].numpy(), label)  # trainIds unchanged, 255 kept
+    image, lab = ds.load(0)
+    assert image.shape == (3, 6, 8) and image.dtype == torch.uint8 and ds.name(0).startswith(f"{dataset}/")
+    assert np.array_equal(lab.numpy(), label)  # trainIds unchanged, 255 kept
 
 
 def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
@@ -102,17 +105,19 @@ def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
         RealDataset("gta", "all", tmp_path)
     Image.fromarray(np.zeros((6, 4), np.uint8)).save(tmp_path / "gta/labels/2_labelTrainIds.png")
     with pytest.raises(ConfigError, match=r"2.png is 8x6 but its label .*2_labelTrainIds.png is 4x6"):
-        RealDataset("gta", "all", tmp_path)[1]
+        RealDataset("gta", "all", tmp_path).load(1)
     _write_pair(tmp_path, "gta/images/2.png", "gta/labels/2_labelTrainIds.png", values=(7, 26, 33))
     ds = RealDataset("gta", "all", tmp_path)
     with pytest.raises(ConfigError, match=r"values \[26, 33\] outside 0..18 and 255: not converted"):
-        ds[1]
+        ds.load(1)
     (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"not a png")
     with pytest.raises(ConfigError, match=r"cannot read .*2_labelTrainIds.png"):
-        ds[1]
-    skipping = RealDataset("gta", "all", tmp_path, on_bad="skip")
-    assert skipping[1]["name"] == "gta/1.png" and skipping.skipped == 1  # the next good one, counted
-    assert skipping[1]["skipped"] == 1 and skipping[0]["skipped"] == 0
+        ds.load(1)
+    skipping = Samples(RealDataset("gta", "all", tmp_path, on_bad="skip"), TestPipeline())
+    assert skipping[1]["name"] == "gta/1.png" and skipping[1]["skipped"] == 1  # the next good one, counted
+    assert skipping[0]["skipped"] == 0
+    left_out = Samples(RealDataset("gta", "all", tmp_path, on_bad="skip"), TestPipeline(), substitute=False)
+    assert left_out[1] == {"image": None, "label": None, "name": "gta/2.png", "skipped": 1}  # evaluation
 
 
 def test_skipped_samples_reach_the_callback_from_loader_workers(tmp_path):
@@ -123,10 +128,9 @@ def test_skipped_samples_reach_the_callback_from_loader_workers(tmp_path):
     for n in range(4):
         _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
     (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"broken")
-    ds = RealDataset("gta", "all", tmp_path, on_bad="skip")
+    ds = Samples(RealDataset("gta", "all", tmp_path, on_bad="skip"), TestPipeline())
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
-    batches = list(loader)
-    assert ds.skipped == 0  # the count happened in the worker process ...
+    batches = list(loader)  # counted in the worker process: each sample carries its count
 
     class Module:
         domains = ["gta"]
@@ -211,7 +215,6 @@ def test_evaluation_with_on_bad_skip_scores_each_readable_image_once(tmp_path):
                         test_pipeline=TestPipeline(), val_batch_size=2, num_workers=0, pin_memory=False)  # fmt: skip
     torch.manual_seed(0)
     m = make_method(FrozenBackbone)
-    dm.set_normalization(*m.backbone.normalization)
     out = tmp_path / "run"
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                callbacks=[IoUTables(out, console=False)]).validate(m, datamodule=dm)  # fmt: skip
@@ -220,7 +223,7 @@ def test_evaluation_with_on_bad_skip_scores_each_readable_image_once(tmp_path):
     m.eval()
     with torch.no_grad():
         for n in (0, 1, 3):
-            s = target[n]
+            s = dm.eval_samples["t"][n]
             pred = m.predict_logits(s["image"][None], s["label"].shape).argmax(1)[0].numpy()
             lab = s["label"].numpy()
             keep = lab != 255
@@ -244,7 +247,7 @@ def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
         _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
     (tmp_path / "gta/labels/3_labelTrainIds.png").write_bytes(b"broken")
     loader = torch.utils.data.DataLoader(
-        RealDataset("gta", "all", tmp_path), batch_size=1, num_workers=workers
+        Samples(RealDataset("gta", "all", tmp_path), TestPipeline()), batch_size=1, num_workers=workers
     )
     with pytest.raises(ConfigError) as e:
         list(loader)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from dgss.data.classes import CITYSCAPES_CLASSES
 from dgss.data.synthetic import DOMAINS, SOURCE_DOMAINS, TARGET_DOMAINS, SyntheticDomain, render_sample
@@ -49,11 +50,14 @@ def test_dataset_splits_are_disjoint_and_items_typed():
     train = SyntheticDomain("game", "train", length=4, height=32, width=64)
     val = SyntheticDomain("game", "val", length=4, height=32, width=64)
     assert len(train) == 4
-    item = train[0]
-    assert item["image"].shape == (3, 32, 64) and item["label"].shape == (32, 64)
-    assert not np.array_equal(item["label"].numpy(), val[0]["label"].numpy())
+    image, label = train.load(0)
+    assert (
+        image.shape == (3, 32, 64) and label.shape == (32, 64) and image.dtype == label.dtype == torch.uint8
+    )
+    assert not np.array_equal(label.numpy(), val.load(0)[1].numpy())
+    assert train.name(3) == "game/train/000003"
     with pytest.raises(IndexError):
-        train[4]
+        train.load(4)
 
 
 @pytest.mark.parametrize(

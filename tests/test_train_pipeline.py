@@ -1,6 +1,7 @@
 """The Rein train pipeline (scales, cat_max_ratio crop, photometric distortion, backbone normalisation) and
 DAFormer rare-class sampling."""
 
+import functools
 import math
 
 import numpy as np
@@ -13,7 +14,6 @@ from dgss.data.synthetic import SyntheticDomain
 from dgss.data.transforms import (
     CatMaxRatioCrop,
     PhotoMetricDistortion,
-    TestPipeline,
     TrainPipeline,
     shortest_edges,
 )
@@ -29,7 +29,7 @@ def test_rein_scales_in_every_real_data_config(compose_cfg):
             [f"data={name}"]
         ).data.train_pipeline  # composed: the shared data/_real.yaml included
         assert tp["scales"] == REIN_SCALES and tp["crop"] == [512, 512] and tp["cat_max_ratio"] == 0.75
-        assert tp["max_long_edge"] == 2048 and tp["flip"] == 0.5 and tp["photometric"] and tp["mean"] is None
+        assert tp["max_long_edge"] == 2048 and tp["flip"] == 0.5 and tp["photometric"]
     pipe = TrainPipeline(scales=REIN_SCALES, photometric=False)
     torch.manual_seed(0)
     seen = set()
@@ -68,11 +68,15 @@ def test_cat_max_ratio_retries_up_to_ten_crops():
     )
 
 
-def test_crop_pads_bottom_right_with_zero_and_ignore():
+def test_a_crop_of_a_small_image_stays_small_for_the_model_to_pad():
     img, lab = torch.full((3, 20, 25), 7, dtype=torch.uint8), torch.ones(20, 25, dtype=torch.long)
     out_img, out_lab = CatMaxRatioCrop((32, 32))(img, lab)
-    assert out_img.shape == (3, 32, 32) and (out_img[:, :20, :25] == 7).all() and (out_img[:, 20:] == 0).all()
-    assert (out_lab[:20, :25] == 1).all() and (out_lab[:, 25:] == 255).all() and (out_lab[20:] == 255).all()
+    assert torch.equal(out_img, img) and torch.equal(
+        out_lab, lab
+    )  # padding is the model's (after normalising)
+    big = torch.arange(40 * 50).view(40, 50) % 19
+    crop_img, crop_lab = CatMaxRatioCrop((32, 32), cat_max_ratio=1.0)(big[None].expand(3, -1, -1), big)
+    assert crop_img.shape == (3, 32, 32) and crop_lab.shape == (32, 32) and torch.equal(crop_img[0], crop_lab)
 
 
 def test_photometric_distortion_is_mmseg_like():
@@ -87,23 +91,32 @@ def test_photometric_distortion_is_mmseg_like():
     assert max(diffs) > 25 and min(diffs) < -25  # brightness ±32 and contrast 0.5-1.5 reach that far
 
 
-def test_normalisation_comes_from_the_backbone_unless_set():
+def test_the_model_normalises_with_its_backbones_mean_and_std_unless_set():
+    """The data hands out uint8; the method normalises with its backbone's pretrained mean / std (CLIP's for CLIP),
+    or the backbone's ``mean`` / ``std`` when set (Rein's ImageNet values for every backbone)."""
+    from test_methods import make_method
+
+    from dgss.methods.full import FullFineTune
+    from dgss.models.backbone import Backbone
+    from dgss.models.heads.light import LightHead
+
     clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    src = SyntheticDomain("game", "train", 4, 32, 32)
-    tgt = SyntheticDomain("photo", "val", 2, 32, 32)
-    fixed = TestPipeline(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    dm = DGSSDataModule(
-        {"g": src}, {"p": tgt}, TrainPipeline(crop=(32, 32), photometric=False, flip=0), fixed
-    )
-    dm.set_normalization(*clip)
-    assert dm.train_pipeline.mean == clip[0] and dm.train_pipeline.std == clip[1]
-    assert tgt.transform.mean == (0.5, 0.5, 0.5)  # set in the config: kept
-    x = src[0]["image"]
-    want = (
-        SyntheticDomain("game", "train", 4, 32, 32)[0]["image"].float() / 255
-        - torch.tensor(clip[0])[:, None, None]
-    )
-    assert torch.allclose(x, want / torch.tensor(clip[1])[:, None, None], atol=1e-5)
+    assert Backbone("vit_large_patch14_clip_224.openai", tiny=True, img_size=28).normalization == clip
+    x = SyntheticDomain("game", "train", 4, 32, 32).load(0)[0]
+    m = make_method(FullFineTune)
+    imagenet = m.backbone.normalization
+    want = (x.float() / 255 - torch.tensor(imagenet[0])[:, None, None]) / torch.tensor(imagenet[1])[
+        :, None, None
+    ]
+    assert torch.allclose(m.normalize(x), want, atol=1e-5)
+    half = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                    model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    m2 = FullFineTune(half, functools.partial(LightHead, channels=8), num_classes=19)
+    assert torch.allclose(m2.normalize(x), x.float() / 127.5 - 1, atol=1e-5)
+    with pytest.raises(TypeError, match="the model takes uint8 RGB images"):
+        m2.normalize(x.float())
+    with pytest.raises(ConfigError, match=r"backbone.mean=\(0.5,\) and backbone.std=None: give both"):
+        Backbone("vit_small_patch14_reg4_dinov2", tiny=True, mean=(0.5,))
 
 
 def test_rare_class_sampling_probabilities_images_and_cache(tmp_path, monkeypatch):
@@ -137,12 +150,13 @@ def test_rare_class_sampling_in_the_datamodule_prefers_crops_with_the_class(tmp_
     loader = dm.train_dataloader()
     pairs = [draw.item for draw in loader.sampler]  # (index, class), each with its augmentation seed
     assert all(isinstance(p, tuple) and len(p) == 2 for p in pairs)
-    held = [int((src[p]["label"] == p[1]).sum()) for p in pairs]
+    samples = dm.train_samples["g"]
+    held = [int((samples[p]["label"] == p[1]).sum()) for p in pairs]
     torch.manual_seed(0)
-    plain = [int((src[p[0]]["label"] == p[1]).sum()) for p in pairs]
+    plain = [int((samples[p[0]]["label"] == p[1]).sum()) for p in pairs]
     assert np.mean([h >= 30 for h in held]) > np.mean([h >= 30 for h in plain]) + 0.2
     batch = next(iter(loader))
-    assert batch["image"].shape == (4, 3, 24, 24)
+    assert len(batch["image"]) == 4 and all(x.shape == (3, 24, 24) for x in batch["image"])
     with pytest.raises(ConfigError, match="rare_class_sampling and data.source_weights both set"):
         DGSSDataModule(
             {"g": src}, {"v": src}, source_weights={"g": 1.0}, rare_class_sampling={"temperature": 0.01}

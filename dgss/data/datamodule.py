@@ -30,8 +30,10 @@ from torch.utils.data import (
 
 from dgss.compat import UnrepeatedDistributedSampler, batches_done
 from dgss.data.classes import ClassSet
+from dgss.data.protocols import TestSized
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
-from dgss.data.resumable import Draw, SeededSampler, SkipSampler, seeded
+from dgss.data.resumable import Draw, SeededSampler, SkipSampler
+from dgss.data.samples import Samples
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.errors import ConfigError
 
@@ -39,16 +41,24 @@ log = logging.getLogger("dgss.data")
 
 
 class _Sources(ConcatDataset):
-    """The concatenated sources. An item is a ``Draw(item, seed)`` (augmented under that seed) or a bare item; the
-    item may carry a preferred class from rare-class sampling: (index, class)."""
+    """The concatenated sources' samples. A sampler's item is a ``Draw(item, seed)`` or a bare item, and the item an
+    index or (index, preferred class) from rare-class sampling: mapped to the source's own index, the rest passed
+    on to its :class:`Samples` wrapper."""
 
     def __getitem__(self, i):
         item, seed = (i.item, i.seed) if isinstance(i, Draw) else (i, None)
         index, prefer = split_index(item)
         d = bisect.bisect_right(self.cumulative_sizes, index)
         local = index - (self.cumulative_sizes[d - 1] if d else 0)
-        with seeded(seed):
-            return self.datasets[d][local if prefer is None else (local, prefer)]
+        local = local if prefer is None else (local, prefer)
+        return self.datasets[d][local if seed is None else Draw(local, seed)]
+
+
+def collate_train(samples: list[dict]) -> dict:
+    """Training samples as lists (crops of images smaller than the crop size are smaller; the method pads them after
+    normalising), ``skipped`` as one count per sample."""
+    return {"image": [s["image"] for s in samples], "label": [s["label"] for s in samples],
+            "name": [s["name"] for s in samples], "skipped": torch.tensor([int(s["skipped"]) for s in samples])}  # fmt: skip
 
 
 def collate_eval(samples: list[dict]) -> dict:
@@ -65,8 +75,10 @@ def collate_eval(samples: list[dict]) -> dict:
 class DGSSDataModule(pl.LightningDataModule):
     """
     Args:
-        sources: name -> training data set (each gets ``train_pipeline`` as its ``transform``).
-        targets: name -> evaluation data set (each gets ``test_pipeline``, or its own ``test_size``).
+        sources: name -> training data set (a ``dgss.data.samples.SegmentationData``; its samples transformed by
+            ``train_pipeline``).
+        targets: name -> evaluation data set (transformed by ``test_pipeline``, at the data set's own ``test_size``
+            where it has one). The DataModule hands out uint8 images and labels: the method normalises and pads.
         source_weights: name -> sampling weight; ``None`` samples images uniformly over the concatenation.
         exclude_from_mean: targets that are evaluated and logged but not part of ``val/mean_mIoU``
             (e.g. the source's own validation split).
@@ -117,13 +129,9 @@ class DGSSDataModule(pl.LightningDataModule):
         self.exclude_from_mean = list(exclude_from_mean)
         self.train_pipeline = train_pipeline or TrainPipeline()
         self.test_pipeline = test_pipeline or TestPipeline()
-        for ds in self.sources.values():
-            ds.transform = self.train_pipeline
-        for ds in self.targets.values():
-            if hasattr(ds, "substitute"):  # an unreadable evaluation image is left out, not replaced
-                ds.substitute = False
-            size = getattr(ds, "test_size", None)  # a data set's own test resolution wins
-            ds.transform = self.test_pipeline.with_size(size) if size else self.test_pipeline
+        self.train_samples = {n: Samples(ds, self.train_pipeline) for n, ds in self.sources.items()}
+        self.eval_samples = {n: Samples(ds, self._test_pipeline(ds), substitute=False)  # unreadable: left out
+                             for n, ds in self.targets.items()}  # fmt: skip
         self.classes = ClassSet.build(num_classes, class_names, palette)
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
@@ -142,12 +150,13 @@ class DGSSDataModule(pl.LightningDataModule):
         self._train_sampler: SkipSampler | None = None
         self._resume_state: dict | None = None
 
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Normalise with the backbone's pretrained mean / std wherever the config left them unset."""
-        pipes = [self.train_pipeline, self.test_pipeline, *(ds.transform for ds in self.targets.values())]
-        for pipe in pipes:
-            if getattr(pipe, "auto_norm", False):
-                pipe.set_normalization(mean, std)
+    def _test_pipeline(self, ds) -> TestPipeline:
+        size = ds.test_size if isinstance(ds, TestSized) else None  # a data set's own test resolution wins
+        return self.test_pipeline.with_size(size) if size else self.test_pipeline
+
+    def test_size(self, target: str) -> tuple[int, int] | None:
+        """The (long, short) size target ``target``'s images are fitted into, or None (native)."""
+        return self.eval_samples[target].transform.size
 
     # ------------------------------------------------------------------------------- naming
     @property
@@ -173,7 +182,7 @@ class DGSSDataModule(pl.LightningDataModule):
         if not self.sources:
             raise ConfigError("data.sources is empty; name at least one training data set")
         names = list(self.sources)
-        data = _Sources([self.sources[n] for n in names])
+        data = _Sources([self.train_samples[n] for n in names])
         # the same seed on every rank: all ranks draw one order and each takes its own share; `gen` is re-seeded
         # at the start of every pass from the stream's own generator (dgss.data.resumable)
         gen = torch.Generator()
@@ -200,7 +209,7 @@ class DGSSDataModule(pl.LightningDataModule):
         if self._resume_state is not None:
             self._train_sampler.load_state_dict(self._resume_state)
             self._resume_state = None
-        return DataLoader(data, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True,
+        return DataLoader(data, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True, collate_fn=collate_train,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, generator=self._loader_generator(),
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
@@ -225,7 +234,7 @@ class DGSSDataModule(pl.LightningDataModule):
         if self._rcs_sampler is None:
             cfg = self.rare_class_sampling
             counts = np.concatenate([
-                class_pixel_counts(ds, self.num_classes, cfg.get("cache_dir"), self.num_workers) for ds in data.datasets
+                class_pixel_counts(ds, self.num_classes, cfg.get("cache_dir"), self.num_workers) for ds in self.sources.values()
             ])  # fmt: skip
             self._rcs_sampler = RareClassSampler(
                 counts, cfg.get("temperature", 0.01), cfg.get("min_pixels", 3000)
@@ -246,6 +255,6 @@ class DGSSDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(ds) for ds in self.targets.values()]
+        return [self._eval_loader(ds) for ds in self.eval_samples.values()]
 
     test_dataloader = val_dataloader

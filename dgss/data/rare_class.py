@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dgss.data.protocols import LabelsOnly
 from dgss.errors import ConfigError
 from dgss.io import atomic_path
 
@@ -39,13 +40,13 @@ def class_pixel_counts(
     ds, num_classes: int, cache_dir: str | Path | None = None, num_workers: int = 0
 ) -> np.ndarray:
     """(len(ds), num_classes) int64 pixel counts of each class in each training label."""
-    if not hasattr(ds, "read_label"):
+    if not isinstance(ds, LabelsOnly):
         raise ConfigError(
-            f"rare-class sampling needs labels without images: {type(ds).__name__} has no read_label()"
+            f"rare-class sampling needs labels without images: {type(ds).__name__} has no read_label() / cache_key"
         )
     path = None
-    key = getattr(ds, "cache_key", None)
-    if cache_dir is not None and key is not None:
+    key = ds.cache_key
+    if cache_dir is not None:
         digest = hashlib.sha256(f"{key}|{num_classes}".encode()).hexdigest()[:16]
         path = Path(cache_dir).expanduser() / f"class_pixels_{digest}.npy"
         if path.is_file():

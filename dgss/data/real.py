@@ -3,8 +3,8 @@
 One root (``DGSS_DATA_ROOT`` or ``paths.data_dir``) holds every data set under its own folder. Labels are read as
 converted trainId PNGs (0..18, 255 = ignore). Pairs are indexed once at construction: a missing root or split is a
 one-line error naming the expected layout; at read time an unreadable file, an image / label size mismatch or a label
-value outside {0..K−1, 255} is an error naming the file — or, with ``on_bad="skip"``, the sample is replaced by the
-next good one and counted in ``skipped`` (never silently other data: the count is logged by the caller).
+value outside {0..K−1, 255} is an error naming the file; with ``on_bad="skip"`` the loaders' wrapper
+(``dgss.data.samples.Samples``) skips and counts it instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from dgss.data.classes import IGNORE_INDEX
-from dgss.data.rare_class import split_index
 from dgss.errors import ConfigError
 
 
@@ -133,8 +132,8 @@ def _read(path: Path, mode: str) -> np.ndarray:
         ) from None
 
 
-class RealDataset(torch.utils.data.Dataset):
-    """One split of a real data set.
+class RealDataset:
+    """One split of a real data set (a ``dgss.data.protocols.SegmentationData``).
 
     Args:
         dataset: gta | synthia | cityscapes | bdd100k | mapillary | acdc.
@@ -143,15 +142,14 @@ class RealDataset(torch.utils.data.Dataset):
         root: the data root.
         num_classes: label values must lie in 0..num_classes−1 or be 255.
         on_bad: ``error`` (default) or ``skip``: a training sample is replaced by the next good one, an evaluation
-            sample (``substitute = False``, set by the DataModule for targets) is left out; either way counted in
-            ``skipped``, so an evaluation scores every readable image once and no image twice.
+            sample is left out; either way counted (``dgss.data.samples.Samples``), so an evaluation scores every
+            readable image once and no image twice.
         test_size: (long, short) the image is resized to fit at evaluation (Rein protocol: Cityscapes 1024×512,
             BDD100K 1280×720); the label keeps its full resolution. ``None``: the DataModule's test pipeline.
-        transform: ``transform(image, label)`` on uint8 CHW / HW tensors.
     """
 
     def __init__(self, dataset: str, split: str, root: str | Path, num_classes: int = 19, on_bad: str = "error",
-                 test_size: tuple[int, int] | None = None, transform=None):  # fmt: skip
+                 test_size: tuple[int, int] | None = None):  # fmt: skip
         if dataset not in LAYOUTS:
             raise ConfigError(f"dataset={dataset!r} is not known; choose one of {', '.join(LAYOUTS)}")
         if split not in LAYOUTS[dataset]:
@@ -162,10 +160,8 @@ class RealDataset(torch.utils.data.Dataset):
             raise ConfigError(f"on_bad={on_bad!r}; choose error or skip")
         self.dataset, self.split, self.root = dataset, split, Path(root).expanduser()
         self.layout = LAYOUTS[dataset][split]
-        self.num_classes, self.on_bad, self.transform = num_classes, on_bad, transform
+        self.num_classes, self.on_bad = num_classes, on_bad
         self.test_size = tuple(test_size) if test_size else None
-        self.skipped = 0
-        self.substitute = True
         expected = self.layout.describe(self.root)
         if not self.root.is_dir():
             raise ConfigError(
@@ -190,7 +186,14 @@ class RealDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 (3, H, W), label uint8 (H, W)), checked."""
+        image, label = self.load_arrays(i)
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(
+            label
+        )  # channels-last view: faster resize
+
+    def load_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image HWC uint8, label HW uint8), checked."""
         img_path, lab_path = self.pairs[i]
         image, label = _read(img_path, "RGB"), _read(lab_path, "L")
@@ -209,6 +212,9 @@ class RealDataset(torch.utils.data.Dataset):
                     f"0..{self.num_classes - 1} and {IGNORE_INDEX}: not converted to trainIds?"
                 )
         return image, label.astype(np.uint8)
+
+    def name(self, i: int) -> str:
+        return f"{self.dataset}/{self.pairs[i][0].name}"
 
     def _subset(self, images: list[Path]) -> list[Path]:
         from scipy.io import loadmat
@@ -234,25 +240,3 @@ class RealDataset(torch.utils.data.Dataset):
     def cache_key(self) -> str:
         files = "\n".join(str(p[1].relative_to(self.root)) for p in self.pairs)
         return f"{self.dataset}/{self.split}/{len(self.pairs)}/{hashlib.sha256(files.encode()).hexdigest()}"
-
-    def __getitem__(self, i) -> dict:
-        i, prefer = split_index(i)
-        for k in range(len(self)):
-            j = (i + k) % len(self)
-            try:
-                image, label = self.load(j)
-                break
-            except ConfigError:
-                if self.on_bad == "error":
-                    raise
-                self.skipped += 1  # in this process (a loader worker); each sample also carries its own count
-                if not self.substitute:  # evaluation: left out (collate_eval drops it), never another image
-                    return {"image": None, "label": None, "name": f"{self.dataset}/{self.pairs[j][0].name}",
-                            "skipped": 1}  # fmt: skip
-        else:
-            raise ConfigError(f"{self.dataset} split {self.split!r}: no readable sample (on_bad=skip)")
-        img = torch.from_numpy(image).permute(2, 0, 1)  # channels-last view: the resize is faster on it
-        lab = torch.from_numpy(label)
-        if self.transform is not None:
-            img, lab = self.transform(img, lab) if prefer is None else self.transform(img, lab, prefer)
-        return {"image": img, "label": lab, "name": f"{self.dataset}/{self.pairs[j][0].name}", "skipped": k}

@@ -24,7 +24,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from dgss.data.classes import CITYSCAPES_CLASSES
-from dgss.data.rare_class import split_index
 from dgss.errors import ConfigError
 
 C = {name: i for i, name in enumerate(CITYSCAPES_CLASSES)}
@@ -571,15 +570,18 @@ def render_sample(
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-class SyntheticDomain(torch.utils.data.Dataset):
-    """``length`` samples of one embedded domain at ``height`` x ``width``, rendered on the fly.
+class SyntheticDomain:
+    """``length`` samples of one embedded domain at ``height`` x ``width``, rendered on the fly (a
+    ``dgss.data.samples.SegmentationData``).
 
     ``split`` selects a disjoint index range (train / val / test), so validation scenes are never trained on;
     the same (split, index) has the same layout in every domain.
     """
 
+    on_bad = "error"  # rendered, never unreadable
+
     def __init__(self, domain: str, split: str = "train", length: int = 1000, height: int = 256, width: int = 512,
-                 seed: int = 0, transform=None):  # fmt: skip
+                 seed: int = 0):  # fmt: skip
         if domain not in DOMAINS:
             raise ConfigError(
                 f"synthetic domain={domain!r} does not exist; choose one of {', '.join(DOMAINS)}"
@@ -592,7 +594,6 @@ class SyntheticDomain(torch.utils.data.Dataset):
             )
         self.domain, self.split, self.length = domain, split, int(length)
         self.height, self.width, self.seed = int(height), int(width), int(seed)
-        self.transform = transform
 
     def __len__(self) -> int:
         return self.length
@@ -606,19 +607,14 @@ class SyntheticDomain(torch.utils.data.Dataset):
     def cache_key(self) -> str:
         return f"synthetic/{self.domain}/{self.split}/{self.length}/{self.height}x{self.width}/{self.seed}"
 
-    def __getitem__(self, i) -> dict:
-        i, prefer = split_index(i)
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image uint8 (3, H, W) and trainId label uint8 (H, W) of scene ``i`` (rendered, deterministic)."""
         if not 0 <= i < self.length:
             raise IndexError(i)
         img, lab = render_sample(
             self.domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed
         )
-        image, label = (
-            torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
-            torch.from_numpy(np.array(lab)),
-        )
-        if self.transform is not None:
-            image, label = (
-                self.transform(image, label) if prefer is None else self.transform(image, label, prefer)
-            )
-        return {"image": image, "label": label, "name": f"{self.domain}/{self.split}/{i:06d}", "skipped": 0}
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), torch.from_numpy(np.array(lab))
+
+    def name(self, i: int) -> str:
+        return f"{self.domain}/{self.split}/{i:06d}"

@@ -1,8 +1,9 @@
-"""Train and test pipelines on torchvision.transforms.v2 (image and label transformed together).
+"""Train and test pipelines on torchvision.transforms.v2 (image and label transformed together), uint8 in and out.
 
 Train (Rein's 512 recipe, data spec §5): random shortest edge from a list (long edge capped), random crop with
-``cat_max_ratio`` padded with image 0 / label 255, horizontal flip, mmseg's photometric distortion, normalisation
-(the backbone's pretrained mean / std unless set).
+``cat_max_ratio``, horizontal flip, mmseg's photometric distortion. A crop of an image smaller than the crop size
+stays smaller: the model pads the batch, after normalising (``SegmentationMethod.prepare_batch``, as mmseg's
+``SegDataPreProcessor``), so padding never enters the flip or the photometric distortion.
 Test: keep-ratio resize of the image only to fit ``size`` (long, short); the label keeps its original
 resolution, and logits are upsampled to it (Rein protocol, data spec §4).
 """
@@ -20,9 +21,6 @@ from torchvision.transforms import v2
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def shortest_edges(short_edge: Sequence[int], num_scales: int) -> list[int]:
     """``num_scales`` evenly spaced shortest edges from ``short_edge`` = [low, high] (ints, truncated)."""
@@ -36,7 +34,7 @@ def shortest_edges(short_edge: Sequence[int], num_scales: int) -> list[int]:
 class CatMaxRatioCrop:
     """mmseg's ``RandomCrop`` with ``cat_max_ratio``: up to ``tries`` random crops until one has more than one class
     and none covering ``cat_max_ratio`` or more of its labelled pixels; after ``tries`` failures one more crop,
-    unchecked (as mmseg). Then pad bottom/right to the crop size (image 0, label 255).
+    unchecked (as mmseg). An image smaller than the crop gives a smaller crop (the model pads it).
 
     With ``prefer`` (rare-class sampling) the rule is instead: the first crop holding ≥ ``min_prefer_pixels`` of
     that class, else the try that held most of it.
@@ -82,12 +80,7 @@ class CatMaxRatioCrop:
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
         box = self.choose(label, prefer)
-        image, label = self._crop(image, box), self._crop(label, box)
-        ph, pw = self.size[0] - image.shape[-2], self.size[1] - image.shape[-1]
-        if ph or pw:
-            image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0)
-            label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
-        return image, label
+        return self._crop(image, box), self._crop(label, box)
 
 
 class PhotoMetricDistortion:
@@ -144,25 +137,14 @@ class PhotoMetricDistortion:
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
 
 
-class _Normalized:
-    """``mean`` / ``std`` (RGB in [0, 1]) and the uint8 -> float normalisation built from them."""
-
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        )
-
-
-class TrainPipeline(_Normalized):
+class TrainPipeline:
     """Rein's 512 recipe by default: a random shortest edge from ``scales`` (long edge ≤ ``max_long_edge``),
-    a ``crop`` with ``cat_max_ratio``, horizontal flip, photometric distortion, normalisation.
+    a ``crop`` with ``cat_max_ratio``, horizontal flip, photometric distortion; uint8 image and label out.
 
     Args:
         scales: the shortest edges to draw from (Rein: int(512·k·0.1), k = 5..20); or ``short_edge`` = [low, high]
             with ``num_scales`` evenly spaced values; neither = no resize.
-        mean / std: RGB in [0, 1]; ``None`` = the backbone's pretrained config (set by the DataModule), ImageNet
-            until then.
+        crop: [height, width]; the model pads smaller crops to it (``SegmentationMethod.prepare_batch``).
     """
 
     def __init__(
@@ -175,8 +157,6 @@ class TrainPipeline(_Normalized):
         cat_max_ratio: float = 0.75,
         flip: float = 0.5,
         photometric: bool = True,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         min_prefer_pixels: int = 1500,
     ):
         crop = (int(crop), int(crop)) if isinstance(crop, int) else tuple(int(c) for c in crop)
@@ -199,8 +179,6 @@ class TrainPipeline(_Normalized):
         self.cropper = CatMaxRatioCrop(crop, cat_max_ratio, min_prefer_pixels=min_prefer_pixels)
         self.flip = float(flip)
         self.photometric = PhotoMetricDistortion() if photometric else None
-        self.auto_norm = mean is None
-        self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
         if self.resize is not None:
@@ -211,29 +189,24 @@ class TrainPipeline(_Normalized):
             image, label = image.flip(-1), label.flip(-1)
         if self.photometric is not None:
             image = self.photometric(image)
-        return self.normalize(image).contiguous(), label.long()
+        return image.contiguous(), label.contiguous()
 
 
-class TestPipeline(_Normalized):
-    """Resize the image (keep ratio) to fit ``size`` = (long, short) — or leave it — and normalise."""
+class TestPipeline:
+    """Resize the image (keep ratio) to fit ``size`` = (long, short), or leave it; the label keeps its resolution."""
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, size: Sequence[int] | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):  # fmt: skip
+    def __init__(self, size: Sequence[int] | None = None):
         self.size = tuple(size) if size is not None else None
-        self.auto_norm = mean is None
-        self.set_normalization(mean or IMAGENET_MEAN, std or IMAGENET_STD)
 
     def with_size(self, size: Sequence[int]) -> TestPipeline:
-        other = TestPipeline(size, self.mean, self.std)
-        other.auto_norm = self.auto_norm
-        return other
+        return TestPipeline(size)
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
         if self.size is not None:
             h, w = image.shape[-2:]
             long_t, short_t = max(self.size), min(self.size)
             scale = min(long_t / max(h, w), short_t / min(h, w))
             image = v2.functional.resize(image, [round(h * scale), round(w * scale)], antialias=True)
-        return self.normalize(image).contiguous(), label.long()
+        return image.contiguous(), label

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -36,6 +37,7 @@ from dgss.checkpoint import (
     strip_reattachable,
 )
 from dgss.compat import grad_norm
+from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
@@ -154,6 +156,12 @@ class SegmentationMethod(pl.LightningModule):
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
         self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
         self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
+        mean, std = backbone.normalization
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1) * 255, persistent=False)
+        self.train_crop: tuple[int, int] | None = (
+            None  # the DataModule's (setup); else a batch pads to its largest
+        )
         self._frozen: list[nn.Module] = []  # eval mode (freeze)
         self._adopted: list[nn.Module] = []  # the trainer's mode, inside frozen modules (adopt)
         self._built = False
@@ -188,15 +196,39 @@ class SegmentationMethod(pl.LightningModule):
             m.train(mode)
         return self
 
+    # ---------------------------------------------------------------------------------- input
+    # The model owns its input (as mmseg's SegDataPreProcessor): the data hands out uint8 images and labels; the
+    # method normalises with its backbone's mean / std, then pads a training batch to the crop size.
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB images (..., 3, H, W) -> float32 normalised with the backbone's mean / std."""
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"the model takes uint8 RGB images and normalises them itself; got {images.dtype}"
+            )
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch as the model takes it: every uint8 image normalised, then images and labels padded
+        bottom / right to the training crop (image 0, label 255; mmseg's order, so padding never enters the flip or
+        the photometric distortion) and stacked; labels as int64."""
+        images, labels = list(batch["image"]), list(batch["label"])
+        h, w = self.train_crop or (max(x.shape[-2] for x in images), max(x.shape[-1] for x in images))
+        x = torch.stack([F.pad(self.normalize(im), (0, w - im.shape[-1], 0, h - im.shape[-2]), value=0.0)
+                         for im in images])  # fmt: skip
+        y = torch.stack([F.pad(lab.long(), (0, w - lab.shape[-1], 0, h - lab.shape[-2]), value=IGNORE_INDEX)
+                         for lab in labels])  # fmt: skip
+        return x, y
+
     # -------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> Any:
+        """Normalised float images -> the head's outputs."""
         return self.head(self.backbone(images))
 
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> logits at ``out_size``, with the method's inference setting."""
         fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731
-        return inference.predict(
-            fn, images, out_size, self.backbone.patch_size, **asdict(self.inference_options)
-        )
+        return inference.predict(fn, self.normalize(images), out_size, self.backbone.patch_size,
+                                 **asdict(self.inference_options))  # fmt: skip
 
     # ---------------------------------------------------------------------------------- steps
     def running_buffers(self) -> list[torch.Tensor]:
@@ -271,14 +303,15 @@ class SegmentationMethod(pl.LightningModule):
         if self._skip_window:  # an earlier micro-batch of this accumulation window was non-finite
             return None
         self.save_buffers()
-        losses = self.head.loss(self(batch["image"]), batch["label"])
+        images, labels = self.prepare_batch(batch)
+        losses = self.head.loss(self(images), labels)
         loss = sum(losses.values())
         if not self.step_is_finite(loss):
             # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
             return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if len(losses) > 1:
-            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch["image"].shape[0])
+            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         return loss
 
     def setup(self, stage: str) -> None:
@@ -290,12 +323,13 @@ class SegmentationMethod(pl.LightningModule):
                 f"the data has {dm.num_classes} classes but the model was built for num_classes={self.num_classes}; "
                 f"set num_classes={dm.num_classes} (or use data with {self.num_classes} classes)"
             )
-        crop = getattr(dm.train_pipeline, "crop", None)
-        if stage == "fit" and crop and any(c % self.backbone.patch_size for c in crop):
+        crop = dm.train_pipeline.crop
+        if stage == "fit" and any(c % self.backbone.patch_size for c in crop):
             raise ConfigError(
                 f"the training crop {list(crop)} is not a multiple of the backbone's patch size "
                 f"{self.backbone.patch_size}; change data.train_pipeline.crop"
             )
+        self.train_crop = tuple(crop)
         self.domains = list(dm.target_names)
         self.mean_domains = list(dm.mean_targets)
         self.val_iou = DomainIoU(self.domains, self.num_classes).to(self.device)

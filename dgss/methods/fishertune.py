@@ -377,9 +377,8 @@ class FisherTune(SegmentationMethod):
         return (f.window is None or r - t < f.window) and (r - t) % f.interval == 0
 
     # ------------------------------------------------------------------------------------ steps
-    def _loss(self, batch: dict) -> torch.Tensor:
-        losses = self.head.loss(self(batch["image"]), batch["label"])
-        return sum(losses.values())
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.head.loss(self(images), labels).values())
 
     def _start_growth(self) -> None:
         """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
@@ -435,14 +434,14 @@ class FisherTune(SegmentationMethod):
         return None
 
     def _perturbed_pass(
-        self, batch: dict, t: int, weight: float, with_head: bool
+        self, images: torch.Tensor, labels: torch.Tensor, t: int, weight: float, with_head: bool
     ) -> tuple[dict, torch.Tensor] | None:
         """Gradients of the loss on x′ (parameter -> gradient), by autograd.grad: one backward per DDP forward
         stays the clean pass's, so DDP's reducer syncs exactly that one. Also the perturbation's magnitudes; both
         enter the statistics only once the clean pass is finite too (a skipped step leaves no trace)."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         with self.perturbation.active(seed=seed):
-            loss_p = self._loss(batch)
+            loss_p = self._loss(images, labels)
         if not self.step_is_finite(loss_p):
             return None  # nothing enters the statistics; the step is skipped
         params = [p for p in self.candidates.values() if p.requires_grad]
@@ -487,13 +486,14 @@ class FisherTune(SegmentationMethod):
         aug = stats and self.options.perturb.train_aug
         w = 0.5 if aug else 1.0
         self.save_buffers()
+        images, labels = self.prepare_batch(batch)
         perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
         if stats:
-            result = self._perturbed_pass(batch, t, w, with_head=aug)
+            result = self._perturbed_pass(images, labels, t, w, with_head=aug)
             if result is None:
                 return self._skip_step(opt, sched)
             perturbed, mag = result
-        loss = self._loss(batch)
+        loss = self._loss(images, labels)
         if not self.step_is_finite(loss):
             return self._skip_step(opt, sched)
         self.manual_backward(loss * w)
@@ -527,7 +527,7 @@ class FisherTune(SegmentationMethod):
         sched.step()
         if growing and t >= s.growth_end:
             self._finalize()
-        bs = batch["image"].shape[0]
+        bs = len(images)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         n = self.selected_opt.num_selected()
         self.log_dict({"fishertune/selected": float(n), "fishertune/selected_fraction": n / self.n_base,

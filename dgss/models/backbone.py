@@ -142,6 +142,8 @@ class Backbone(nn.Module):
         final_norm: apply the model's final norm to the features (Rein: off).
         grad_checkpointing: recompute block activations in backward.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``patch_size``, ``drop_path_rate``).
+        mean / std: the input normalisation (RGB in [0, 1]); ``None`` = timm's pretrained config of ``name`` (Rein
+            normalises every backbone with ImageNet's: set them to reproduce that for CLIP / EVA02).
     """
 
     def __init__(
@@ -154,8 +156,16 @@ class Backbone(nn.Module):
         final_norm: bool = False,
         grad_checkpointing: bool = False,
         model_kwargs: dict | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
+        if (mean is None) != (std is None) or any(len(v) != 3 for v in (mean, std) if v is not None):
+            raise ConfigError(
+                f"backbone.mean={mean} and backbone.std={std}: give both (RGB in [0, 1]) or neither"
+            )
+        self.mean = tuple(float(v) for v in mean) if mean is not None else None
+        self.std = tuple(float(v) for v in std) if std is not None else None
         arch = name.split(".")[0]
         if arch not in timm.list_models() and not timm.list_models(arch):
             valid = supported_models()
@@ -223,7 +233,10 @@ class Backbone(nn.Module):
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) of RGB in [0, 1] from timm's pretrained config of ``name`` (CLIP / EVA02: the CLIP values)."""
+        """(mean, std) of RGB in [0, 1] the model expects: ``mean`` / ``std`` if given, else timm's pretrained config
+        of ``name`` (ImageNet for DINOv2 / SAM, the CLIP values for CLIP / EVA02)."""
+        if self.mean is not None:
+            return self.mean, self.std
         cfg = timm.get_pretrained_cfg(self.name)
         cfg = cfg.to_dict() if cfg is not None else self.model.pretrained_cfg
         return tuple(cfg["mean"]), tuple(cfg["std"])
