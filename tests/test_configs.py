@@ -1,6 +1,10 @@
-"""Every config composes and instantiates; every method and experiment runs with the tiny override."""
+"""Every config composes to what its name promises and instantiates; every method on every backbone family trains
+exactly its own parameters; config-level options (precision, callbacks, sweeps, run folders) do what they say."""
+
+import math
 
 import hydra
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import config_names
@@ -53,9 +57,23 @@ def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
 
 
 def test_default_groups_instantiate(compose_cfg):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from dgss.callbacks import IoUTables, SkippedSamples, StepProgressBar, WandbMedia
+    from dgss.checkpoint import StepCheckpoint
+    from dgss.preemption import Preemption
+
     cfg = compose_cfg(["logger=many", "trainer=cpu"])
-    # best + periodic checkpoints, preemption, IoU tables, skipped samples, media, lr, bar
-    assert len(instantiate_group(cfg.callbacks)) == 8
+    callbacks = instantiate_group(cfg.callbacks)
+    assert sorted(type(c).__name__ for c in callbacks) == sorted(
+        t.__name__ for t in (ModelCheckpoint, StepCheckpoint, Preemption, IoUTables, SkippedSamples, WandbMedia,
+                             LearningRateMonitor, StepProgressBar))  # fmt: skip
+    best = next(c for c in callbacks if type(c) is ModelCheckpoint)
+    assert (best.monitor, best.mode, best.save_top_k) == ("val/mean_mIoU", "max", 1)
+    periodic = next(c for c in callbacks if isinstance(c, StepCheckpoint))
+    assert periodic.save_last and periodic.dirpath == best.dirpath
+    minimal = instantiate_group(compose_cfg(["callbacks=minimal"]).callbacks)
+    assert {type(c) for c in minimal} == {IoUTables, SkippedSamples, StepProgressBar}
     assert {type(x).__name__ for x in instantiate_group(cfg.logger)} == {
         "CSVLogger",
         "WandbLogger",
@@ -63,19 +81,88 @@ def test_default_groups_instantiate(compose_cfg):
     }
 
 
-@pytest.mark.parametrize("method", config_names("method"))
-def test_every_method_runs_one_step(compose_cfg, method):
-    cfg = compose_cfg([f"method={method}", "debug=tiny", *FAST])
-    metrics = train(cfg)
-    assert "val/mean_mIoU" in metrics and "train/loss" in metrics
+# ------------------------------------------------------------------------------ every experiment config
+SETTINGS = {  # folder -> (sources, targets in the mean): the DGSS protocols of the papers
+    "gta2cbm": (["gta"], ["cityscapes", "bdd100k", "mapillary"]),
+    "gtasyn2cbm": (["gta", "synthia"], ["cityscapes", "bdd100k", "mapillary"]),
+    "cs2bm": (["cityscapes"], ["bdd100k", "mapillary"]),
+    "cs2acdc": (["cityscapes"], ["fog", "night", "rain", "snow"]),
+}
+METHODS = {"full": "FullFineTune", "frozen": "FrozenBackbone", "rein": "Rein", "fishertune": "FisherTune",
+           "lora": "LoRA", "adaptformer": "AdaptFormer", "vpt": "VPT", "cobot_lora": "Cobot",
+           "cobot_adaptformer": "Cobot"}  # fmt: skip
+BACKBONES = {"dinov2_l": "vit_large_patch14_dinov2.lvd142m", "eva02_l": "eva02_large_patch14_224.mim_m38m",
+             "clip_l": "vit_large_patch14_clip_224.openai", "samvit_h": "samvit_huge_patch16.sa1b"}  # fmt: skip
 
 
-@pytest.mark.parametrize("experiment", config_names("experiment"))
-def test_every_experiment_runs_tiny(compose_cfg, experiment):
-    cfg = compose_cfg([f"experiment={experiment}", "debug=tiny", *FAST])
-    assert cfg.backbone.tiny and cfg.backbone.weights is None and cfg.trainer.accelerator == "cpu"
-    metrics = train(cfg)
-    assert "val/mean_mIoU" in metrics
+@pytest.mark.parametrize("experiment", [e for e in config_names("experiment") if "/" in e])
+def test_every_paper_experiment_composes_to_the_recipe_its_name_promises(compose_cfg, experiment):
+    """``<setting>/<method>_<backbone>``: the composed config trains that method on that backbone from the local
+    weights file, on the setting's sources, evaluated on its targets, with Mask2Former; ``debug=tiny`` shrinks it
+    to a random-init CPU run of the same classes without touching the recipe's method options."""
+    setting, name = experiment.split("/")
+    method, backbone = name.rsplit("_", 2)[0], "_".join(name.rsplit("_", 2)[1:])
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.method._target_.rsplit(".", 1)[1] == METHODS[method]
+    assert cfg.backbone.name == BACKBONES[backbone] and cfg.head._target_.endswith("Mask2FormerHead")
+    assert cfg.backbone.weights == f"{cfg.paths.weights_dir}/{cfg.backbone.name}.safetensors"
+    sources, targets = SETTINGS[setting]
+    in_mean = [t for t in cfg.data.targets if t not in cfg.data.get("exclude_from_mean", [])]
+    assert list(cfg.data.sources) == sources and in_mean == targets
+    assert cfg.trainer.max_steps > 0 and cfg.method.inference.mode == "slide"
+    tiny = compose_cfg([f"experiment={experiment}", "debug=tiny"])
+    assert tiny.backbone.tiny and tiny.backbone.weights is None and tiny.trainer.accelerator == "cpu"
+    assert tiny.backbone.name == cfg.backbone.name and tiny.method._target_ == cfg.method._target_
+    keep = {"optimizer", "scheduler", "inference"}  # the shrink may touch only the warm-up and inference mode
+    recipe, shrunk = (OmegaConf.to_container(c.method, resolve=False) for c in (cfg, tiny))  # as written
+    assert {k: v for k, v in shrunk.items() if k not in keep} == {
+        k: v for k, v in recipe.items() if k not in keep
+    }
+
+
+# ----------------------------------------------------------------- every method on every backbone family
+FAMILIES = ["dinov2_l", "eva02_l", "clip_l", "samvit_h"]
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_every_family_trains_exactly_its_own_parameters(compose_cfg, method, backbone):
+    """Built as dgss-train builds it (tiny, random init): the pretrained backbone is frozen except under full
+    fine-tuning, and only parameters the method adds train beside the head; one forward / backward on a uint8 batch
+    gives a finite loss and gradients to exactly the trainable parameters (an unused trainable parameter would stall
+    DDP); the optimizer's groups hold each trainable parameter once and nothing else."""
+    head = [] if method == "rein" else ["head=light"]  # Rein links its tokens to Mask2Former's queries
+    cfg = compose_cfg([f"experiment=gta2cbm/{method}_{backbone}", "debug=tiny", *head])
+    torch.manual_seed(0)
+    m = build_method(cfg)
+    pretrained = {n: p.numel() for n, p in hydra.utils.instantiate(cfg.backbone).model.named_parameters()}
+    named = dict(m.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert all(n in trainable for n in named if n.startswith("head."))
+    if method == "full":
+        assert not frozen
+    else:
+        assert all(n.startswith("backbone.model.") for n in frozen)
+        assert sum(named[n].numel() for n in frozen) == sum(
+            pretrained.values()
+        )  # every pretrained tensor, frozen
+        added = {n for n in trainable if not n.startswith("head.")}
+        assert all(named[n].numel() > 0 for n in added)
+        assert bool(added) == (
+            method not in ("frozen", "fishertune")
+        )  # FisherTune selects elements, not tensors
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": list(torch.randint(0, 256, (2, 3, 64, 128), dtype=torch.uint8, generator=gen)),
+             "label": list(torch.randint(0, 19, (2, 64, 128), dtype=torch.uint8, generator=gen))}  # fmt: skip
+    m.train()
+    images, labels = m.prepare_batch(batch)
+    loss = sum(m.head.loss(m(images), labels).values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert {n for n, p in named.items() if p.grad is not None} == trainable
+    grouped = [n for g in m.param_groups() for n in g["names"]]
+    assert sorted(grouped) == sorted(trainable)
 
 
 @pytest.mark.parametrize("debug", config_names("debug"))
@@ -155,10 +242,40 @@ def test_method_options_are_typed_at_compose_time(overrides, line):
     check_compose("train", ["-m", "method=full,frozen"])  # multiruns are Hydra's to compose
 
 
-def test_bf16_mixed_is_a_trainer_option(compose_cfg):
-    cfg = compose_cfg(["debug=tiny", "trainer.precision=bf16-mixed", *FAST])
+class DtypeProbe(pl.Callback):
+    """Records, for each training step, the dtype the first linear layer of the backbone computes in (a block's
+    output is float32 either way: the residual stream adds in float32) and the dtypes of the parameters and of the
+    optimizer's moments after the step."""
+
+    seen: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        def hook(module, args, out):
+            DtypeProbe.seen.append({"linear": out.dtype})
+
+        linear = next(
+            m for m in pl_module.backbone.model.blocks[0].modules() if isinstance(m, torch.nn.Linear)
+        )
+        self.handle = linear.register_forward_hook(hook)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.handle.remove()
+        state = trainer.optimizers[0].state.values()
+        DtypeProbe.seen[-1]["params"] = {p.dtype for p in pl_module.parameters()}
+        DtypeProbe.seen[-1]["moments"] = {s["exp_avg"].dtype for s in state}
+
+
+@pytest.mark.parametrize("precision, compute", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_bf16_mixed_is_a_trainer_option(compose_cfg, precision, compute):
+    """``trainer.precision=bf16-mixed`` runs the forward under bf16 autocast while parameters and AdamW's moments
+    stay float32 (mixed, not pure bf16); the default computes in float32."""
+    DtypeProbe.seen.clear()
+    cfg = compose_cfg(["debug=tiny", f"trainer.precision={precision}", "method=full", *FAST,
+                       f"+callbacks.probe._target_={__name__}.DtypeProbe"])  # fmt: skip
     metrics = train(cfg)
-    assert metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
+    assert math.isfinite(metrics["train/loss"])
+    assert DtypeProbe.seen and all(s["linear"] == compute for s in DtypeProbe.seen)
+    assert all(s["params"] == {torch.float32} and s["moments"] == {torch.float32} for s in DtypeProbe.seen)
 
 
 def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_cfg):

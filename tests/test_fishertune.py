@@ -257,12 +257,24 @@ def test_training_moves_only_the_scheduled_selection(tmp_path):
     assert sum(len(v) for v in saved["index"].values()) == k_final
 
 
-def test_the_budget_of_a_vit_l_is_15_2m():
+@pytest.mark.parametrize("experiment", ["fishertune", "gta2cbm/fishertune_clip_l"])
+def test_the_paper_recipes_select_15_2m_elements_of_a_vit_l(compose_cfg, experiment):
+    """The paper's budget: 15.21M trainable elements = 5 % of a 304.2M ViT-L, for DINOv2-L and CLIP-L alike. Built
+    as dgss-train builds the recipe (full size, on the meta device: no memory, no weights); ``budget`` pins the
+    count exactly where the backbone's size differs from 304.2M."""
+    cfg = compose_cfg([f"experiment={experiment}", "backbone.weights=null", "trainer=cpu"])
     with torch.device("meta"):
-        m = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=512, patch_size=16)
-    m.norm = torch.nn.Identity()  # the final norm is not used (backbone.final_norm=false)
-    n_base = sum(p.numel() for p in m.parameters())
-    assert round(0.05 * n_base) == pytest.approx(15.2e6, rel=0.005)
+        m = build_method(cfg)
+    end = m.options.schedule.growth_end
+    assert m.backbone.num_blocks == 24 and m.backbone.embed_dim == 1024
+    assert m.n_base == pytest.approx(304.2e6, rel=0.002) and m.k_target(end) == pytest.approx(
+        15.21e6, rel=0.002
+    )
+    assert m.k_target(m.options.schedule.warmup_iters - 1) == 0
+    with torch.device("meta"):
+        pinned = build_method(compose_cfg([f"experiment={experiment}", "backbone.weights=null", "trainer=cpu",
+                                           "method.schedule.budget=15210000"]))  # fmt: skip
+    assert pinned.k_target(end) == pinned.k_target(end + 1000) == 15_210_000
 
 
 # ---------------------------------------------------------------------- families, sparse checkpoints

@@ -119,25 +119,200 @@ def test_rein_queries_become_the_head_queries():
         ).configure_model()
 
 
-TO_MMDET = [  # written out independently of dgss's map: our names -> mmdet 3.x Mask2Former names
-    (r"^pixel_decoder\.(input_convs|lateral_convs|output_convs)\.(\d+)\.0\.", r"pixel_decoder.\1.\2.conv."),
-    (r"^pixel_decoder\.(input_convs|lateral_convs|output_convs)\.(\d+)\.1\.", r"pixel_decoder.\1.\2.gn."),
-    (r"^pixel_decoder\.layers\.(\d+)\.attn\.", r"pixel_decoder.encoder.layers.\1.self_attn."),
-    (r"^pixel_decoder\.layers\.(\d+)\.ffn\.0\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
-    (r"^pixel_decoder\.layers\.(\d+)\.ffn\.3\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
-    (r"^pixel_decoder\.layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
-    (r"^pixel_decoder\.layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
-    (r"^layers\.(\d+)\.(self|cross)_attn\.", r"transformer_decoder.layers.\1.\2_attn.attn."),
-    (r"^layers\.(\d+)\.ffn\.0\.", r"transformer_decoder.layers.\1.ffn.layers.0.0."),
-    (r"^layers\.(\d+)\.ffn\.3\.", r"transformer_decoder.layers.\1.ffn.layers.1."),
-    (r"^layers\.(\d+)\.norms\.", r"transformer_decoder.layers.\1.norms."),
-    (r"^post_norm\.", r"transformer_decoder.post_norm."),
-]
+# ------------------------------------------------------------------------------------ official checkpoints
+def official_release_keys(*, in_channels, num_classes, dim, encoder_layers, encoder_ffn, decoder_layers, decoder_ffn,
+                          num_heads, num_levels, num_points, depth, embed_dim, num_tokens, lora_rank):  # fmt: skip
+    """Names and shapes of every tensor in an official Rein release (mmseg 1.x EncoderDecoder: ``backbone.reins.*``
+    and ``decode_head.*``), written from the official sources, not from dgss:
+
+    - w1oves/Rein ``rein/models/backbones/reins.py``: ``LoRAReins`` holds ``learnable_tokens_a`` (L, T, r),
+      ``learnable_tokens_b`` (L, r, C), ``scale``, ``mlp_token2feat``, ``mlp_delta_f``; with
+      ``link_token_to_query``: ``transform`` (C -> Q) and ``merge`` (3Q -> Q).
+    - w1oves/Rein ``rein/models/heads/rein_mask2former.py``: ``ReinMask2FormerHead`` deletes ``query_embed``; with
+      ``replace_query_feat`` deletes ``query_feat`` and adds ``querys2feat`` (Q -> Q); ``vpt_transforms`` is empty.
+    - mmdet ``dense_heads/mask2former_head.py``: ``decoder_input_projs`` are Identity when the pixel decoder's
+      width equals the decoder's; ``level_embed``, ``cls_embed`` (K + 1), ``mask_embed`` = Linear, ReLU, Linear,
+      ReLU, Linear (0, 2, 4).
+    - mmdet ``layers/msdeformattn_pixel_decoder.py``: ``input_convs`` = ConvModule(conv ``bias=True``, ``gn``), one
+      per encoder level from the coarsest input down; ``level_encoding``; ``lateral_convs`` / ``output_convs`` =
+      ConvModule without conv bias (a norm follows), from the coarsest remaining input down; ``mask_feature``
+      (a biased 1x1 conv).
+    - mmdet ``DeformableDetrTransformerEncoderLayer``: ``self_attn`` (mmcv ``MultiScaleDeformableAttention``:
+      ``sampling_offsets`` heads·levels·points·2, ``attention_weights`` heads·levels·points, ``value_proj``,
+      ``output_proj``), ``ffn`` (mmcv ``FFN``: ``layers.0.0`` Linear in a Sequential with the activation, then
+      ``layers.1``), ``norms.0`` / ``norms.1``.
+    - mmdet ``layers/transformer/mask2former_layers.py``: decoder layers with ``self_attn.attn`` /
+      ``cross_attn.attn`` (torch ``nn.MultiheadAttention`` inside mmcv's wrapper), ``ffn``, ``norms.0/1/2``;
+      the decoder's ``post_norm``.
+    """
+    keys: dict[str, tuple] = {}
+
+    def linear(name, cin, cout, bias=True):
+        keys[f"{name}.weight"] = (cout, cin)
+        if bias:
+            keys[f"{name}.bias"] = (cout,)
+
+    def norm(name, c):
+        keys[f"{name}.weight"] = keys[f"{name}.bias"] = (c,)
+
+    def conv_module(name, cin, cout, k, bias):
+        keys[f"{name}.conv.weight"] = (cout, cin, k, k)
+        if bias:
+            keys[f"{name}.conv.bias"] = (cout,)
+        norm(f"{name}.gn", cout)
+
+    def mha(name, c):
+        keys[f"{name}.in_proj_weight"], keys[f"{name}.in_proj_bias"] = (3 * c, c), (3 * c,)
+        linear(f"{name}.out_proj", c, c)
+
+    r = "backbone.reins"
+    keys[f"{r}.learnable_tokens_a"] = (depth, num_tokens, lora_rank)
+    keys[f"{r}.learnable_tokens_b"] = (depth, lora_rank, embed_dim)
+    keys[f"{r}.scale"] = ()
+    linear(f"{r}.mlp_token2feat", embed_dim, embed_dim)
+    linear(f"{r}.mlp_delta_f", embed_dim, embed_dim)
+    linear(f"{r}.transform", embed_dim, dim)
+    linear(f"{r}.merge", 3 * dim, dim)
+
+    pd, n = "decode_head.pixel_decoder", len(in_channels)
+    for j, i in enumerate(range(n - 1, n - num_levels - 1, -1)):
+        conv_module(f"{pd}.input_convs.{j}", in_channels[i], dim, 1, bias=True)
+    for layer in range(encoder_layers):
+        e = f"{pd}.encoder.layers.{layer}"
+        linear(f"{e}.self_attn.sampling_offsets", dim, num_heads * num_levels * num_points * 2)
+        linear(f"{e}.self_attn.attention_weights", dim, num_heads * num_levels * num_points)
+        linear(f"{e}.self_attn.value_proj", dim, dim)
+        linear(f"{e}.self_attn.output_proj", dim, dim)
+        linear(f"{e}.ffn.layers.0.0", dim, encoder_ffn)
+        linear(f"{e}.ffn.layers.1", encoder_ffn, dim)
+        norm(f"{e}.norms.0", dim)
+        norm(f"{e}.norms.1", dim)
+    keys[f"{pd}.level_encoding.weight"] = (num_levels, dim)
+    for j, i in enumerate(range(n - num_levels - 1, -1, -1)):
+        conv_module(f"{pd}.lateral_convs.{j}", in_channels[i], dim, 1, bias=False)
+        conv_module(f"{pd}.output_convs.{j}", dim, dim, 3, bias=False)
+    keys[f"{pd}.mask_feature.weight"], keys[f"{pd}.mask_feature.bias"] = (dim, dim, 1, 1), (dim,)
+
+    td = "decode_head.transformer_decoder"
+    for layer in range(decoder_layers):
+        d = f"{td}.layers.{layer}"
+        mha(f"{d}.self_attn.attn", dim)
+        mha(f"{d}.cross_attn.attn", dim)
+        linear(f"{d}.ffn.layers.0.0", dim, decoder_ffn)
+        linear(f"{d}.ffn.layers.1", decoder_ffn, dim)
+        for k in range(3):
+            norm(f"{d}.norms.{k}", dim)
+    norm(f"{td}.post_norm", dim)
+    linear("decode_head.querys2feat", dim, dim)
+    keys["decode_head.level_embed.weight"] = (num_levels, dim)
+    linear("decode_head.cls_embed", dim, num_classes + 1)
+    for k in (0, 2, 4):
+        linear(f"decode_head.mask_embed.{k}", dim, dim)
+    return keys
+
+
+def random_release(keys: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=gen) for k, shape in keys.items()}
+
+
+HEAD = dict(dim=64, encoder_layers=2, encoder_ffn=96, decoder_layers=3, decoder_ffn=128, num_heads=4,
+            num_points_deform=2)  # fmt: skip
+
+
+def test_official_mask2former_names_land_where_the_official_forward_uses_them():
+    """Every tensor of an official decode head (names from mmdet's source, above) lands in the dgss module doing
+    the same job: strictly, shape-checked (distinct widths per input level, per FFN), each tensor exactly once."""
+    from dgss.models.heads.mask2former.official import load_official_head
+
+    in_channels = [32, 48, 80, 96]  # finest first: the shapes tell the levels apart
+    head = Mask2FormerHead(in_channels, 5, **HEAD)
+    head.link(7)
+    keys = official_release_keys(in_channels=in_channels, num_classes=5, dim=64, encoder_layers=2, encoder_ffn=96,
+                                 decoder_layers=3, decoder_ffn=128, num_heads=4, num_levels=3, num_points=2,
+                                 depth=1, embed_dim=8, num_tokens=7, lora_rank=2)  # fmt: skip
+    release = {k: v for k, v in random_release(keys).items() if k.startswith("decode_head.")}
+    load_official_head(head, {"state_dict": release})
+    ours = head.state_dict()
+    landed = {
+        k: [n for n, t in ours.items() if t.shape == v.shape and torch.equal(t, v)]
+        for k, v in release.items()
+    }
+    assert all(len(v) == 1 for v in landed.values()) and len(ours) == len(release)  # a bijection
+    where = {k.removeprefix("decode_head."): v[0] for k, v in landed.items()}
+    pd = head.pixel_decoder
+    # mmdet: input_convs[0] projects the coarsest input (in_channels[-1]); the deformable encoder applies norms[0]
+    # after self-attention and norms[1] after the FFN (DeformableDetrTransformerEncoderLayer.forward)
+    assert pd.input_convs[0][0].weight.shape[1] == 96 and pd.input_convs[2][0].weight.shape[1] == 48
+    assert torch.equal(
+        pd.input_convs[0][0].bias, release["decode_head.pixel_decoder.input_convs.0.conv.bias"]
+    )
+    assert pd.lateral_convs[0][0].weight.shape[1] == 32
+    for layer in range(2):
+        e = f"pixel_decoder.encoder.layers.{layer}"
+        assert where[f"{e}.norms.0.weight"] == f"pixel_decoder.layers.{layer}.norm1.weight"
+        assert where[f"{e}.norms.1.weight"] == f"pixel_decoder.layers.{layer}.norm2.weight"
+    assert torch.equal(head.level_embed.weight, release["decode_head.level_embed.weight"])
+    assert torch.equal(pd.level_encoding.weight, release["decode_head.pixel_decoder.level_encoding.weight"])
+
+
+def mmdet_decoder_layer(sd: dict, prefix: str, q, q_pos, memory, m_pos, attn_mask, num_heads: int):
+    """mmdet's ``Mask2FormerTransformerDecoderLayer.forward`` on official tensors: cross-attention -> norms[0] ->
+    self-attention -> norms[1] -> FFN -> norms[2]; mmcv's MultiheadAttention adds the positions to query and key
+    (not the value) and the identity; mmcv's FFN adds the identity (``add_identity=True``)."""
+    import torch.nn.functional as F
+
+    def mha(name, query, key, value, mask=None):
+        out, _ = F.multi_head_attention_forward(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), q.shape[-1], num_heads,
+            sd[f"{name}.in_proj_weight"], sd[f"{name}.in_proj_bias"], None, None, False, 0.0,
+            sd[f"{name}.out_proj.weight"], sd[f"{name}.out_proj.bias"], training=False, need_weights=False,
+            attn_mask=mask)  # fmt: skip
+        return out.transpose(0, 1)
+
+    def ln(name, x):
+        return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    p = prefix
+    mask = attn_mask.repeat_interleave(num_heads, 0)  # (B·heads, Q, HW), as mmdet passes it
+    q = ln(f"{p}.norms.0", q + mha(f"{p}.cross_attn.attn", q + q_pos, memory + m_pos, memory, mask))
+    q = ln(f"{p}.norms.1", q + mha(f"{p}.self_attn.attn", q + q_pos, q + q_pos, q))
+    hidden = F.relu(F.linear(q, sd[f"{p}.ffn.layers.0.0.weight"], sd[f"{p}.ffn.layers.0.0.bias"]))
+    return ln(
+        f"{p}.norms.2", q + F.linear(hidden, sd[f"{p}.ffn.layers.1.weight"], sd[f"{p}.ffn.layers.1.bias"])
+    )
+
+
+def test_an_official_decoder_layer_computes_what_mmdet_computes():
+    """The same-shaped tensors (three norms, two attentions) are told apart by the computation: an official
+    decoder layer loaded into dgss gives mmdet's output."""
+    from dgss.models.heads.mask2former.official import load_official_head
+
+    head = Mask2FormerHead([64] * 4, 5, **HEAD)
+    head.link(7)
+    keys = official_release_keys(in_channels=[64] * 4, num_classes=5, dim=64, encoder_layers=2, encoder_ffn=96,
+                                 decoder_layers=3, decoder_ffn=128, num_heads=4, num_levels=3, num_points=2,
+                                 depth=1, embed_dim=8, num_tokens=7, lora_rank=2)  # fmt: skip
+    release = {k: v.double() for k, v in random_release(keys, seed=1).items() if k.startswith("decode_head.")}
+    head.double()
+    norms = [k for k in release if ".norms." in k and k.startswith("decode_head.transformer_decoder")]
+    for k in norms:  # distinct, far-from-identity norms so a swap shows
+        release[k] = release[k] * 3 + (1.0 if k.endswith("weight") else 0.0)
+    load_official_head(head, {"state_dict": release})
+    gen = torch.Generator().manual_seed(2)
+    q, q_pos, memory, m_pos = (
+        torch.randn(2, n, 64, generator=gen, dtype=torch.float64) for n in (7, 7, 12, 12)
+    )
+    attn_mask = torch.rand(2, 7, 12, generator=gen) < 0.3
+    sd = {k.removeprefix("decode_head.transformer_decoder."): v for k, v in release.items()}
+    with torch.no_grad():
+        for layer in range(3):
+            want = mmdet_decoder_layer(sd, f"layers.{layer}", q, q_pos, memory, m_pos, attn_mask, num_heads=4)
+            got = head.layers[layer](q, q_pos, memory, m_pos, attn_mask.repeat_interleave(4, 0))
+            torch.testing.assert_close(got, want)
 
 
 def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
-    import re
-
     from dgss.checkpoint import load_method
     from dgss.config import build_method
     from dgss.errors import ConfigError
@@ -146,26 +321,36 @@ def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
     tiny = ["experiment=rein", "trainer=cpu", "backbone.tiny=true", "backbone.weights=null", "backbone.img_size=64",
             "head.tiny=true", "data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.val_length=2",
             "data.val_batch_size=2", "data.num_workers=0", "method.inference.mode=whole"]  # fmt: skip
-    torch.manual_seed(0)
-    trained = build_method(compose_cfg(tiny, config_name="eval"))
-    with torch.no_grad():  # stand-in for training: every Rein / head tensor moves off its init
-        for p in trained.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-    release = {f"backbone.reins.{k}": v for k, v in trained.reins.state_dict().items()}
-    for k, v in trained.head.state_dict().items():
-        for pattern, repl in TO_MMDET:
-            k = re.sub(pattern, repl, k)
-        release[f"decode_head.{k}"] = v
+    trained = build_method(compose_cfg(tiny, config_name="eval"))  # only its sizes are read
+    head, reins = trained.head, trained.reins
+    keys = official_release_keys(
+        in_channels=[trained.backbone.embed_dim] * 4,
+        num_classes=19,
+        dim=head.dim,
+        encoder_layers=1,
+        encoder_ffn=256,
+        decoder_layers=3,
+        decoder_ffn=256,
+        num_heads=8,
+        num_levels=3,
+        num_points=4,
+        depth=reins.num_layers,
+        embed_dim=reins.embed_dim,
+        num_tokens=reins.num_tokens,
+        lora_rank=reins.lora_rank,
+    )
+    release = random_release(keys)  # official names (from the official source), values that are not dgss's
     path = tmp_path / "rein_release.pth"
     torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": release}, path)
 
     cfg = compose_cfg([f"ckpt_path={path}", *tiny], config_name="eval")
     method, _ = load_method(str(path), recipe=cfg)
-    for name, t in [*trained.reins.state_dict().items()]:
-        assert torch.equal(method.reins.state_dict()[name], t)
-    for name, t in trained.head.state_dict().items():
-        assert torch.equal(method.head.state_dict()[name], t), name
+    ours = {**{f"backbone.reins.{k}": v for k, v in method.reins.state_dict().items()},
+            **{f"head.{k}": v for k, v in method.head.state_dict().items()}}  # fmt: skip
+    for name, t in release.items():  # every official tensor arrived, once
+        assert sum(torch.equal(v, t) for v in ours.values() if v.shape == t.shape) == 1, name
+    assert len(ours) == len(release)
+    assert torch.equal(method.reins.learnable_tokens_a, release["backbone.reins.learnable_tokens_a"])
     assert "val/mean_mIoU" in evaluate(cfg)
     with pytest.raises(ConfigError, match="official release without a dgss config; add the recipe"):
         load_method(str(path))

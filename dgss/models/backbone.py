@@ -209,6 +209,10 @@ class Backbone(nn.Module):
         self.final_norm = final_norm
         if not final_norm:  # unused parameters would stall DDP (find_unused_parameters) and skew counts
             self.model.norm = nn.Identity()
+            if hasattr(
+                self.model, "fc_norm"
+            ):  # avg-pool models (EVA02): the last norm sits after the pooling
+                self.model.fc_norm = nn.Identity()
         if getattr(self.model, "mask_token", None) is not None:  # masked-image-modelling only
             self.model.mask_token.requires_grad_(False)
         self.grad_checkpointing = grad_checkpointing
@@ -218,6 +222,14 @@ class Backbone(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.model.embed_dim
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The model's final norm: ``norm``, or ``fc_norm`` where timm applies it after average pooling (EVA02 with
+        ``global_pool='avg'``: ``norm`` is the identity there); applied per token with ``final_norm``."""
+        if isinstance(self.model.norm, nn.Identity):
+            return getattr(self.model, "fc_norm", self.model.norm)
+        return self.model.norm
 
     @property
     def num_blocks(self) -> int:
@@ -355,7 +367,7 @@ class Backbone(nn.Module):
 
     def _to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.final_norm:
-            x = self.model.norm(x)
+            x = self.last_norm(x)
         if self.family == "sam":
             return x.permute(0, 3, 1, 2).contiguous()
         b, _, c = x.shape

@@ -3,8 +3,10 @@ published Rein release, into :class:`Mask2FormerHead`.
 
 The module tree here mirrors mmdet's, so the map is a few renames (ConvModule ``conv`` / ``gn`` → ``0`` / ``1``,
 mmcv FFN ``layers.0.0`` / ``layers.1`` → ``0`` / ``3``, ``encoder.layers`` → ``layers``, ``norms.0/1`` →
-``norm1/2``, ``attn.attn`` → ``attn``). The names follow mmdet 3.x's Mask2Former; the spec marks them unverified
-against a downloaded file, so every tensor must match by name and shape or the import fails naming the keys.
+``norm1/2``, ``attn.attn`` → ``attn``). The names follow mmdet 3.x's Mask2Former and Rein's head, as read from
+their source (tests/test_mask2former.py writes the official key list out from it, including the input projections'
+conv bias); no downloaded release was checked, so every tensor must match by name and shape or the import fails
+naming the keys.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ def sine_position_encoding(b: int, h: int, w: int, num_feats: int = 128, tempera
     return torch.cat([pos_y, pos_x], dim=-1).permute(2, 0, 1)[None].expand(b, -1, -1, -1)
 
 
-def _conv_gn(cin: int, cout: int, k: int, relu: bool) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(32, cout)]
+def _conv_gn(cin: int, cout: int, k: int, relu: bool, bias: bool = False) -> nn.Sequential:
+    """mmcv's ConvModule (conv, GroupNorm(32), optional ReLU) as ``0`` / ``1`` / ``2``."""
+    layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.GroupNorm(32, cout)]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
@@ -68,7 +69,9 @@ class PixelDecoder(nn.Module):
             )
         self.num_inputs, self.num_levels = len(in_channels), num_encoder_levels
         coarse = list(in_channels)[::-1][:num_encoder_levels]  # coarsest first
-        self.input_convs = nn.ModuleList(_conv_gn(c, dim, 1, relu=False) for c in coarse)
+        # mmdet builds the input projections with bias=True next to the GroupNorm (the FPN convs without): an
+        # official checkpoint carries input_convs.N.conv.bias
+        self.input_convs = nn.ModuleList(_conv_gn(c, dim, 1, relu=False, bias=True) for c in coarse)
         self.level_encoding = nn.Embedding(num_encoder_levels, dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, num_encoder_levels, num_points, ffn)
                                     for _ in range(num_layers))  # fmt: skip
