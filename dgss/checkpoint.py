@@ -18,7 +18,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -218,6 +218,13 @@ def apply_sparse_delta(
 
 
 # --------------------------------------------------------------------------------------------- rebuilding
+@runtime_checkable
+class TakesOfficialRelease(Protocol):
+    """A method that imports a published release of its paper (an mmengine dict without a dgss config): Rein."""
+
+    def load_official(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
 def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = None, inference: dict | None = None,
                 recipe=None):  # fmt: skip
     """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
@@ -258,7 +265,7 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
         saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
     method = build_method(saved)
     if official:
-        if not hasattr(method, "load_official"):
+        if not isinstance(method, TakesOfficialRelease):
             raise ConfigError(
                 f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
             )

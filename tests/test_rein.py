@@ -216,12 +216,18 @@ def test_query_link_feeds_a_query_head_and_is_skipped_for_the_light_head():
     from dgss.models.backbone import Backbone
     from dgss.models.heads.light import LightHead
 
-    class QueryHead(LightHead):
-        uses_queries = True
+    class QueryHead(LightHead):  # satisfies dgss.models.heads.protocol.QueryHead
+        dim = 8
 
         def forward(self, features, queries=None):
             self.seen = queries
             return super().forward(features) + queries.mean()
+
+        def link(self, num_queries):
+            self.linked = num_queries
+
+        def load_official(self, state):
+            raise NotImplementedError
 
     def build(head):
         bb = Backbone("vit_large_patch14_dinov2", tiny=True, img_size=64)
@@ -233,7 +239,7 @@ def test_query_link_feeds_a_query_head_and_is_skipped_for_the_light_head():
     m = build(QueryHead)
     x, y = torch.randn(2, 3, 56, 56), torch.randint(0, 5, (2, 56, 56))
     sum(m.head.loss(m(x), y).values()).backward()
-    assert m.head.seen.shape == (6, 8)
+    assert m.head.seen.shape == (6, 8) and m.head.linked == 6
     assert m.reins.transform.weight.grad.abs().sum() > 0 and m.reins.merge.weight.grad.abs().sum() > 0
     light = build(LightHead)
     assert not light.reins.link_token_to_query and not hasattr(light.reins, "transform")

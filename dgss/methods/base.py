@@ -42,6 +42,7 @@ from dgss.errors import ConfigError, TrainingAborted
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
+from dgss.models.heads.protocol import HeadFactory, SegmentationHead
 from dgss.options import Options
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
@@ -129,7 +130,7 @@ class SegmentationMethod(pl.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
-        head: Callable[..., nn.Module],
+        head: HeadFactory,
         num_classes: int = MethodConfig.num_classes,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: SchedulerOptions | dict | None = None,
@@ -141,6 +142,9 @@ class SegmentationMethod(pl.LightningModule):
         super().__init__()
         self.backbone = backbone
         self.head = head(in_channels=backbone.out_channels, num_classes=num_classes)
+        if not isinstance(self.head, SegmentationHead):
+            raise ConfigError(f"head {type(self.head).__name__} is not a segmentation head: it needs forward(features, "
+                              "queries=None), loss(output, labels) and logits(output, size) (dgss.models.heads.protocol)")  # fmt: skip
         self.num_classes = num_classes
         self.optimizer_factory = optimizer or default_optimizer()
         self.scheduler_options = SchedulerOptions.of(scheduler, "method.scheduler")

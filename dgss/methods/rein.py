@@ -28,6 +28,7 @@ from torch import nn
 from dgss import console
 from dgss.errors import ConfigError, state_mismatch
 from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.models.heads.protocol import QueryHead
 from dgss.options import Options, register
 
 
@@ -159,8 +160,9 @@ class Rein(SegmentationMethod):
 
     Rein sits after every block, except on SAM where it follows the global-attention blocks only (layer index =
     position in that list). ``rein``: keyword arguments of :class:`ReinLayers` (``num_layers`` and
-    ``embed_dim`` come from the backbone). The query link is built only for a head with ``uses_queries``
-    (Mask2Former); the light head takes none, and untrained link parameters would stall DDP.
+    ``embed_dim`` come from the backbone). The query link is built only for a
+    :class:`~dgss.models.heads.protocol.QueryHead` (Mask2Former); the light head takes no queries, and untrained link
+    parameters would stall DDP.
     """
 
     extra_no_decay = ("learnable_tokens",)  # Rein's recipe; the scalar scale is 0-d, so no decay either
@@ -179,18 +181,16 @@ class Rein(SegmentationMethod):
         )
         self.rein_blocks = {b: k for k, b in enumerate(blocks)}
         options = self.rein_options
-        if options.link_token_to_query and not getattr(self.head, "uses_queries", False):
+        if options.link_token_to_query and not isinstance(self.head, QueryHead):
             # transform / merge would get no gradient: unused parameters stall DDP and inflate counts
             console.info(f"Rein: {type(self.head).__name__} takes no queries, so the query link is not built")
             options = replace(options, link_token_to_query=False)
         self.reins = ReinLayers(num_layers=len(blocks), embed_dim=bb.embed_dim, **asdict(options))
         if self.reins.link_token_to_query:
-            dim = getattr(self.head, "dim", self.reins.query_dim)
-            if dim != self.reins.query_dim:
+            if self.head.dim != self.reins.query_dim:
                 raise ConfigError(f"method.rein.query_dim={self.reins.query_dim} must equal the head's width "
-                                  f"head.dim={dim} (Rein's queries become the head's queries)")  # fmt: skip
-            if hasattr(self.head, "link"):  # a query head may drop the learned queries the link replaces
-                self.head.link(self.reins.num_tokens)
+                                  f"head.dim={self.head.dim} (Rein's queries become the head's queries)")  # fmt: skip
+            self.head.link(self.reins.num_tokens)  # drops the learned queries the link replaces
         bb.register_block_hook(self._refine)
 
     def _refine(self, tokens: torch.Tensor, block_idx: int) -> torch.Tensor:
@@ -202,12 +202,11 @@ class Rein(SegmentationMethod):
     def load_official(self, state: Mapping[str, torch.Tensor]) -> None:
         """A published Rein release (mmengine dict): ``backbone.reins.*`` into Rein, ``decode_head.*`` into the head."""
         load_official_state_dict(self.reins, state)
-        load = getattr(self.head, "load_official", None)
-        if load is None:
+        if not isinstance(self.head, QueryHead):
             raise ConfigError(
                 f"head {type(self.head).__name__} cannot take an official decode head; use head=mask2former"
             )
-        load(state.get("state_dict", state))
+        self.head.load_official(state.get("state_dict", state))
 
     def forward(self, images: torch.Tensor):
         feats = self.backbone(images)

@@ -20,8 +20,6 @@ class LightHead(nn.Module):
     ``logits(output, size)`` resizes to any size.
     """
 
-    uses_queries = False  # a query-based head (Mask2Former) takes Rein's linked queries
-
     def __init__(
         self,
         in_channels: Sequence[int],

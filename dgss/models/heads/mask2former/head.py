@@ -65,8 +65,6 @@ class Mask2FormerHead(nn.Module):
         tiny: shrink depth, FFNs and points for CPU smoke runs (``debug=tiny``); the width stays ``dim``.
     """
 
-    uses_queries = True
-
     def __init__(
         self,
         in_channels: Sequence[int],
