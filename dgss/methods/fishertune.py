@@ -146,14 +146,10 @@ class FisherTuneOptions(Options):
 
 
 @dataclass
-class FisherTuneConfig(MethodConfig):
+class FisherTuneConfig(MethodConfig, FisherTuneOptions):
+    """The Hydra node: the base's options plus FisherTune's groups (one list of groups, in FisherTuneOptions)."""
+
     _target_: str = "dgss.methods.fishertune.FisherTune"
-    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
-    selection: SelectionOptions = field(default_factory=SelectionOptions)
-    fisher: FisherOptions = field(default_factory=FisherOptions)
-    perturb: PerturbOptions = field(default_factory=PerturbOptions)
-    optim: OptimOptions = field(default_factory=OptimOptions)
-    finalize: FinalizeOptions = field(default_factory=FinalizeOptions)
 
 
 # ------------------------------------------------------------------------------------------ pure functions
