@@ -358,3 +358,74 @@ def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
     torch.save({"state_dict": release}, path)
     with pytest.raises(ConfigError, match=r"decode head does not fit .*missing: cls_embed.weight"):
         load_method(str(path), recipe=cfg)
+
+
+def mmdet_single_layer_losses(cls_logits, mask_logits, assignment, points, num_classes, class_weight,
+                              weights=(2.0, 5.0, 5.0)):  # fmt: skip
+    """mmdet 3.x ``Mask2FormerHead._loss_by_feat_single`` (re-derived from its source, float64) for a given
+    matching (``assignment[i] = (query rows, target classes, target masks)`` per image, from the same Hungarian
+    matcher) and given importance-sampled points (N_gt, P, 2). Class: CrossEntropyLoss with ``class_weight`` and
+    ``avg_factor = class_weight[labels].sum()``; ``num_total_masks = max(reduce_mean(Σ_i SamplingResult.avg_factor),
+    1)`` with ``avg_factor = max(num_pos, 1)`` (MaskPseudoSampler); mask: sigmoid CE over points with ``avg_factor =
+    num_total_masks · num_points``; Dice: naive Dice (eps 1) with ``avg_factor = num_total_masks``."""
+    cls_logits, mask_logits = cls_logits.double(), mask_logits.double()
+    b, q, _ = cls_logits.shape
+    labels = torch.full((b, q), num_classes, dtype=torch.long)
+    preds, tgts, avg = [], [], 0
+    for i, (rows, classes, masks) in enumerate(assignment):
+        labels[i, rows] = classes
+        preds.append(mask_logits[i, rows])
+        tgts.append(masks.double())
+        avg += max(len(rows), 1)
+    w = class_weight.double()
+    ce = -cls_logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    loss_cls = (w[labels] * ce).sum() / w[labels].sum()
+    num_total_masks = max(avg, 1)
+    pred, tgt = torch.cat(preds)[:, None], torch.cat(tgts)[:, None]
+    grid = 2 * points[:, :, None].double() - 1  # mmcv point_sample: grid_sample, align_corners=False
+    p = torch.nn.functional.grid_sample(pred, grid, align_corners=False)[:, 0, :, 0]
+    t = torch.nn.functional.grid_sample(tgt, grid, align_corners=False)[:, 0, :, 0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(p, t, reduction="none")
+    loss_mask = bce.sum() / (num_total_masks * points.shape[1])
+    s = p.sigmoid()
+    dice = 1 - (2 * (s * t).sum(1) + 1) / (s.sum(1) + t.sum(1) + 1)
+    loss_dice = dice.sum() / num_total_masks
+    return {"loss_cls": weights[0] * loss_cls, "loss_mask": weights[1] * loss_mask, "loss_dice": weights[2] * loss_dice}
+
+
+def test_set_losses_equal_mmdet_including_an_image_with_nothing_labelled(monkeypatch):
+    """A batch whose second image is all ignore: mmdet counts it once in the mask normaliser (max(0, 1)); dividing
+    by the matched count alone would make both mask losses (3 + 1 + 2) / (3 + 2) = 1.2 x larger."""
+    from dgss.models.heads.mask2former import criterion as crit
+
+    torch.manual_seed(0)
+    num_classes, q, h, w = 5, 7, 12, 16
+    labels = torch.full((3, 4 * h, 4 * w), 255, dtype=torch.long)
+    labels[0, :20], labels[0, 20:40], labels[0, 40:] = 0, 3, 4
+    labels[2, :, :30], labels[2, :, 30:] = 1, 2
+    cls_logits, mask_logits = torch.randn(3, q, num_classes + 1), torch.randn(3, q, h, w)
+    seen: dict = {"match": [], "points": None}
+    real_match, real_points = crit.SetCriterion.match, crit.uncertain_points
+
+    def match(self, c, m, classes, masks):
+        rows, cols = real_match(self, c, m, classes, masks)
+        seen["match"].append((rows, classes[cols], masks[cols]))
+        return rows, cols
+
+    def points(*args, **kwargs):
+        seen["points"] = real_points(*args, **kwargs)
+        return seen["points"]
+
+    monkeypatch.setattr(crit.SetCriterion, "match", match)
+    monkeypatch.setattr(crit, "uncertain_points", points)
+    criterion = crit.SetCriterion(num_classes, num_points=64)
+    got = criterion(cls_logits, mask_logits, labels)
+    # the empty image contributes no matching; the reference sees it with no rows
+    assignment = [seen["match"][0], (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                     torch.zeros(0, 4 * h, 4 * w)), seen["match"][1]]  # fmt: skip
+    want = mmdet_single_layer_losses(cls_logits, mask_logits, assignment, seen["points"], num_classes,
+                                     criterion.class_weight)  # fmt: skip
+    for k in want:
+        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the rule that differs from dividing by the matched count: 3 + 1 + 2 = 6 images' worth, not 5
+    assert sum(max(len(a[0]), 1) for a in assignment) == 6 and sum(len(a[0]) for a in assignment) == 5

@@ -57,6 +57,17 @@ def bce_cost(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pos @ target.T + neg @ (1 - target).T) / pred.shape[-1]
 
 
+def mask_normaliser(avg_factor: int, device: torch.device) -> float:
+    """The divisor of the mask BCE and Dice losses, as mmdet's ``Mask2FormerHead._loss_by_feat_single``:
+    ``max(reduce_mean(Σ_images max(matched_i, 1)), 1)`` — the per-image count floored at one (an image with nothing
+    labelled still counts once), averaged over the ranks of a distributed run."""
+    n = torch.tensor(float(avg_factor), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return max(float(n), 1.0)
+
+
 class SetCriterion:
     """Losses of one prediction set (class logits (B, Q, K+1), mask logits (B, Q, h, w)) against semantic labels."""
 
@@ -85,9 +96,10 @@ class SetCriterion:
     ) -> dict[str, torch.Tensor]:
         b, q, _ = cls_logits.shape
         targets = torch.full((b, q), self.num_classes, dtype=torch.long, device=cls_logits.device)
-        preds, gts = [], []
+        preds, gts, avg_factor = [], [], 0
         for i in range(b):
             classes, masks = semantic_targets(labels[i], self.num_classes, self.ignore_index)
+            avg_factor += max(len(classes), 1)  # mmdet's SamplingResult.avg_factor: max(matched, 1) per image
             if not len(classes):
                 continue
             rows, cols = self.match(cls_logits[i].float(), mask_logits[i].float(), classes, masks)
@@ -96,13 +108,13 @@ class SetCriterion:
             gts.append(masks[cols])
         loss_cls = F.cross_entropy(cls_logits.transpose(1, 2).float(), targets,
                                    weight=self.class_weight.to(cls_logits.device))  # fmt: skip
+        n = mask_normaliser(avg_factor, cls_logits.device)  # before any early return: every rank reduces
         if not preds:  # nothing labelled in the batch: only the no-object term
             zero = mask_logits.sum() * 0
             return {"loss_cls": self.w_cls * loss_cls, "loss_mask": zero, "loss_dice": zero}
         pred, gt = torch.cat(preds).float(), torch.cat(gts)
         points = uncertain_points(pred, self.num_points, self.oversample, self.importance)
         p, t = point_sample(pred, points), point_sample(gt, points)
-        n = p.shape[0]
         loss_mask = F.binary_cross_entropy_with_logits(p, t, reduction="sum") / (n * self.num_points)
         s = p.sigmoid()
         loss_dice = (1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)).sum() / n
