@@ -2,6 +2,7 @@
 semantic read-out, losses that fall on the embedded data, and Rein's query link."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -429,3 +430,88 @@ def test_set_losses_equal_mmdet_including_an_image_with_nothing_labelled(monkeyp
         torch.testing.assert_close(got[k].double(), want[k], rtol=1e-5, atol=1e-6, msg=k)
     # the rule that differs from dividing by the matched count: 3 + 1 + 2 = 6 images' worth, not 5
     assert sum(max(len(a[0]), 1) for a in assignment) == 6 and sum(len(a[0]) for a in assignment) == 5
+
+
+def mmdet_init_weights(sd: dict, *, num_inputs: int, num_levels: int, encoder_layers: int, decoder_layers: int,
+                       num_heads: int, num_points: int) -> None:  # fmt: skip
+    """mmdet 3.x ``Mask2FormerHead.init_weights`` (re-derived from its source; mmengine's init helpers spelled out) on
+    official-named tensors, in place: ``decoder_input_projs`` are Identity at equal widths; the pixel decoder's
+    ``init_weights``; then xavier-normal on every ``transformer_decoder`` tensor with dim > 1, in parameter order."""
+    pd, td = "decode_head.pixel_decoder", "decode_head.transformer_decoder"
+    for i in range(num_levels):  # xavier_init(conv, gain=1, bias=0, distribution='uniform')
+        torch.nn.init.xavier_uniform_(sd[f"{pd}.input_convs.{i}.conv.weight"], gain=1)
+        torch.nn.init.constant_(sd[f"{pd}.input_convs.{i}.conv.bias"], 0)
+    for i in range(num_inputs - num_levels):  # caffe2_xavier_init = kaiming_init(a=1, fan_in, leaky_relu, uniform)
+        for name in (f"{pd}.lateral_convs.{i}.conv", f"{pd}.output_convs.{i}.conv"):
+            torch.nn.init.kaiming_uniform_(sd[f"{name}.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu")
+    torch.nn.init.kaiming_uniform_(sd[f"{pd}.mask_feature.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu")
+    torch.nn.init.constant_(sd[f"{pd}.mask_feature.bias"], 0)
+    torch.nn.init.normal_(sd[f"{pd}.level_encoding.weight"], 0, 1)
+    enc = [k for k in sd if k.startswith(f"{pd}.encoder.")]  # encoder.parameters(): module construction order
+    order = ["self_attn.sampling_offsets", "self_attn.attention_weights", "self_attn.value_proj",
+             "self_attn.output_proj", "ffn.layers.0.0", "ffn.layers.1", "norms.0", "norms.1"]  # fmt: skip
+    for layer in range(encoder_layers):
+        for part in order:
+            for suffix in ("weight", "bias"):
+                k = f"{pd}.encoder.layers.{layer}.{part}.{suffix}"
+                assert k in enc
+                if sd[k].dim() > 1:
+                    torch.nn.init.xavier_normal_(sd[k])
+    for layer in range(encoder_layers):  # mmcv MultiScaleDeformableAttention.init_weights
+        a = f"{pd}.encoder.layers.{layer}.self_attn"
+        torch.nn.init.constant_(sd[f"{a}.sampling_offsets.weight"], 0)
+        thetas = torch.arange(num_heads, dtype=torch.float32) * (2.0 * math.pi / num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(num_heads, 1, 1, 2).repeat(1, num_levels,
+                                                                                              num_points, 1)  # fmt: skip
+        for i in range(num_points):
+            grid[:, :, i, :] *= i + 1
+        sd[f"{a}.sampling_offsets.bias"].copy_(grid.view(-1))
+        torch.nn.init.constant_(sd[f"{a}.attention_weights.weight"], 0)
+        torch.nn.init.constant_(sd[f"{a}.attention_weights.bias"], 0)
+        for proj in ("value_proj", "output_proj"):
+            torch.nn.init.xavier_uniform_(sd[f"{a}.{proj}.weight"])
+            torch.nn.init.constant_(sd[f"{a}.{proj}.bias"], 0)
+    dec = ["self_attn.attn.in_proj_weight", "self_attn.attn.in_proj_bias", "self_attn.attn.out_proj.weight",
+           "self_attn.attn.out_proj.bias", "cross_attn.attn.in_proj_weight", "cross_attn.attn.in_proj_bias",
+           "cross_attn.attn.out_proj.weight", "cross_attn.attn.out_proj.bias", "ffn.layers.0.0.weight",
+           "ffn.layers.0.0.bias", "ffn.layers.1.weight", "ffn.layers.1.bias"]  # fmt: skip
+    for layer in range(decoder_layers):
+        for part in dec:
+            t = sd[f"{td}.layers.{layer}.{part}"]
+            if t.dim() > 1:
+                torch.nn.init.xavier_normal_(t)
+
+
+def test_a_new_head_starts_where_mmdet_init_weights_puts_it():
+    """From the same tensors and the same seed, dgss's init gives mmdet's tensors exactly (names mapped by the
+    official key list above); tensors mmdet leaves alone stay bit-identical."""
+    from dgss.models.heads.mask2former.official import mmdet_to_dgss
+
+    in_channels = [32, 48, 80, 96]
+    head = Mask2FormerHead(in_channels, 5, **HEAD)
+    head.link(7)
+    keys = official_release_keys(in_channels=in_channels, num_classes=5, dim=64, encoder_layers=2, encoder_ffn=96,
+                                 decoder_layers=3, decoder_ffn=128, num_heads=4, num_levels=3, num_points=2,
+                                 depth=1, embed_dim=8, num_tokens=7, lora_rank=2)  # fmt: skip
+    keys = [k for k in keys if k.startswith("decode_head.")]
+    with torch.no_grad():
+        for p in head.parameters():  # a state that no init rule produces
+            p.uniform_(5, 6)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    name = {k: next(iter(mmdet_to_dgss({k: None}))) for k in keys}
+    theirs = {k: before[name[k]].clone() for k in keys}
+    torch.manual_seed(123)
+    with torch.no_grad():
+        mmdet_init_weights(theirs, num_inputs=4, num_levels=3, encoder_layers=2, decoder_layers=3, num_heads=4,
+                           num_points=2)  # fmt: skip
+    torch.manual_seed(123)
+    with torch.no_grad():
+        head.reset_parameters()
+    ours = head.state_dict()
+    for k in keys:
+        assert torch.equal(ours[name[k]], theirs[k]), k
+    untouched = [k for k in keys if torch.equal(theirs[k], before[name[k]])]
+    assert "decode_head.cls_embed.weight" in untouched and "decode_head.querys2feat.weight" in untouched
+    assert "decode_head.transformer_decoder.layers.0.ffn.layers.0.0.bias" in untouched
+    assert not torch.equal(ours["pixel_decoder.layers.0.ffn.0.weight"], before["pixel_decoder.layers.0.ffn.0.weight"])

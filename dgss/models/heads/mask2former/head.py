@@ -126,6 +126,18 @@ class Mask2FormerHead(nn.Module):
                                         nn.ReLU(inplace=True), nn.Linear(dim, dim))  # fmt: skip
         self.criterion = SetCriterion(num_classes, ignore_index, num_points, oversample, importance, no_object_weight,
                                       *loss_weights)  # fmt: skip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mmdet's ``Mask2FormerHead.init_weights`` in its order: the pixel decoder's init, then every transformer-
+        decoder tensor with more than one dimension xavier-normal (per layer self-attention, cross-attention, FFN:
+        mmdet's module order). Embeddings, class / mask MLPs, norms and biases keep PyTorch's defaults, as there
+        (``nn.MultiheadAttention`` zeroes its own biases)."""
+        self.pixel_decoder.reset_parameters()
+        for layer in self.layers:
+            for p in (*layer.self_attn.parameters(), *layer.cross_attn.parameters(), *layer.ffn.parameters()):
+                if p.dim() > 1:
+                    nn.init.xavier_normal_(p)
 
     def link(self, num_queries: int) -> None:
         """Take ``num_queries`` linked queries (Rein): drop the learned query positions (and features, with

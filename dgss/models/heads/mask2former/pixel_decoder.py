@@ -33,6 +33,13 @@ def _conv_gn(cin: int, cout: int, k: int, relu: bool, bias: bool = False) -> nn.
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
+def _caffe2_xavier_(conv: nn.Conv2d) -> None:
+    """mmengine's ``caffe2_xavier_init``: kaiming-uniform with a = 1, fan-in, leaky-ReLU gain; bias 0."""
+    nn.init.kaiming_uniform_(conv.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class EncoderLayer(nn.Module):
     """Deformable self-attention, norm, FFN, norm (post-norm)."""
 
@@ -80,12 +87,28 @@ class PixelDecoder(nn.Module):
         self.output_convs = nn.ModuleList(_conv_gn(dim, dim, 3, relu=True) for _ in fine)
         self.mask_feature = nn.Conv2d(dim, dim, 1)
         self.dim = dim
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.level_encoding.weight)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mmdet's ``MSDeformAttnPixelDecoder.init_weights``, in its order (one seed gives mmdet's tensors): input
+        projections xavier-uniform (gain 1, bias 0); lateral / output convs and ``mask_feature`` caffe2-xavier
+        (kaiming-uniform, a = 1, fan-in, leaky-ReLU; bias 0); level encoding N(0, 1); every encoder tensor with more
+        than one dimension xavier-normal; then each deformable attention's own init (mmcv). GroupNorm / LayerNorm
+        keep (1, 0) and the encoder FFN biases PyTorch's default, as there."""
+        for conv in self.input_convs:
+            nn.init.xavier_uniform_(conv[0].weight, gain=1)
+            nn.init.zeros_(conv[0].bias)
+        for lateral, output in zip(self.lateral_convs, self.output_convs):
+            _caffe2_xavier_(lateral[0])
+            _caffe2_xavier_(output[0])
+        _caffe2_xavier_(self.mask_feature)
+        nn.init.normal_(self.level_encoding.weight, mean=0.0, std=1.0)
+        for layer in self.layers:  # mmdet: encoder.parameters(), i.e. self-attention then FFN per layer
+            for p in (*layer.attn.parameters(), *layer.ffn.parameters()):
+                if p.dim() > 1:
+                    nn.init.xavier_normal_(p)
+        for layer in self.layers:
+            layer.attn.reset_parameters()
 
     @staticmethod
     def reference_points(shapes, device, dtype) -> torch.Tensor:
