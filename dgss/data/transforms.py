@@ -6,6 +6,11 @@ stays smaller: the model pads the batch, after normalising (``SegmentationMethod
 ``SegDataPreProcessor``), so padding never enters the flip or the photometric distortion.
 Test: keep-ratio resize of the image only to fit ``size`` (long, short); the label keeps its original
 resolution, and logits are upsampled to it (Rein protocol, data spec §4).
+
+Resizing follows mmcv / mmseg (the Rein pipeline): sizes from ``ResizeShortestEdge._get_output_shape`` and
+``mmcv.rescale_size`` (``int(x · scale + 0.5)``), images bilinear without antialiasing (cv2 ``INTER_LINEAR``; torch's
+bilinear with ``antialias=False`` agrees within a grey level), labels nearest (cv2 ``INTER_NEAREST``'s indices, computed in double
+as cv2 does). ``antialias=True`` is an option, off in the paper protocol.
 """
 
 from __future__ import annotations
@@ -15,11 +20,51 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
+
+
+def mmcv_rescale_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
+    """(new_h, new_w) of ``mmcv.imrescale(img, scale)`` for a (long, short) target: the factor
+    ``min(max(scale) / max(h, w), min(scale) / min(h, w))``, each side ``int(side · factor + 0.5)``."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def shortest_edge_size(h: int, w: int, short: int, max_long: int) -> tuple[int, int]:
+    """(new_h, new_w) of mmseg's ``ResizeShortestEdge(scale=short, max_size=max_long)``: the shortest edge to
+    ``short`` (the long edge capped at ``max_long``), rounded ``int(x + 0.5)``, then handed to mmcv's keep-ratio
+    ``Resize`` as its (w, h) scale, which rescales once more (:func:`mmcv_rescale_size`)."""
+    factor = short / min(h, w)
+    new_h, new_w = (short, factor * w) if h < w else (factor * h, short)
+    if max(new_h, new_w) > max_long:
+        cap = max_long / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return mmcv_rescale_size(h, w, (int(new_w + 0.5), int(new_h + 0.5)))
+
+
+def resize_image(image: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
+    """uint8 CHW bilinear to (h, w), half-pixel centres, rounded; ``antialias=False`` = cv2 ``INTER_LINEAR``."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return v2.functional.resize(image, list(size), v2.InterpolationMode.BILINEAR, antialias=antialias)
+
+
+def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """cv2 ``resizeNN``'s source index per output index: ``min(floor(d · (1 / (out / in))), in − 1)`` in double
+    (torch's ``nearest`` uses a float32 ratio and lands one pixel lower where ``d · in / out`` is an integer)."""
+    ratio = 1.0 / (n_out / n_in)
+    return (torch.arange(n_out, dtype=torch.float64) * ratio).floor().long().clamp_(max=n_in - 1)
+
+
+def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Labels (…, H, W) nearest to (h, w) as cv2 ``INTER_NEAREST`` (mmcv ``imrescale(..., 'nearest')``)."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    ys, xs = _nearest_index(label.shape[-2], size[0]), _nearest_index(label.shape[-1], size[1])
+    return label[..., ys[:, None], xs[None, :]]
 
 
 def shortest_edges(short_edge: Sequence[int], num_scales: int) -> list[int]:
@@ -145,6 +190,7 @@ class TrainPipeline:
         scales: the shortest edges to draw from (Rein: int(512·k·0.1), k = 5..20); or ``short_edge`` = [low, high]
             with ``num_scales`` evenly spaced values; neither = no resize.
         crop: [height, width]; the model pads smaller crops to it (``SegmentationMethod.prepare_batch``).
+        antialias: antialiased downscaling; off = mmcv's cv2 bilinear (the paper protocol).
     """
 
     def __init__(
@@ -158,6 +204,7 @@ class TrainPipeline:
         flip: float = 0.5,
         photometric: bool = True,
         min_prefer_pixels: int = 1500,
+        antialias: bool = False,
     ):
         crop = (int(crop), int(crop)) if isinstance(crop, int) else tuple(int(c) for c in crop)
         if len(crop) != 2 or min(crop) <= 0:
@@ -173,17 +220,17 @@ class TrainPipeline:
         if scales is not None and (not scales or min(int(s) for s in scales) <= 0):
             raise ConfigError(f"data.train_pipeline.scales={list(scales)} must be positive shortest edges")
         self.scales = [int(s) for s in scales] if scales is not None else None
-        self.resize = (v2.RandomShortestSize(min_size=self.scales, max_size=max_long_edge, antialias=True)
-                       if self.scales else None)  # fmt: skip
+        self.max_long_edge, self.antialias = int(max_long_edge), bool(antialias)
         self.crop = crop
         self.cropper = CatMaxRatioCrop(crop, cat_max_ratio, min_prefer_pixels=min_prefer_pixels)
         self.flip = float(flip)
         self.photometric = PhotoMetricDistortion() if photometric else None
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
-        if self.resize is not None:
-            image, label = self.resize(tv_tensors.Image(image), tv_tensors.Mask(label))
-            image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+        if self.scales:  # mmseg RandomChoiceResize(ResizeShortestEdge): one shortest edge drawn uniformly
+            short = self.scales[int(torch.randint(len(self.scales), ()))]
+            size = shortest_edge_size(*image.shape[-2:], short, self.max_long_edge)
+            image, label = resize_image(image, size, self.antialias), resize_label(label, size)
         image, label = self.cropper(image, label, prefer)
         if self.flip and torch.rand(()) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
@@ -197,16 +244,14 @@ class TestPipeline:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, size: Sequence[int] | None = None):
+    def __init__(self, size: Sequence[int] | None = None, antialias: bool = False):
         self.size = tuple(size) if size is not None else None
+        self.antialias = bool(antialias)
 
     def with_size(self, size: Sequence[int]) -> TestPipeline:
-        return TestPipeline(size)
+        return TestPipeline(size, self.antialias)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prefer: int | None = None):
-        if self.size is not None:
-            h, w = image.shape[-2:]
-            long_t, short_t = max(self.size), min(self.size)
-            scale = min(long_t / max(h, w), short_t / min(h, w))
-            image = v2.functional.resize(image, [round(h * scale), round(w * scale)], antialias=True)
+        if self.size is not None:  # mmcv Resize(scale=size, keep_ratio=True): imrescale's size, cv2 bilinear
+            image = resize_image(image, mmcv_rescale_size(*image.shape[-2:], self.size), self.antialias)
         return image.contiguous(), label
