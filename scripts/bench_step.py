@@ -67,7 +67,7 @@ def hand_loop(data, steps, batch, h, w) -> list[float]:
     m = build(h, w)
     m.train()
     groups = m.param_groups()
-    opt = torch.optim.AdamW([{"params": g["params"], "lr": 1e-3 * g["lr_mult"], "weight_decay": 0.01 if g["decay"] else 0.0}
+    opt = torch.optim.AdamW([{"params": g["params"], "lr": 1e-3 * g["lr_mult"], "weight_decay": 0.01 * g["decay_mult"]}
                              for g in groups])  # fmt: skip
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=steps, power=0.9)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True)

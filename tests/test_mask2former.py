@@ -391,7 +391,11 @@ def mmdet_single_layer_losses(cls_logits, mask_logits, assignment, points, num_c
     s = p.sigmoid()
     dice = 1 - (2 * (s * t).sum(1) + 1) / (s.sum(1) + t.sum(1) + 1)
     loss_dice = dice.sum() / num_total_masks
-    return {"loss_cls": weights[0] * loss_cls, "loss_mask": weights[1] * loss_mask, "loss_dice": weights[2] * loss_dice}
+    return {
+        "loss_cls": weights[0] * loss_cls,
+        "loss_mask": weights[1] * loss_mask,
+        "loss_dice": weights[2] * loss_dice,
+    }
 
 
 def test_set_losses_equal_mmdet_including_an_image_with_nothing_labelled(monkeypatch):
@@ -441,10 +445,16 @@ def mmdet_init_weights(sd: dict, *, num_inputs: int, num_levels: int, encoder_la
     for i in range(num_levels):  # xavier_init(conv, gain=1, bias=0, distribution='uniform')
         torch.nn.init.xavier_uniform_(sd[f"{pd}.input_convs.{i}.conv.weight"], gain=1)
         torch.nn.init.constant_(sd[f"{pd}.input_convs.{i}.conv.bias"], 0)
-    for i in range(num_inputs - num_levels):  # caffe2_xavier_init = kaiming_init(a=1, fan_in, leaky_relu, uniform)
+    for i in range(
+        num_inputs - num_levels
+    ):  # caffe2_xavier_init = kaiming_init(a=1, fan_in, leaky_relu, uniform)
         for name in (f"{pd}.lateral_convs.{i}.conv", f"{pd}.output_convs.{i}.conv"):
-            torch.nn.init.kaiming_uniform_(sd[f"{name}.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu")
-    torch.nn.init.kaiming_uniform_(sd[f"{pd}.mask_feature.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu")
+            torch.nn.init.kaiming_uniform_(
+                sd[f"{name}.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu"
+            )
+    torch.nn.init.kaiming_uniform_(
+        sd[f"{pd}.mask_feature.weight"], a=1, mode="fan_in", nonlinearity="leaky_relu"
+    )
     torch.nn.init.constant_(sd[f"{pd}.mask_feature.bias"], 0)
     torch.nn.init.normal_(sd[f"{pd}.level_encoding.weight"], 0, 1)
     enc = [k for k in sd if k.startswith(f"{pd}.encoder.")]  # encoder.parameters(): module construction order
@@ -514,4 +524,6 @@ def test_a_new_head_starts_where_mmdet_init_weights_puts_it():
     untouched = [k for k in keys if torch.equal(theirs[k], before[name[k]])]
     assert "decode_head.cls_embed.weight" in untouched and "decode_head.querys2feat.weight" in untouched
     assert "decode_head.transformer_decoder.layers.0.ffn.layers.0.0.bias" in untouched
-    assert not torch.equal(ours["pixel_decoder.layers.0.ffn.0.weight"], before["pixel_decoder.layers.0.ffn.0.weight"])
+    assert not torch.equal(
+        ours["pixel_decoder.layers.0.ffn.0.weight"], before["pixel_decoder.layers.0.ffn.0.weight"]
+    )

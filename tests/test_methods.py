@@ -51,8 +51,8 @@ def test_full_trains_everything_with_backbone_at_a_tenth(tmp_path):
     m = make_method(FullFineTune)
     before = snapshot(m)
     trainer(tmp_path).fit(m, make_dm())
-    lrs = {(g["lr_mult"], g["decay"]): g for g in m.trainer.optimizers[0].param_groups}
-    assert set(lrs) == {(0.1, True), (0.1, False), (1.0, True), (1.0, False)}
+    lrs = {(g["lr_mult"], g["decay_mult"]): g for g in m.trainer.optimizers[0].param_groups}
+    assert set(lrs) == {(0.1, 1.0), (1.0, 1.0), (1.0, 0.0)}  # backbone (its key wins), head, head norms
     named = dict(m.named_parameters())
     changed = {k for k, v in named.items() if not torch.equal(v.detach(), before[k])}
     # every parameter received an update; the (unused) mask token is frozen, the final norm is dropped
@@ -61,28 +61,119 @@ def test_full_trains_everything_with_backbone_at_a_tenth(tmp_path):
     assert not any(k.startswith("backbone.model.norm.") for k in named)
 
 
-def test_param_groups_no_decay_on_norms_biases_tokens():
-    m = make_method(FullFineTune)
-    groups = m.param_groups()
-    decay = {n for g in groups if g["decay"] for n in g["names"]}
-    no_decay = {n for g in groups if not g["decay"] for n in g["names"]}
-    for n in ("backbone.model.pos_embed", "backbone.model.cls_token", "backbone.model.reg_token",
-              "backbone.model.blocks.0.norm1.weight", "backbone.model.blocks.0.attn.qkv.bias",
-              "backbone.model.blocks.0.ls1.gamma", "head.fuse.1.weight", "head.classifier.bias"):  # fmt: skip
-        assert n in no_decay, n
-    for n in ("backbone.model.blocks.0.attn.qkv.weight", "backbone.model.patch_embed.proj.weight",
-              "head.classifier.weight", "head.fuse.0.weight"):  # fmt: skip
-        assert n in decay, n
-    mults = {n: g["lr_mult"] for g in groups for n in g["names"]}
-    assert mults["backbone.model.blocks.0.attn.qkv.weight"] == 0.1 and mults["head.classifier.weight"] == 1.0
-    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+def mmengine_param_settings(model, base_lr, base_wd, paramwise_cfg):
+    """{name: (lr, weight_decay)} as w1oves/Rein's ``PEFTOptimWrapperConstructor.add_params`` (mmengine's
+    ``DefaultOptimWrapperConstructor`` rule) assigns them, re-derived from its source: recursion over
+    ``named_children`` with ``prefix.name``; custom keys sorted alphabetically then by length, longest first, matched
+    as substrings, and a match skips every other rule; else ``norm_decay_mult`` for norm layers, ``bias_decay_mult``
+    for ``bias``, ``flat_decay_mult`` for other 1-D tensors (depth-wise convs do not occur here)."""
+    custom = paramwise_cfg.get("custom_keys", {})
+    keys = sorted(sorted(custom), key=len, reverse=True)
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm,
+                  torch.nn.GroupNorm, torch.nn.LayerNorm)  # fmt: skip
+    out = {}
+
+    def add(module, prefix):
+        is_norm = isinstance(module, norm_types)
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            lr, wd = base_lr, base_wd
+            for key in keys:
+                if key in f"{prefix}.{name}":
+                    lr = base_lr * custom[key].get("lr_mult", 1.0)
+                    wd = base_wd * custom[key].get("decay_mult", 1.0)
+                    break
+            else:
+                if is_norm and paramwise_cfg.get("norm_decay_mult") is not None:
+                    wd = base_wd * paramwise_cfg["norm_decay_mult"]
+                elif name == "bias" and paramwise_cfg.get("bias_decay_mult") is not None:
+                    wd = base_wd * paramwise_cfg["bias_decay_mult"]
+                elif param.ndim == 1 and paramwise_cfg.get("flat_decay_mult") is not None:
+                    wd = base_wd * paramwise_cfg["flat_decay_mult"]
+            out[full] = (lr, wd)
+        for child_name, child in module.named_children():
+            add(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    add(model, "")
+    return out
 
 
-def test_lr_mults_longest_prefix_wins():
-    m = make_method(FullFineTune, lr_mults={"backbone.model.blocks.1": 0.5})
-    mults = {n: g["lr_mult"] for g in m.param_groups() for n in g["names"]}
-    assert mults["backbone.model.blocks.1.mlp.fc1.weight"] == 0.5
-    assert mults["backbone.model.blocks.0.mlp.fc1.weight"] == 0.1
+EMBED = {"lr_mult": 1.0, "decay_mult": 0.0}
+REIN_CFG = {"custom_keys": {"norm": {"decay_mult": 0.0}, "query_embed": EMBED, "level_embed": EMBED,
+                            "learnable_tokens": EMBED, "reins.scale": EMBED}, "norm_decay_mult": 0.0}  # fmt: skip
+OFFICIAL_PARAMWISE = {  # the official configs, as written there (w1oves/Rein)
+    "rein": REIN_CFG,  # configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py
+    # configs/dinov2/dinov2_mask2former_512x512_bs1x4.py + backbone=dict(lr_mult=0.1) (issue #97)
+    "full": {**REIN_CFG, "custom_keys": {**REIN_CFG["custom_keys"], "backbone": {"lr_mult": 0.1}}},
+    # configs/frozen_vfms/dinov2-L_mask2former.py
+    "frozen": {
+        "custom_keys": {
+            "query_embed": EMBED,
+            "query_feat": EMBED,
+            "level_embed": EMBED,
+            "norm": {"decay_mult": 0.0},
+        },
+        "norm_decay_mult": 0.0,
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("method", sorted(OFFICIAL_PARAMWISE))
+def test_parameter_groups_follow_the_official_configs(compose_cfg, method, monkeypatch):
+    """The optimizer dgss builds gives every trainable tensor the lr and weight decay the official config gives it
+    (Mask2Former head, DINOv2 as in the paper's recipes): biases of Linears and convs decay at 0.05; norms, query /
+    level embeddings, Rein's tokens and scale do not."""
+    from dgss.config import build_method
+
+    cfg = compose_cfg([f"experiment=gta2cbm/{method}_dinov2_l", "debug=tiny", "head=mask2former"])
+    m = build_method(cfg)
+    monkeypatch.setattr(m, "build_scheduler", lambda opt: None)
+    opt = m.configure_optimizers()["optimizer"]
+    base_lr, base_wd = opt.defaults["lr"], opt.defaults["weight_decay"]
+    assert (base_lr, base_wd) == (1e-4, 0.05)
+    ours = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            ours[id(p)] = (g["lr"], g["weight_decay"])
+    named = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    want = mmengine_param_settings(m, base_lr, base_wd, OFFICIAL_PARAMWISE[method])
+    assert set(want) == set(named)
+    for n, p in named.items():
+        assert ours[id(p)] == pytest.approx(want[n]), n
+    # the substring "norm" marks exactly the norm layers' tensors, as in the official module tree
+    modules = dict(m.named_modules())
+    for n in named:
+        if "norm" in n:
+            assert isinstance(modules[n.rsplit(".", 1)[0]], (torch.nn.LayerNorm, torch.nn.GroupNorm)), n
+    got = {n: ours[id(p)][1] for n, p in named.items()}
+    assert got["head.pixel_decoder.input_convs.0.0.bias"] == got["head.cls_embed.bias"] == 0.05
+    assert (
+        got["head.pixel_decoder.input_convs.0.1.weight"] == got["head.layers.0.norms.0.bias"] == 0.0
+    )  # GN, LN
+    assert got["head.level_embed.weight"] == 0.0 and got["head.pixel_decoder.level_encoding.weight"] == 0.05
+    if method == "rein":
+        assert (
+            got["reins.mlp_delta_f.bias"] == 0.05
+            and got["reins.scale"] == got["reins.learnable_tokens_a"] == 0
+        )
+        assert got["head.querys2feat.bias"] == 0.05
+    if method == "full":  # "backbone" is the longer key: backbone norms, biases and tokens decay, at lr 1e-5
+        assert got["backbone.model.blocks.0.norm1.weight"] == got["backbone.model.pos_embed"] == 0.05
+        assert ours[id(named["backbone.model.blocks.0.norm1.weight"])][0] == pytest.approx(1e-5)
+    if method == "frozen":
+        assert got["head.query_feat.weight"] == 0.0
+
+
+def test_a_configured_key_overrides_the_recipe_longest_key_first():
+    m = make_method(FullFineTune, paramwise={"custom_keys": {"backbone.model.blocks.1": {"lr_mult": 0.5}}})
+    mults = {n: (g["lr_mult"], g["decay_mult"]) for g in m.param_groups() for n in g["names"]}
+    assert mults["backbone.model.blocks.1.mlp.fc1.weight"] == (0.5, 1.0)
+    assert mults["backbone.model.blocks.0.mlp.fc1.weight"] == (0.1, 1.0)
+    assert mults["head.classifier.bias"] == (1.0, 1.0)
+    with pytest.raises(ConfigError, match="custom_keys.norm may set only lr_mult, decay_mult"):
+        make_method(FullFineTune, paramwise={"custom_keys": {"norm": {"decay": 0.0}}})
 
 
 def test_frozen_backbone_bit_identical_eval_mode_and_not_in_optimizer(tmp_path):

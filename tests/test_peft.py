@@ -211,5 +211,5 @@ def test_cobot_core_at_identity_is_plain_lora_for_any_a_b_and_its_lr_multipliers
     mults = {n: g["lr_mult"] for g in cob.param_groups() for n in g["names"]}
     assert mults["cobot.coef"] == mults["cobot.relation"] == mults["cobot.q_r"] == 10.0
     assert mults["cobot.gamma"] == 1.0 and mults["head.classifier.weight"] == 1.0
-    decay = {n for g in cob.param_groups() if g["decay"] for n in g["names"]}
+    decay = {n for g in cob.param_groups() if g["decay_mult"] > 0 for n in g["names"]}
     assert not any(n.startswith("cobot.") for n in decay)

@@ -184,7 +184,7 @@ def test_rein_trains_with_frozen_backbone_on_every_family(compose_cfg, backbone,
     assert captured["modes"] and not any(captured["modes"])
     opt = {id(p) for g in m.trainer.optimizers[0].param_groups for p in g["params"]}
     assert opt == {id(p) for p in [*m.reins.parameters(), *m.head.parameters()]}
-    no_decay = {n for g in m.param_groups() if not g["decay"] for n in g["names"]}
+    no_decay = {n for g in m.param_groups() if g["decay_mult"] == 0 for n in g["names"]}
     assert {"reins.learnable_tokens_a", "reins.learnable_tokens_b", "reins.scale"} <= no_decay
     assert "reins.mlp_delta_f.weight" not in no_decay
 

@@ -33,7 +33,9 @@ def test_rein_scales_in_every_real_data_config(compose_cfg):
         ).data.train_pipeline  # composed: the shared data/_real.yaml included
         assert tp["scales"] == REIN_SCALES and tp["crop"] == [512, 512] and tp["cat_max_ratio"] == 0.75
         assert tp["max_long_edge"] == 2048 and tp["flip"] == 0.5 and tp["photometric"]
-    pipe = TrainPipeline(crop=(4096, 4096), scales=REIN_SCALES, flip=0.0, photometric=False, cat_max_ratio=1.0)
+    pipe = TrainPipeline(
+        crop=(4096, 4096), scales=REIN_SCALES, flip=0.0, photometric=False, cat_max_ratio=1.0
+    )
     torch.manual_seed(0)
     seen = set()
     for _ in range(40):
@@ -219,12 +221,17 @@ def test_train_sizes_are_mmsegs_for_every_data_set_and_scale():
     truncating = 0  # torchvision's RandomShortestSize (dgss before issue 17) floors the long side
     for h, w in NATIVE.values():
         for short in REIN_SCALES:
-            assert shortest_edge_size(h, w, short, 2048) == mmseg_shortest_edge_shape(h, w, short, 2048), (h, w)
+            assert shortest_edge_size(h, w, short, 2048) == mmseg_shortest_edge_shape(h, w, short, 2048), (
+                h,
+                w,
+            )
             f = short / min(h, w)
             old = (short, int(w * f)) if h < w else (int(h * f), short)
             old = old if max(old) <= 2048 else None
             truncating += old is not None and old != mmseg_shortest_edge_shape(h, w, short, 2048)
-    assert shortest_edge_size(1052, 1914, 256, 2048) == (256, 466) and truncating >= 20  # GTAV at 256: not 465
+    assert (
+        shortest_edge_size(1052, 1914, 256, 2048) == (256, 466) and truncating >= 20
+    )  # GTAV at 256: not 465
     # the 1024 recipe (shortest 512-2048, long <= 4096) and a portrait image
     assert shortest_edge_size(1052, 1914, 2048, 4096) == mmseg_shortest_edge_shape(1052, 1914, 2048, 4096)
     assert shortest_edge_size(1914, 1052, 307, 2048) == mmseg_shortest_edge_shape(1914, 1052, 307, 2048)
@@ -241,7 +248,9 @@ def test_train_and_test_resizing_equal_cv2_bilinear_and_nearest_within_a_grey_le
     for size in [(40, 73), (64, 116), (200, 364), (105, 191)]:  # down, down, up, same
         ours = resize_image(t_img, size)[0].numpy().astype(int)
         assert np.abs(ours - cv2_inter_linear(img, *size).astype(int)).max() <= 1, size
-        assert np.array_equal(resize_label(torch.from_numpy(lab), size).numpy(), cv2_inter_nearest(lab, *size))
+        assert np.array_equal(
+            resize_label(torch.from_numpy(lab), size).numpy(), cv2_inter_nearest(lab, *size)
+        )
     blurred = resize_image(t_img, (40, 73), antialias=True)[0].numpy().astype(int)
     assert np.abs(blurred - cv2_inter_linear(img, 40, 73).astype(int)).max() > 20  # what antialiasing changed
     # the whole train step: resize (drawn scale) -> crop (the whole image here); the label follows nearest
@@ -258,4 +267,6 @@ def test_train_and_test_resizing_equal_cv2_bilinear_and_nearest_within_a_grey_le
     small = TestPipeline((96, 50))(t_img, torch.from_numpy(lab))[0]  # factor min(96/191, 50/105)
     f = min(96 / 191, 50 / 105)
     assert tuple(small.shape[-2:]) == (int(105 * f + 0.5), int(191 * f + 0.5))
-    assert np.abs(small[0].numpy().astype(int) - cv2_inter_linear(img, *small.shape[-2:]).astype(int)).max() <= 1
+    assert (
+        np.abs(small[0].numpy().astype(int) - cv2_inter_linear(img, *small.shape[-2:]).astype(int)).max() <= 1
+    )

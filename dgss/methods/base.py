@@ -1,13 +1,13 @@
 """``SegmentationMethod``: everything a tuning method shares, so that a method file only says what trains.
 
-The base owns the training / validation steps, per-domain IoU, parameter groups (no weight decay on norms,
-biases and position / cls / register tokens; per-module lr multipliers), AdamW (or any partial optimizer),
+The base owns the training / validation steps, per-domain IoU, parameter groups (mmengine's ``paramwise_cfg`` rule as
+the official configs use it: :mod:`dgss.methods.paramwise`), AdamW (or any partial optimizer),
 the poly schedule with optional linear warm-up, frozen modules kept in eval mode, checkpoints that drop
 frozen backbone tensors (re-attached from the weights file on load), and the parameter summary.
 
 A method is one file: a dataclass of its options (registered as its Hydra schema) and a subclass that overrides
-:meth:`configure_tuning` (freeze, wrap, add modules) and, where it needs them, ``default_lr_mults``,
-``extra_no_decay`` or the step hooks. Tuning is built once, in :meth:`configure_model` (Lightning calls it before
+:meth:`configure_tuning` (freeze, wrap, add modules) and, where it needs them, ``recipe_custom_keys`` (its
+official config's parameter-group keys) or the step hooks. Tuning is built once, in :meth:`configure_model` (Lightning calls it before
 fit / validate; ``dgss.config.build_method`` right after construction), never from a constructor.
 
 Eval mode, one rule: modules a method freezes (:meth:`freeze`) run in eval mode; modules it places inside them and
@@ -39,15 +39,12 @@ from dgss.checkpoint import (
 from dgss.compat import grad_norm
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError, TrainingAborted
+from dgss.methods.paramwise import ParamwiseOptions, describe_groups, group_parameters
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, SegmentationHead
 from dgss.options import Options
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
-DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "register", "mask_token", "rel_pos", "level_embed",
-                    "query_embed")  # fmt: skip
 
 
 @dataclass
@@ -94,12 +91,9 @@ class MethodConfig:
     num_classes: int = 19  # checked against the data at fit / validate time
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
-    lr_mults: dict[str, float] = field(
-        default_factory=dict
-    )  # per module path, longest match; over the method's own
-    no_decay: list[str] = field(
-        default_factory=lambda: list(DEFAULT_NO_DECAY)
-    )  # name substrings without decay
+    paramwise: ParamwiseOptions = field(
+        default_factory=ParamwiseOptions
+    )  # groups: keys over the method's own
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     max_nonfinite: int = (
         10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
@@ -121,11 +115,10 @@ class SegmentationMethod(pl.LightningModule):
         head: a factory ``head(in_channels=..., num_classes=...)`` (a Hydra partial).
         optimizer: a factory ``optimizer(param_groups)`` carrying ``lr`` and ``weight_decay`` (a Hydra partial).
         scheduler, inference: :class:`SchedulerOptions`, :class:`InferenceOptions` (or their dicts).
-        num_classes, lr_mults, no_decay, max_nonfinite: as :class:`MethodConfig`.
+        num_classes, paramwise, max_nonfinite: as :class:`MethodConfig`.
     """
 
-    default_lr_mults: dict[str, float] = {}
-    extra_no_decay: tuple[str, ...] = ()  # name substrings a method adds to ``no_decay``
+    recipe_custom_keys: dict[str, dict[str, float]] = {}  # the official config's keys; method.paramwise's win
 
     def __init__(
         self,
@@ -134,8 +127,7 @@ class SegmentationMethod(pl.LightningModule):
         num_classes: int = MethodConfig.num_classes,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: SchedulerOptions | dict | None = None,
-        lr_mults: dict[str, float] | None = None,
-        no_decay: Sequence[str] | None = None,
+        paramwise: ParamwiseOptions | dict | None = None,
         inference: InferenceOptions | dict | None = None,
         max_nonfinite: int = MethodConfig.max_nonfinite,
     ):
@@ -149,8 +141,7 @@ class SegmentationMethod(pl.LightningModule):
         self.optimizer_factory = optimizer or default_optimizer()
         self.scheduler_options = SchedulerOptions.of(scheduler, "method.scheduler")
         self.inference_options = InferenceOptions.of(inference, "method.inference")
-        self.lr_mults = {**self.default_lr_mults, **(lr_mults or {})}
-        self.no_decay = (*(DEFAULT_NO_DECAY if no_decay is None else no_decay), *self.extra_no_decay)
+        self.paramwise = ParamwiseOptions.of(paramwise, "method.paramwise")
         self.max_nonfinite = int(max_nonfinite)
         self.nonfinite = {"total": 0, "streak": 0}
         self.domains: list[str] = []
@@ -365,33 +356,31 @@ class SegmentationMethod(pl.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     # -------------------------------------------------------------------- optimizer, schedule
+    def paramwise_options(self) -> ParamwiseOptions:
+        """``method.paramwise`` with the method's recipe keys underneath (a key set in the config wins)."""
+        o = self.paramwise
+        return ParamwiseOptions(custom_keys={**self.recipe_custom_keys, **o.custom_keys},
+                                norm_decay_mult=o.norm_decay_mult, bias_decay_mult=o.bias_decay_mult,
+                                flat_decay_mult=o.flat_decay_mult)  # fmt: skip
+
     def param_groups(self) -> list[dict]:
-        """Trainable parameters grouped by (lr multiplier, decay); norms, biases and tokens get no decay."""
-        no_decay_names = set()
-        for mname, mod in self.named_modules():
-            if isinstance(mod, NORM_TYPES):
-                no_decay_names.update(f"{mname}.{p}" for p, _ in mod.named_parameters(recurse=False))
-        groups: dict[tuple[float, bool], dict] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            decay = not (name in no_decay_names or p.ndim <= 1 or any(k in name for k in self.no_decay))
-            prefixes = [k for k in self.lr_mults if name == k or name.startswith(k + ".")]
-            mult = self.lr_mults[max(prefixes, key=len)] if prefixes else 1.0
-            g = groups.setdefault((mult, decay), {"params": [], "names": [], "lr_mult": mult, "decay": decay})
-            g["params"].append(p)
-            g["names"].append(name)
+        """Trainable parameters grouped by (lr_mult, decay_mult) as mmengine's paramwise_cfg groups them."""
+        groups = group_parameters(self, self.paramwise_options())
         if not groups:
             raise ConfigError(f"method {type(self).__name__} has no trainable parameters")
-        return list(groups.values())
+        return groups
 
     def configure_optimizers(self):
         groups = self.param_groups()
-        opt = self.optimizer_factory([{k: v for k, v in g.items() if k != "names"} for g in groups])
+        opt = self.optimizer_factory(
+            [{k: v for k, v in g.items() if k not in ("names", "rules")} for g in groups]
+        )
+        base_lr, base_wd = opt.defaults["lr"], opt.defaults.get("weight_decay", 0.0)
         for g in opt.param_groups:
             g["lr"] = g["lr"] * g["lr_mult"]
-            if not g["decay"]:
-                g["weight_decay"] = 0.0
+            g["weight_decay"] = g["weight_decay"] * g["decay_mult"]
+        console.info(f"parameter groups ({type(opt).__name__}, lr {base_lr:.3g}, weight decay {base_wd:.3g}):\n"
+                     + describe_groups(groups, base_lr, base_wd))  # fmt: skip
         return {
             "optimizer": opt,
             "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"},

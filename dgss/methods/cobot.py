@@ -128,7 +128,6 @@ class Cobot(PEFTMethod):
     """COBOT over ``base`` = ``lora`` (rank r, slices q and v per block) or ``adaptformer`` (bottleneck V); ``peft``:
     the base's options (:class:`CobotLoRAOptions` / :class:`AdapterOptions`), ``cobot``: :class:`CobotOptions`."""
 
-    extra_no_decay = ("cobot.",)
     BASES = {"lora": CobotLoRAOptions, "adaptformer": AdapterOptions}
 
     def __init__(self, *args, base: Literal["lora", "adaptformer"] = "lora", cobot: CobotOptions | dict | None = None,
@@ -137,12 +136,13 @@ class Cobot(PEFTMethod):
             raise ConfigError(f"method.base={base!r}; choose lora or adaptformer")
         peft = self.BASES[base].of(kwargs.pop("peft", None), "method.peft")
         options = CobotOptions.of(cobot, "method.cobot")
-        lr_mults = {**(kwargs.pop("lr_mults", None) or {})}
-        for name in ("coef", "relation", "q_r", "q_i", "q_j", "q_k", "linear"):
-            lr_mults.setdefault(f"cobot.{name}", options.lr_mult)
-        lr_mults.setdefault("cobot.gamma", options.lr_mult_gamma)
-        super().__init__(*args, peft=peft, lr_mults=lr_mults, **kwargs)
+        super().__init__(*args, peft=peft, **kwargs)
         self.base_kind, self.cobot_options = base, options
+        # spec §7: no decay on C, S, the heads and γ (decay would pull them off their init); C, S and the heads at
+        # cobot.lr_mult (the official medical recipe's 100x group), γ at cobot.lr_mult_gamma
+        keys = {"cobot.": {"lr_mult": options.lr_mult, "decay_mult": 0.0}}
+        keys["cobot.gamma"] = {"lr_mult": options.lr_mult_gamma, "decay_mult": 0.0}
+        self.recipe_custom_keys = keys
 
     def place(self, backbone) -> list[nn.Module]:
         init, o = self.cobot_options.init, self.peft_options

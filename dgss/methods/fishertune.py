@@ -315,7 +315,7 @@ class FisherTune(SegmentationMethod):
                 )
         mult = self.options.optim.backbone_lr_mult
         groups.append(
-            {"params": [], "names": [], "lr_mult": mult, "decay": False, "name": "backbone_selected"}
+            {"params": [], "names": [], "lr_mult": mult, "decay_mult": 0.0, "name": "backbone_selected"}
         )
         return groups
 

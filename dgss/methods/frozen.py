@@ -14,6 +14,9 @@ class FrozenConfig(MethodConfig):
 
 
 class FrozenBackbone(SegmentationMethod):
+    # configs/frozen_vfms/dinov2-L_mask2former.py adds query_feat to the keys without decay
+    recipe_custom_keys = {"query_feat": {"decay_mult": 0.0}}
+
     def configure_tuning(self) -> None:
         self.freeze(self.backbone)
 

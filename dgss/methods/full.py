@@ -14,7 +14,9 @@ class FullConfig(MethodConfig):
 
 
 class FullFineTune(SegmentationMethod):
-    default_lr_mults = {"backbone": 0.1}
+    # Rein's full fine-tuning baseline: its 512 config plus backbone=dict(lr_mult=0.1) in custom_keys (w1oves/Rein
+    # issue #97); mmengine tries the longer key first, so "backbone" (not "norm") decides for every backbone tensor
+    recipe_custom_keys = {"backbone": {"lr_mult": 0.1}}
 
 
 register(FullConfig, "method", "full_schema")

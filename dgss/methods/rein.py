@@ -165,7 +165,9 @@ class Rein(SegmentationMethod):
     parameters would stall DDP.
     """
 
-    extra_no_decay = ("learnable_tokens",)  # Rein's recipe; the scalar scale is 0-d, so no decay either
+    # configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py: the tokens and the scale without decay (the rest of
+    # Rein, biases included, decays at the base rate)
+    recipe_custom_keys = {"learnable_tokens": {"decay_mult": 0.0}, "reins.scale": {"decay_mult": 0.0}}
 
     def __init__(self, *args, rein: ReinOptions | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
