@@ -27,9 +27,9 @@ def build(cls, name, meta=True, img_size=224, model_kwargs=None, **kw):
 @pytest.mark.parametrize(
     "cls, name, kw, want",
     [(LoRA, "vit_base_patch16_224", {"peft": {"rank": 4}}, 147_456),
-     (AdaptFormer, "vit_base_patch16_224", {"peft": {"bottleneck": 16}}, 322_752),
+     (AdaptFormer, "vit_base_patch16_224", {"peft": {"bottleneck": 16, "norm": True}}, 322_752),
      (LoRA, "vit_large_patch14_dinov2", {"peft": {"rank": 8}}, 786_432),
-     (AdaptFormer, "vit_large_patch14_dinov2", {"peft": {"bottleneck": 64, "norm": False}}, 3_171_840),
+     (AdaptFormer, "vit_large_patch14_dinov2", {}, 3_171_840),  # the defaults: Chen et al.'s original
      (VPT, "vit_large_patch14_dinov2", {"peft": {"num_tokens": 150}}, 3_686_400)],
 )  # fmt: skip
 def test_base_parameter_counts(cls, name, kw, want):
@@ -213,3 +213,98 @@ def test_cobot_core_at_identity_is_plain_lora_for_any_a_b_and_its_lr_multipliers
     assert mults["cobot.gamma"] == 1.0 and mults["head.classifier.weight"] == 1.0
     decay = {n for g in cob.param_groups() if g["decay_mult"] > 0 for n in g["names"]}
     assert not any(n.startswith("cobot.") for n in decay)
+
+
+# ------------------------------------------------------------------ AdaptFormer as the official code computes it
+def _randomise_adapters(m):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.backbone.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return m
+
+
+def chen_block(blk, adapter_sd, x, scale):
+    """ShoufaChen/AdaptFormer ``Block.forward`` (ffn_option parallel, layernorm_option none) on a timm block's
+    tensors: ``x = x + attn; adapt = s · up(relu(down(x))); x = x + mlp(norm2(x)) + adapt`` (dropout off). On a
+    LayerScale block (DINOv2) the MLP term is ``ls2(mlp(norm2(x)))``; the adapter term stays unscaled."""
+    x = x + blk.ls1(blk.attn(blk.norm1(x)))
+    h = torch.relu(x @ adapter_sd["down.weight"].T + adapter_sd["down.bias"])
+    adapt = scale * (h @ adapter_sd["up.weight"].T + adapter_sd["up.bias"])
+    return x + blk.ls2(blk.mlp(blk.norm2(x))) + adapt
+
+
+def cobot_block(blk, adapter_sd, x, inside_ls2):
+    """SAM-COBOT's adapter (``remote/model``: the adapter wraps the MLP with its own LayerNorm, scale 1):
+    ``mlp'(u) = mlp(u) + up(relu(down(LN(u))))``, u = norm2(x); ``inside_ls2`` = DINOv2's ls2 over both terms."""
+    x = x + blk.ls1(blk.attn(blk.norm1(x)))
+    u = blk.norm2(x)
+    a = torch.nn.functional.layer_norm(
+        u, (u.shape[-1],), adapter_sd["ln.weight"], adapter_sd["ln.bias"], 1e-5
+    )
+    adapt = torch.relu(a @ adapter_sd["down.weight"].T + adapter_sd["down.bias"]) @ adapter_sd["up.weight"].T
+    adapt = adapt + adapter_sd["up.bias"]
+    mlp = blk.mlp(u)
+    return x + (blk.ls2(mlp + adapt) if inside_ls2 else blk.ls2(mlp) + adapt)
+
+
+@pytest.mark.parametrize("position", ["after_ls2", "inside_mlp"])
+def test_adaptformer_block_equals_chen_et_al_and_sam_cobot(position):
+    """A DINOv2 block (LayerScale 1e-5-like gammas made distinct) with random adapters: the default AdaptFormer is
+    Chen et al.'s block exactly; SAM-COBOT's variant joins after ls2 by default, and ``inside_mlp`` is the scaled
+    variant (the adapter term multiplied by ls2, measured below)."""
+    torch.manual_seed(0)
+    kw = dict(meta=False, img_size=28, model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 4})
+    plain = build(AdaptFormer, "vit_small_patch14_dinov2", peft={"position": position}, **kw)
+    cob = build(Cobot, "vit_small_patch14_dinov2", base="adaptformer", peft={"position": position}, **kw)
+    for m in (plain, cob):
+        _randomise_adapters(m)
+        for blk in m.backbone.model.blocks:
+            with torch.no_grad():
+                blk.ls2.gamma.uniform_(0.05, 0.5)
+        m.eval()
+    x = torch.randn(2, 10, plain.backbone.embed_dim)
+    for m, kind in ((plain, "chen"), (cob, "cobot")):
+        blk = m.backbone.model.blocks[0]
+        sd = {k.split("adapter.", 1)[1]: v for k, v in blk.state_dict().items() if "adapter." in k}
+        orig = types_simple_block(blk)
+        with torch.no_grad():
+            got = blk(x)
+            if kind == "chen":
+                want = chen_block(orig, sd, x, 0.1)
+                if position == "inside_mlp":  # the scaled variant: ls2 multiplies the adapter term too
+                    want = x + orig.ls1(orig.attn(orig.norm1(x)))
+                    want = want + orig.ls2(orig.mlp(orig.norm2(want)) + 0.1 * (torch.relu(
+                        want @ sd["down.weight"].T + sd["down.bias"]) @ sd["up.weight"].T + sd["up.bias"]))  # fmt: skip
+            else:
+                want = cobot_block(orig, sd, x, inside_ls2=position == "inside_mlp")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def types_simple_block(blk):
+    """The block's own frozen modules, unwrapped (norm2, mlp and drop_path2 as timm built them)."""
+    import types
+
+    norm2 = blk.norm2.norm
+    mlp = blk.mlp.inner if hasattr(blk.mlp, "adapter") else blk.mlp
+    return types.SimpleNamespace(
+        norm1=blk.norm1, attn=blk.attn, ls1=blk.ls1, ls2=blk.ls2, norm2=norm2, mlp=mlp
+    )
+
+
+def test_adaptformer_defaults_are_chen_et_al_and_cobot_keeps_sam_cobots_variant(compose_cfg):
+    from dgss.methods.cobot import CobotAdapterOptions
+    from dgss.methods.peft import AdapterOptions
+
+    assert AdapterOptions() == AdapterOptions(bottleneck=64, scale=0.1, dropout=0.1, norm=False, input="block",
+                                              position="after_ls2")  # fmt: skip
+    assert CobotAdapterOptions() == CobotAdapterOptions(bottleneck=16, scale=1.0, dropout=0.1, norm=True,
+                                                        input="mlp", position="after_ls2")  # fmt: skip
+    for exp, want in (("gta2cbm/adaptformer_dinov2_l", 64), ("gta2cbm/cobot_adaptformer_dinov2_l", 16)):
+        peft = compose_cfg([f"experiment={exp}"]).method.peft
+        assert (
+            peft.bottleneck == want
+            and peft.norm == (want == 16)
+            and peft.input == ("mlp" if want == 16 else "block")
+        )

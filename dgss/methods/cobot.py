@@ -111,6 +111,18 @@ class CobotLoRAOptions(Options):
 
 
 @dataclass
+class CobotAdapterOptions(AdapterOptions):
+    """``method.peft`` of COBOT over AdaptFormer: SAM-COBOT's variant (``remote/model``: bottleneck V = 16 with the
+    adapter's own LayerNorm, scale 1, reading the MLP's input); the output joins after LayerScale (spec §8:
+    the faithful transfer to DINOv2 / EVA02; the same as inside the MLP on SAM, which has no LayerScale)."""
+
+    bottleneck: int = 16
+    scale: float = 1.0
+    norm: bool = True
+    input: Literal["block", "mlp"] = "mlp"
+
+
+@dataclass
 class CobotLoRAConfig(MethodConfig):
     _target_: str = "dgss.methods.cobot.Cobot"
     base: Literal["lora", "adaptformer"] = "lora"
@@ -121,14 +133,14 @@ class CobotLoRAConfig(MethodConfig):
 @dataclass
 class CobotAdaptFormerConfig(CobotLoRAConfig):
     base: Literal["lora", "adaptformer"] = "adaptformer"
-    peft: AdapterOptions = field(default_factory=AdapterOptions)
+    peft: CobotAdapterOptions = field(default_factory=CobotAdapterOptions)
 
 
 class Cobot(PEFTMethod):
     """COBOT over ``base`` = ``lora`` (rank r, slices q and v per block) or ``adaptformer`` (bottleneck V); ``peft``:
     the base's options (:class:`CobotLoRAOptions` / :class:`AdapterOptions`), ``cobot``: :class:`CobotOptions`."""
 
-    BASES = {"lora": CobotLoRAOptions, "adaptformer": AdapterOptions}
+    BASES = {"lora": CobotLoRAOptions, "adaptformer": CobotAdapterOptions}
 
     def __init__(self, *args, base: Literal["lora", "adaptformer"] = "lora", cobot: CobotOptions | dict | None = None,
                  **kwargs):  # fmt: skip

@@ -1,4 +1,4 @@
-"""Classic PEFT on a frozen backbone: LoRA, AdaptFormer and VPT-deep (the Rein paper's baselines, COBOT's bases).
+"""Classic PEFT on a frozen backbone: LoRA, AdaptFormer (Chen et al.'s original) and VPT-deep (the Rein paper's baselines, COBOT's bases).
 
 All three freeze the backbone (kept in eval mode) and train their own modules plus the head; checkpoints hold
 those alone (the base drops the frozen backbone tensors). Modules are placed through
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import timm
@@ -82,30 +82,66 @@ class LinearLoRA(nn.Module):
 
 
 class Adapter(nn.Module):
-    """AdaptFormer: mlp′(u) = mlp(u) + s · up(dropout(relu(core(down(norm(u)))))), beside the block's MLP.
+    """AdaptFormer's bottleneck: z ↦ s · up(dropout(relu(core(down(norm(z)))))). ``norm``: the adapter's own
+    LayerNorm (SAM-COBOT's recipe; Chen et al.'s original has none). Init as ShoufaChen/AdaptFormer's ``lora``
+    option: down Kaiming-uniform (a = √5) with a zero bias, up zero, so the block is unchanged at step 0."""
 
-    ``norm``: the adapter's own LayerNorm (SAM-COBOT's recipe; the Rein table's baseline has none). Down keeps
-    nn.Linear's Kaiming-uniform weight with a zero bias; up is zero, so the block is unchanged at step 0.
-    """
-
-    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float, norm: bool):
+    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float, norm: bool):
         super().__init__()
-        self.mlp = mlp
         self.ln = nn.LayerNorm(dim) if norm else nn.Identity()  # not `norm`: SwiGLU MLPs have their own
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.drop = nn.Dropout(dropout)
         self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.core: Core | None = None
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        h = self.down(self.ln(u))
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.ln(z))
         if self.core is not None:
             h = self.core(h)
-        return self.mlp(u) + self.scale * self.up(self.drop(torch.relu(h)))
+        return self.scale * self.up(self.drop(torch.relu(h)))
+
+
+class BranchInput(nn.Module):
+    """Wraps a block's ``norm2`` and keeps, for its adapter, the MLP branch's input: ``x`` before the norm
+    (``input: block``, Chen et al.: ``adaptmlp(x)`` beside ``mlp(norm2(x))``) or ``u = norm2(x)`` (``input: mlp``,
+    SAM-COBOT: the adapter wraps the MLP). Held until the join takes it, within the same block call."""
+
+    def __init__(self, norm: nn.Module, take: Literal["block", "mlp"]):
+        super().__init__()
+        self.norm, self.take = norm, take
+        self.value: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.norm(x)
+        self.value = x if self.take == "block" else u
+        return u
+
+    def pop(self) -> torch.Tensor:
+        v, self.value = self.value, None
+        if v is None:
+            raise RuntimeError(
+                "the adapter's join ran without its block's norm2 (a block forward dgss does not know)"
+            )
+        return v
+
+
+class AdapterJoin(nn.Module):
+    """Adds ``adapter(branch input)`` where ``position`` says: wrapping the block's ``mlp`` (``inside_mlp``: the
+    block's LayerScale then scales the adapter too) or its ``drop_path2`` (``after_ls2``: the adapter joins the
+    residual stream unscaled, as in both reference designs, whose backbones have no LayerScale)."""
+
+    def __init__(self, inner: nn.Module, adapter: Adapter, tap: BranchInput):
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+        self._tap = [tap]  # registered once, as the block's norm2
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner(z) + self.adapter(self._tap[0].pop())
 
 
 def vpt_prompts(num_tokens: int, dim: int) -> nn.Parameter:
@@ -200,12 +236,25 @@ def wrap_lora(backbone, rank: int, init: str) -> list[tuple[LowRank, LowRank]]:
 
 
 def wrap_adapters(backbone, options: AdapterOptions) -> list[Adapter]:
+    """An adapter per block, reading the MLP branch's input (``options.input``) and joining where
+    ``options.position`` says; returns the adapters in block order."""
     out = []
     for i in range(backbone.num_blocks):
         parts = backbone.block_parts(i)
-        a = Adapter(parts.mlp, backbone.embed_dim, **asdict(options))
-        parts.block.mlp = a
-        out.append(a)
+        blk = parts.block
+        if not isinstance(getattr(blk, "norm2", None), nn.Module) or not hasattr(blk, "drop_path2"):
+            raise ConfigError(f"backbone.name={backbone.name!r}: block {i} has no norm2 / drop_path2, so AdaptFormer "
+                              "cannot find its MLP branch")  # fmt: skip
+        adapter = Adapter(
+            backbone.embed_dim, options.bottleneck, options.scale, options.dropout, options.norm
+        )
+        tap = BranchInput(blk.norm2, options.input)
+        blk.norm2 = tap
+        if options.position == "inside_mlp":
+            blk.mlp = AdapterJoin(blk.mlp, adapter, tap)
+        else:
+            blk.drop_path2 = AdapterJoin(blk.drop_path2, adapter, tap)
+        out.append(adapter)
     return out
 
 
@@ -220,14 +269,21 @@ class LoRAOptions(Options):
 
 @dataclass
 class AdapterOptions(Options):
-    """``method.peft`` of AdaptFormer (and COBOT over AdaptFormer): a bottleneck beside every block's MLP."""
+    """``method.peft`` of AdaptFormer: Chen et al.'s original (ShoufaChen/AdaptFormer ``models/custom_modules.py``
+    and its tuning config: parallel, bottleneck 64, scale 0.1, dropout 0.1, no adapter LayerNorm, the adapter reading
+    the block input before ``norm2``). On DINOv2-L: 24 x (1024·64 + 64 + 64·1024 + 1024) = 3,171,840 parameters,
+    the Rein table's count."""
 
-    bottleneck: int = (
-        16  # V (SAM-COBOT's); the Rein paper's baseline: 64, without norm (its recipes set them)
-    )
-    scale: float = 1.0
+    bottleneck: int = 64
+    scale: float = 0.1
     dropout: float = 0.1
-    norm: bool = True  # the adapter's own LayerNorm
+    norm: bool = False  # the adapter's own LayerNorm
+    input: Literal["block", "mlp"] = (
+        "block"  # before norm2 (Chen et al.) | the MLP's input, after it (SAM-COBOT)
+    )
+    # where the output joins: after the block's LayerScale (unscaled, as both reference designs on backbones
+    # without one) | inside the MLP (DINOv2's frozen ls2 then multiplies it); the same on SAM / CLIP (no LayerScale)
+    position: Literal["after_ls2", "inside_mlp"] = "after_ls2"
 
 
 @dataclass
