@@ -222,7 +222,7 @@ def test_bad_override_values_name_the_key(compose_cfg, override, match):
      (["method=cobot_lora", "method.cobot.head=quat"],
       "method.cobot.head='quat' is not supported; choose one of ['quaternion', 'linear', 'none']"),
      (["method=cobot_adaptformer", "method.peft.rank=3"],
-      "method.peft.rank is not an option; valid: bottleneck, scale, dropout, norm"),
+      "method.peft.rank is not an option; valid: bottleneck, scale, dropout, norm, input, position"),
      (["method.inference.mode=sliding"], "method.inference.mode='sliding' is not supported; choose one of ['whole', 'slide']"),
      (["method.scheduler.warmup_step=5"], "method.scheduler.warmup_step is not an option (did you mean warmup_steps?); "
       "valid: warmup_steps, warmup_start_factor, power")],

@@ -219,7 +219,7 @@ def test_cobot_core_at_identity_is_plain_lora_for_any_a_b_and_its_lr_multipliers
 def _randomise_adapters(m):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in m.backbone.named_parameters():
+        for p in m.backbone.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return m
