@@ -308,3 +308,72 @@ def test_adaptformer_defaults_are_chen_et_al_and_cobot_keeps_sam_cobots_variant(
             and peft.norm == (want == 16)
             and peft.input == ("mlp" if want == 16 else "block")
         )
+
+
+# ------------------------------------------------------------------ COBOT's ablations, as the official code runs them
+def official_adapter_relation_code(down_x, c, p, idx, gamma, head, variant):
+    """SAM-COBOT ``medical/train.py`` ``Adapter_relation.forward``, the code before ReLU, and its commented
+    ablation lines: CP = (FacT_c @ FacT_p)[..., idx]; ``dual``: d1(h·CP + γ·h); ablation 1 (no head):
+    h·CP + γ·h; ablation 2 (γ only): d1(γ·h); ablation 3: γ·h. ``head`` is ``FacT_d1`` (a callable) or None."""
+    if variant == "mc_only":
+        code = gamma * down_x
+    else:
+        cp = (c[None] @ p)[..., idx][0]
+        code = down_x * cp + gamma * down_x if variant == "dual" else down_x * cp
+    return code if head is None else head(code)
+
+
+@pytest.mark.parametrize("coefficients", ["dual", "lm_only", "mc_only"])
+@pytest.mark.parametrize("head", ["linear", "none"])
+def test_cobot_ablations_compute_the_official_codes(coefficients, head):
+    """COBOT's core on random C, S, γ and a linear head (the official ``LORA_relation``'s nn.Linear) equals the
+    official lines; the extra-parameter count drops exactly the removed sets."""
+    torch.manual_seed(0)
+    v, slices = 16, 12
+    st = CobotState(v, slices, head=head, init="official", coefficients=coefficients)
+    with torch.no_grad():
+        for prm in st.parameters():
+            prm.normal_()
+    h = torch.randn(5, v)
+    linear = None
+    for s in (0, 7):
+        if head == "linear":
+            linear = torch.nn.Linear(v, v, bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(st.linear[s].T)  # dgss keeps M = W.T: y = h @ M = linear(h)
+        want = official_adapter_relation_code(
+            h, getattr(st, "coef", None), getattr(st, "relation", None), s, getattr(st, "gamma", [None] * slices)[s],
+            linear, coefficients,
+        )  # fmt: skip
+        torch.testing.assert_close(st(h, s), want)
+    sizes = {
+        "dual": v * slices + slices**2 + slices * v,
+        "lm_only": v * slices + slices**2,
+        "mc_only": slices * v,
+    }
+    heads = {"linear": slices * v * v, "none": 0}
+    assert sum(p.numel() for p in st.parameters()) == sizes[coefficients] + heads[head]
+
+
+def test_cobot_relation_ablations_and_the_official_linear_head_init():
+    torch.manual_seed(0)
+    learn = CobotState(16, 12, relation="learnable")
+    fixed = CobotState(16, 12, relation="fixed_random")
+    frozen = CobotState(16, 12, relation="identity_frozen")
+    names = lambda st: {n for n, _ in st.named_parameters()}  # noqa: E731
+    assert "relation" in names(learn) and "relation" not in names(fixed) | names(
+        frozen
+    )  # buffers: never trained
+    assert "relation" in dict(fixed.named_buffers()) and torch.equal(frozen.relation, torch.eye(12))
+    assert not torch.equal(fixed.relation, torch.eye(12)) and torch.allclose(
+        fixed.relation.sum(0), torch.ones(12)
+    )
+    # the extra count: S leaves it when fixed (spec §5 counts a learnable S)
+    assert sum(p.numel() for p in learn.parameters()) - sum(p.numel() for p in fixed.parameters()) == 144
+    # official LORA_relation: nn.Linear(V, V, bias=False) keeps PyTorch's init, U(-1/sqrt(V), 1/sqrt(V))
+    lin = CobotState(4, 6, head="linear", init="official").linear
+    assert lin.abs().max() <= 0.5 and (lin < 0).any() and lin.std() > 0.1
+    # a Cobot method logs its base and extra counts (spec §8)
+    m = build(Cobot, "samvit_base_patch16", img_size=1024, base="lora")
+    s = m.parameter_summary()
+    assert s["params/cobot_extra"] == 864 and s["params/peft_base"] == 147_456

@@ -46,6 +46,9 @@ from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, SegmentationHead
 from dgss.options import Options
 
+BASE_SUMMARY = ("params/total", "params/trainable", "params/trainable_pct", "params/backbone",
+                "params/backbone_trainable", "params/head")  # fmt: skip
+
 
 @dataclass
 class SchedulerOptions(Options):
@@ -427,6 +430,8 @@ class SegmentationMethod(pl.LightningModule):
 
     # ---------------------------------------------------------------------------- summary
     def parameter_summary(self) -> dict[str, float]:
+        """Counts logged at fit start (console, ``<task>.log``, every logger's hyperparameters); methods add
+        their own keys."""
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         backbone_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
@@ -445,6 +450,11 @@ class SegmentationMethod(pl.LightningModule):
             f"{type(self).__name__}: {s['params/total']:,} parameters, {s['params/trainable']:,} trainable "
             f"({s['params/trainable_pct']:.2f}%), backbone trainable {s['params/backbone_trainable']:,}, "
             f"head {s['params/head']:,}"
+            + "".join(
+                f", {k.removeprefix('params/').replace('_', ' ')} {int(v):,}"
+                for k, v in s.items()
+                if k not in BASE_SUMMARY
+            )  # a method's own counts (e.g. COBOT's extra)
         )
         for logger in self.loggers:
             logger.log_hyperparams(s)

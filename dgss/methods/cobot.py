@@ -47,20 +47,43 @@ class CobotState(nn.Module):
     Args:
         hidden: V, the width of the PEFT code (a multiple of 4 for the quaternion head).
         slices: L′.
-        head: ``quaternion`` | ``linear`` (plain V × V, no bias) | ``none``.
+        head: ``quaternion`` | ``linear`` (a V × V map without bias, as the official ``LORA_relation``'s
+            ``nn.Linear(V, V, bias=False)``) | ``none``.
         init: ``official`` | ``identity``.
+        relation: ``learnable`` (S, init I) | ``fixed_random`` (the paper's fixed random S, a buffer) |
+            ``identity_frozen`` (S = I, a buffer: no cross-block mixing).
+        coefficients: ``dual`` (λ^LM + γ) | ``lm_only`` (λ^LM = C S[:, s]) | ``mc_only`` (γ alone); the official
+            code's commented ablations. A single set starts at 1 under both inits (so ``identity`` stays the
+            pretrained model and the official ablations' starting code is kept).
     """
 
-    def __init__(self, hidden: int, slices: int, head: str = "quaternion", init: str = "identity"):
+    def __init__(self, hidden: int, slices: int, head: str = "quaternion", init: str = "identity",
+                 relation: str = "learnable", coefficients: str = "dual"):  # fmt: skip
         super().__init__()
         if init not in ("official", "identity"):
             raise ConfigError(f"method.cobot.init={init!r}; choose official or identity")
         if head == "quaternion" and hidden % 4:
             raise ConfigError(f"the quaternion head needs a hidden size divisible by 4, got {hidden}")
         self.hidden, self.slices, self.head = hidden, slices, head
-        self.coef = nn.Parameter(torch.ones(hidden, slices))
-        self.relation = nn.Parameter(torch.eye(slices))
-        self.gamma = nn.Parameter(torch.full((slices, hidden), 1.0 if init == "official" else 0.0))
+        self.relation_kind, self.coefficients_kind = relation, coefficients
+        if coefficients in ("dual", "lm_only"):
+            self.coef = nn.Parameter(torch.ones(hidden, slices))
+            if relation == "learnable":
+                self.relation = nn.Parameter(torch.eye(slices))
+            elif relation == "fixed_random":  # columns sum to 1: λ keeps C's scale, only the mixing is random
+                r = torch.rand(slices, slices)
+                self.register_buffer("relation", r / r.sum(0, keepdim=True))
+            elif relation == "identity_frozen":
+                self.register_buffer("relation", torch.eye(slices))
+            else:
+                raise ConfigError(
+                    f"method.cobot.relation={relation!r}; choose learnable, fixed_random or identity_frozen"
+                )
+        elif coefficients != "mc_only":
+            raise ConfigError(f"method.cobot.coefficients={coefficients!r}; choose dual, lm_only or mc_only")
+        if coefficients in ("dual", "mc_only"):
+            start = 1.0 if init == "official" or coefficients == "mc_only" else 0.0
+            self.gamma = nn.Parameter(torch.full((slices, hidden), start))
         n = hidden // 4
         if head == "quaternion":
             if init == "official":
@@ -68,9 +91,14 @@ class CobotState(nn.Module):
             else:
                 comps = [torch.eye(n).repeat(slices, 1, 1)] + [torch.zeros(slices, n, n) for _ in range(3)]
             self.q_r, self.q_i, self.q_j, self.q_k = (nn.Parameter(c) for c in comps)
-        elif head == "linear":
-            w = torch.eye(hidden).repeat(slices, 1, 1)
-            self.linear = nn.Parameter(w if init == "identity" else torch.empty_like(w).uniform_(0, 1))
+        elif head == "linear":  # y = h @ M: M = W.T of the official nn.Linear (default init: U(±1/√V))
+            if init == "identity":
+                w = torch.eye(hidden).repeat(slices, 1, 1)
+            else:
+                w = torch.stack(
+                    [nn.Linear(hidden, hidden, bias=False).weight.detach().T for _ in range(slices)]
+                )
+            self.linear = nn.Parameter(w.clone())
         elif head != "none":
             raise ConfigError(f"method.cobot.head={head!r}; choose quaternion, linear or none")
 
@@ -80,8 +108,11 @@ class CobotState(nn.Module):
         return self.linear[s] if self.head == "linear" else None
 
     def coefficients(self, s: int) -> torch.Tensor:
-        """λ_s + γ_s (V)."""
-        return self.coef @ self.relation[:, s] + self.gamma[s]
+        """The code's multiplier for slice s (V): λ^LM_s + γ_s, or one of them (``coefficients``)."""
+        if self.coefficients_kind == "mc_only":
+            return self.gamma[s]
+        lm = self.coef @ self.relation[:, s]
+        return lm if self.coefficients_kind == "lm_only" else lm + self.gamma[s]
 
     def forward(self, h: torch.Tensor, s: int) -> torch.Tensor:
         h = h * self.coefficients(s).to(h.dtype)
@@ -101,6 +132,10 @@ class CobotOptions(Options):
         1.0  # C, S, heads (the official 100x is relative to a base lr of 1.25e-6; ours: 1.0 at 1e-4)
     )
     lr_mult_gamma: float = 1.0
+    # the paper's ablations (Tables 1-2): the relation matrix S learnable (init I) | a fixed random S | S = I frozen;
+    # both coefficient sets | λ^LM only | γ only (the official code's commented ablation lines)
+    relation: Literal["learnable", "fixed_random", "identity_frozen"] = "learnable"
+    coefficients: Literal["dual", "lm_only", "mc_only"] = "dual"
 
 
 @dataclass
@@ -166,13 +201,21 @@ class Cobot(PEFTMethod):
         else:
             branches = wrap_adapters(backbone, o)
             hidden = o.bottleneck
-        self.cobot = CobotState(hidden, len(branches), self.cobot_options.head, init)
+        c = self.cobot_options
+        self.cobot = CobotState(hidden, len(branches), c.head, init, c.relation, c.coefficients)
         for s, branch in enumerate(branches):
             branch.core = functools.partial(self.cobot, s=s)
         return branches
 
     def cobot_parameters(self) -> int:
+        """COBOT's extra parameters (C, S when learnable, γ, heads): spec §5's count beside the base PEFT's."""
         return sum(p.numel() for p in self.cobot.parameters())
+
+    def parameter_summary(self) -> dict[str, float]:
+        s = super().parameter_summary()
+        s["params/cobot_extra"] = self.cobot_parameters()
+        s["params/peft_base"] = self.peft_parameters()  # inside the backbone; COBOT's state sits beside it
+        return s
 
 
 register(CobotLoRAConfig, "method", "cobot_lora_schema")
