@@ -144,7 +144,9 @@ def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
 
     m._loss = known_loss
     trainer(tmp_path, steps=6).fit(m, make_dm())
-    assert len(slopes) == 4 == m.stat_counts["x"]  # steps 2..5
+    assert (
+        len(slopes) == 5 == m.stat_counts["x"]
+    )  # steps 1..5: the warm-up's last refresh_every steps (1, 2) too
     est = m.fisher_estimate("x")
     for n in m.candidates:
         want = torch.stack([(a * base[n]) ** 2 for a in slopes]).mean(0)
@@ -225,10 +227,11 @@ def test_training_moves_only_the_scheduled_selection(tmp_path):
     pretrained, head0 = snapshot(m.backbone), snapshot(m.head)
     watch = Watch()
     trainer(tmp_path, steps=12, callbacks=[watch]).fit(m, make_dm())
-    # warm-up: no backbone element moved, no statistics collected, the head trained
+    # warm-up: no backbone element moved, the head trained; its last `window` steps (1, 2) gather statistics for
+    # the first selection (step 1 done when step T1 = 2 starts), so it rests on a window like every later one
     bb_t1, counts_t1 = watch.at_t1
     assert all(torch.equal(bb_t1[k], pretrained[k]) for k in pretrained)
-    assert counts_t1 == {"x": 0, "p": 0, "eps": 0}
+    assert counts_t1 == {"x": 1, "p": 1, "eps": 1} and m.stats_start() == 1
     # the schedule at each refresh, non-decreasing, nested masks
     assert [h["step"] for h in m.history] == [2, 4, 6, 8]
     for h in m.history:
@@ -337,22 +340,69 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     assert again["val/mean_mIoU"] == metrics["val/mean_mIoU"]
 
 
-def test_scores_use_both_estimates_normalised_by_the_clean_mean():
+@pytest.mark.parametrize("normalize", ["quantile", "per_tensor", "mean", "none"])
+def test_scores_use_both_estimates_in_the_clean_estimates_unit(normalize):
+    """DR-FIM of both estimates divided by the unit of the clean one: its 0.9-quantile over all candidates
+    (numpy's, on the values), per tensor, its mean, or 1; ``fim`` is the first term alone."""
+    import numpy as np
+
     torch.manual_seed(0)
-    m = fishertune(fisher=dict(gamma=2.0, prior_precision=0.5))
+    m = fishertune(fisher=dict(gamma=2.0, prior_precision=0.5, normalize=normalize, quantile=0.9))
     for _ in range(2):
         m._accumulate("x", {n: torch.randn_like(p) for n, p in m.candidates.items()})
         m._accumulate("p", {n: 2 * torch.randn_like(p) for n, p in m.candidates.items() if "blocks.1." in n})
     m.eps_ema, m.stat_counts["eps"] = (
         torch.tensor([0.008, 0.004]),
         1,
-    )  # EMA (beta 0.99) after one update of (0.8, 0.4)
+    )  # EMA (0.99) after one update of (0.8, 0.4)
     fx, fp = m.fisher_estimate("x"), m.fisher_estimate("p")
-    mean = sum(v.sum() for v in fx.values()) / sum(v.numel() for v in fx.values())
+    allv = np.concatenate([v.reshape(-1).numpy() for v in fx.values()])
+    unit = {
+        "quantile": {n: float(np.quantile(allv, 0.9, method="inverted_cdf")) for n in fx},
+        "per_tensor": {n: float(np.quantile(v.reshape(-1).numpy(), 0.9, method="inverted_cdf")) for n, v in fx.items()},
+        "mean": {n: float(allv.astype(np.float64).mean()) for n in fx},
+        "none": dict.fromkeys(fx, 1.0),
+    }[normalize]  # fmt: skip
     got = m.scores()
     for n in m.candidates:
-        want = dr_fim(fx[n] / mean, fp[n] / mean, 1.2, gamma=2.0, prior_precision=0.5)
+        want = dr_fim(fx[n] / unit[n], fp[n] / unit[n], 1.2, gamma=2.0, prior_precision=0.5)
         assert torch.allclose(got[n], want, rtol=1e-5), n
+    m.options.fisher.score = "fim"
+    got = m.scores()
+    assert all(torch.allclose(got[n], fx[n] / unit[n], rtol=1e-5) for n in m.candidates)
+
+
+def test_the_quantile_unit_ignores_outliers_the_mean_follows():
+    """Most Fisher mass in a few elements (as measured on the demo: 20 LayerScale elements held 76 %): the mean
+    moves with them, the 0.95-quantile does not, so the domain term keeps its scale at the selection boundary."""
+    from dgss.methods.fishertune import fisher_scale
+
+    torch.manual_seed(0)
+    body = {"a": torch.rand(10_000), "b": torch.rand(5_000)}
+    spiky = {"a": body["a"].clone(), "b": body["b"].clone()}
+    spiky["b"][:20] = 1e5
+    q = fisher_scale(body, "quantile", 0.95)["a"]
+    assert fisher_scale(spiky, "quantile", 0.95)["a"] == pytest.approx(q, rel=0.01)
+    assert fisher_scale(spiky, "mean", 0.95)["a"] > 100 * fisher_scale(body, "mean", 0.95)["a"]
+    zero = {"a": torch.zeros(1000)}
+    zero["a"][:10] = 2.0  # 99 % without gradient: the unit falls back to the non-zero mean
+    assert fisher_scale(zero, "quantile", 0.95)["a"] == 2.0
+
+
+def test_selection_digest_is_exact_where_a_float32_sum_is_not():
+    """The old check compared float32(Σ indices): equal for {0, 3} and {1, 2}, and for sums 2²⁴ and 2²⁴ + 1."""
+    from dgss.methods.fishertune import selection_digest
+
+    a, b = [torch.tensor([0, 3])], [torch.tensor([1, 2])]
+    assert float(torch.tensor(float(a[0].sum()))) == float(torch.tensor(float(b[0].sum())))
+    assert not torch.equal(selection_digest(a), selection_digest(b))
+    big, bigger = [torch.tensor([16_777_216])], [torch.tensor([16_777_217])]
+    assert torch.tensor(16_777_216.0) == torch.tensor(float(16_777_217), dtype=torch.float32)
+    assert not torch.equal(selection_digest(big), selection_digest(bigger))
+    moved = [torch.tensor([0]), torch.tensor([3])]  # the same indices in another tensor
+    assert not torch.equal(selection_digest([torch.tensor([0, 3]), torch.tensor([], dtype=torch.long)]),
+                           selection_digest(moved))  # fmt: skip
+    assert torch.equal(selection_digest(a), selection_digest([t.clone() for t in a]))
 
 
 def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
@@ -412,3 +462,138 @@ def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identic
     for n, st in before["adam"].items():
         assert all(torch.equal(v, after["adam"][n][k]) for k, v in st.items()), n
     assert seen[3]["counts"]["p"] == before["counts"]["p"] + 1  # step 3 (statistics) goes through
+
+
+# ------------------------------------------------------------------ the domain term, end to end (issue 18)
+class Masks(pl.Callback):
+    def __init__(self):
+        self.at = {}
+
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+        t = m.global_step - 1
+        if m.is_refresh(t):
+            self.at[t] = {n: k.clone() for n, k in m.masks.items()}
+
+
+def _run(tmp_path, steps=9, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    m = fishertune(**kw)
+    cb = Masks()
+    trainer(tmp_path, steps=steps, callbacks=[cb]).fit(m, make_dm())
+    return m, cb.at
+
+
+def test_with_the_perturbation_off_dr_fim_selects_exactly_what_fim_selects(tmp_path):
+    """x′ = x (perturb.scale = 0): both passes run from the same RNG state (the light head's dropout draws the same
+    masks), so F(x′) = F(x) bit for bit, the domain term is 0, and every refresh selects what the Fisher alone
+    selects; the training stream is the same run."""
+    sched = {**SCHED, "growth_end": 100}  # statistics kept to compare
+    dr, dr_masks = _run(tmp_path / "dr", schedule=sched, perturb=dict(after_blocks=[0], scale=0.0))
+    fim, fim_masks = _run(tmp_path / "fim", schedule=sched, fisher=dict(window=2, score="fim"))
+    for n in dr.candidates:
+        assert torch.equal(dr.fisher["x"][n], dr.fisher["p"][n]), n
+    assert float(dr.eps_ema.abs().sum()) == 0.0
+    assert dr_masks.keys() == fim_masks.keys() == {2, 4, 6, 8}
+    for t in dr_masks:
+        assert all(torch.equal(dr_masks[t][n], fim_masks[t][n]) for n in dr.candidates), t
+    assert all(torch.equal(a, b) for a, b in zip(dr.state_dict().values(), fim.state_dict().values()))
+
+
+def test_the_statistics_pass_leaves_the_training_stream_and_running_statistics_alone(tmp_path):
+    """With the perturbation on, up to T1 (nothing selected yet) a DR-FIM run trains its head exactly as a
+    FIM-only run (no perturbed pass): same dropout masks, same batch-norm running statistics."""
+    sched = {**SCHED, "warmup_iters": 4}
+    dr, _ = _run(tmp_path / "dr", steps=4, schedule=sched)
+    fim, _ = _run(tmp_path / "fim", steps=4, schedule=sched, fisher=dict(window=2, score="fim"))
+    assert dr.stat_counts["p"] == 1 and fim.stat_counts["p"] == 0  # step 3: the window before T1 = 4 began
+    for (k, a), b in zip(dr.head.state_dict().items(), fim.head.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_dr_fim_and_fim_differ_with_the_perturbation_on(tmp_path):
+    dr, dr_masks = _run(tmp_path / "dr")
+    fim, fim_masks = _run(tmp_path / "fim", fisher=dict(window=2, score="fim"))
+    first = min(dr_masks)
+    differ = sum(int((dr_masks[first][n] & ~fim_masks[first][n]).sum()) for n in dr.candidates)
+    assert differ > 0
+
+
+def test_random_selection_keeps_budget_and_schedule_without_statistics(tmp_path):
+    m, masks = _run(tmp_path, fisher=dict(window=2, score="random"))
+    assert m.stat_counts == {"x": 0, "p": 0, "eps": 0} and m.stats_start() == SCHED["warmup_iters"]
+    assert [h["selected"] for h in m.history] == [m.k_target(t) for t in (2, 4, 6, 8)]
+    # uniform: the final selection's share per tensor follows the tensor's size (within sampling noise)
+    sel = {n: int(k.sum()) for n, k in m.masks.items()}
+    total = sum(sel.values())
+    sizes = {n: p.numel() for n, p in m.candidates.items()}
+    big = max(sizes, key=sizes.get)
+    assert abs(sel[big] / total - sizes[big] / sum(sizes.values())) < 0.05
+
+
+def test_one_image_per_rank_warns_that_the_domain_term_is_zero(tmp_path):
+    torch.manual_seed(0)
+    m = fishertune()
+    dm = make_dm()
+    dm.batch_size = 1
+    with pytest.warns(UserWarning, match="one image per rank"):
+        trainer(tmp_path, steps=3).fit(m, dm)
+
+
+def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp_path):
+    """fisher.loss: pixel_ce takes F of the per-pixel log-likelihood of the head's semantic prediction, not of the
+    training loss: with Mask2Former (set losses for training) the log of the class-normalised scores. Checked
+    against autograd on the same batch, weights and random state."""
+    import functools
+
+    from test_methods import H, W
+
+    from dgss.models.backbone import Backbone
+    from dgss.models.heads.mask2former import Mask2FormerHead
+
+    def build():
+        bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(H, W), out_indices=[0, 1, 2, 3],
+                      model_kwargs=dict(depth=4, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+        head = functools.partial(Mask2FormerHead, dim=32, num_queries=6, tiny=True, num_heads=4,
+                                 pyramid=[2.0, 1.0, 0.5, 0.25])  # fmt: skip
+        m = FisherTune(
+            bb,
+            head,
+            num_classes=19,
+            schedule={**SCHED, "growth_end": 100},
+            perturb=dict(after_blocks=[0]),
+            fisher=dict(window=1, ema_decay=None, loss="pixel_ce"),
+        )
+        m.configure_model()
+        return m
+
+    torch.manual_seed(0)
+    m = build()
+    seen = {}
+
+    class Grab(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.global_step == 2:  # T1: the one statistic step (window 1)
+                seen["batch"] = {k: [t.clone() if torch.is_tensor(t) else t for t in v] if isinstance(v, list) else v
+                                 for k, v in batch.items()}  # fmt: skip
+                seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    trainer(tmp_path, steps=3, callbacks=[Grab()]).fit(m, make_dm())
+    assert m.stat_counts["x"] == 1
+    ref = build()
+    ref.load_state_dict(seen["state"])
+    ref.eval()  # no dropout in this head: the prediction is deterministic
+    params = [p.requires_grad_(True) for p in ref.candidates.values()]
+    images, labels = ref.prepare_batch(seen["batch"])
+    scores = ref.head.logits(ref(images), labels.shape[-2:])
+    logp = (scores / scores.sum(1, keepdim=True)).log()
+    nll = torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=255)
+    grads = torch.autograd.grad(nll, params, allow_unused=True)
+    train = sum(ref.head.loss(ref.head(ref.backbone(images)), labels).values())
+    g_train = torch.autograd.grad(train, params, allow_unused=True)
+    differs = False
+    for (n, p), g, gt in zip(ref.candidates.items(), grads, g_train):
+        g = torch.zeros_like(p) if g is None else g
+        assert torch.allclose(m.fisher["x"][n], g**2, rtol=1e-3, atol=1e-10), n
+        differs |= gt is not None and not torch.allclose(gt**2, g**2, rtol=1e-2)
+    assert differs  # the training loss would have given other statistics

@@ -36,9 +36,11 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from dgss import console
 from dgss.checkpoint import apply_sparse_delta, sparse_delta
 from dgss.compat import grad_norm
+from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig, SegmentationMethod
 from dgss.methods.selected_adamw import SelectedAdamW
+from dgss.models.heads.protocol import QueryHead
 from dgss.models.style_perturb import ChannelStatPerturbation
 from dgss.options import Options, register
 
@@ -83,7 +85,12 @@ class SelectionOptions(Options):
 class FisherOptions(Options):
     """``method.fisher``: the Fisher estimates F(x) and F(x') and the DR-FIM score."""
 
-    loss: Literal["train_loss"] = "train_loss"  # the head's training loss (its backward is needed anyway)
+    # the ablations (paper Table 4): DR-FIM | the Fisher alone (no perturbed pass) | uniformly random elements
+    # under the same budget and schedule (no statistics): the control every selection must beat
+    score: Literal["dr_fim", "fim", "random"] = "dr_fim"
+    # the loss whose gradients enter F: the head's training loss (its backward is needed anyway) | the per-pixel
+    # cross-entropy of the head's semantic prediction (a log-likelihood, the empirical Fisher's definition)
+    loss: Literal["train_loss", "pixel_ce"] = "train_loss"
     per_sample: Literal[False] = False  # squared batch gradient (the usual cheap approximation)
     ema_decay: float | None = (
         0.99  # F <- b F + (1 - b) g^2, bias-corrected (ours: ~100-batch memory); null: mean
@@ -92,9 +99,12 @@ class FisherOptions(Options):
     window: int | None = (
         200  # statistics in the last `window` steps before each refresh; null = every growth step
     )
-    normalize: Literal["mean", "none"] = "mean"  # divide both Fisher estimates by the clean one's mean
+    # the unit both Fisher estimates are divided by: F(x) at `quantile` over all candidates (the final
+    # selection's boundary: robust to the few outliers that set the mean) | the same per tensor | the mean | none
+    normalize: Literal["quantile", "per_tensor", "mean", "none"] = "quantile"
+    quantile: float = 0.95  # 1 - delta_max of the paper recipe
     gamma: float = 1.0  # KL weight of the variational model
-    prior_precision: float = 1.0  # tau^-2: floors the domain ratio's denominator
+    prior_precision: float = 0.1  # tau^-2 in units of the normaliser: floors the domain ratio's denominator
     eps: float = 1.0e-8  # numerical guard only
     ratio_factor: Literal["mul_gamma", "div_gamma"] = (
         "mul_gamma"  # the two readings of the paper's ratio term
@@ -107,7 +117,10 @@ class PerturbOptions(Options):
     """``method.perturb``: the simulated domain shift x' (feature statistics of early blocks re-drawn)."""
 
     type: Literal["dsu"] = "dsu"  # re-draw channel mean / std of patch tokens around themselves
-    scale: float = 1.0  # s: multiple of the batch std of each statistic
+    scale: float = (
+        1.0  # s_mu: multiple of the batch std of the channel means (and of the stds unless scale_sigma)
+    )
+    scale_sigma: float | None = None  # s_sigma for the channel stds; null = scale
     after_blocks: list[int] = field(
         default_factory=lambda: [0, 1, 2]
     )  # shallow blocks, where style lives (ours)
@@ -184,6 +197,55 @@ def dr_fim(
     c = gamma if ratio_factor == "mul_gamma" else 1.0 / gamma
     domain = math.exp(-eps_bar) * c * (lam_x - lam_p).abs() / (torch.minimum(lam_x, lam_p) + eps)
     return task + domain
+
+
+def fisher_scale(stats: dict[str, torch.Tensor], how: str, q: float = 0.95, max_samples: int = 1 << 24,
+                 ) -> dict[str, float]:  # fmt: skip
+    """The unit each tensor's Fisher values are divided by (``fisher.normalize``).
+
+    ``quantile``: F at quantile ``q`` over all candidate elements (a strided sample of at most ``max_samples``
+    elements, the same on every rank), so F / n ≈ 1 at the final selection's boundary whatever a few outliers do;
+    ``per_tensor``: the same within each tensor; ``mean``: the mean over all elements; ``none``: 1. A unit of 0
+    (most elements without any gradient) falls back to the mean of the non-zero values, then to 1."""
+    names = list(stats)
+    if how == "none" or not names:
+        return dict.fromkeys(names, 1.0)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def robust(values: torch.Tensor) -> float:
+        n = values.numel()
+        k = min(max(int(math.ceil(q * n)), 1), n)
+        v = float(values.float().kthvalue(k).values)
+        if v <= 0:
+            nz = values[values > 0]
+            v = float(nz.double().mean()) if nz.numel() else 1.0
+        return max(v, tiny)
+
+    if how == "mean":
+        total = sum(float(v.double().sum()) for v in stats.values())
+        return dict.fromkeys(names, max(total / sum(v.numel() for v in stats.values()), tiny))
+    if how == "per_tensor":
+        return {n: robust(_strided(stats[n].reshape(-1), max_samples)) for n in names}
+    total = sum(v.numel() for v in stats.values())
+    step = max(1, math.ceil(total / max_samples))
+    sample = torch.cat([v.reshape(-1)[::step].float().cpu() for v in stats.values()])
+    return dict.fromkeys(names, robust(sample))
+
+
+def _strided(v: torch.Tensor, max_samples: int) -> torch.Tensor:
+    return v[:: max(1, math.ceil(v.numel() / max_samples))].float().cpu()
+
+
+def selection_digest(indices: list[torch.Tensor]) -> torch.Tensor:
+    """An exact int64 fingerprint of a selection (flat indices per tensor, in a fixed tensor order): the count,
+    Σ_t (t + 1)·Σ idx and Σ idx² mod (2³¹ − 1). Ranks compare it to prove they selected the same elements."""
+    out = torch.zeros(3, dtype=torch.int64)
+    for t, idx in enumerate(indices):
+        i = idx.detach().to(torch.int64).cpu()
+        out[0] += i.numel()
+        out[1] += (t + 1) * int(i.sum())
+        out[2] = (out[2] + int(((i * i) % 2147483647).sum())) % 2147483647
+    return out
 
 
 def top_k_first(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -284,7 +346,10 @@ class FisherTune(SegmentationMethod):
                 f"method.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
             )
         self.perturb_seed = int(p.seed)
-        self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens)
+        self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens,
+                                                    scale_sigma=p.scale_sigma)  # fmt: skip
+        if not 0 < self.options.fisher.quantile <= 1:
+            raise ConfigError(f"method.fisher.quantile={self.options.fisher.quantile} must be in (0, 1]")
         self.backbone.register_block_hook(self.perturbation)
         o = self.options.optim
         self.selected_opt = SelectedAdamW(
@@ -296,6 +361,8 @@ class FisherTune(SegmentationMethod):
         self.eps_ema = torch.zeros(2)
         self.history: list[dict] = []  # one row per refresh: step, ratio, target, selected
         self._growing = False  # candidates require grad (applied in training_step, after any DDP wrap)
+        self._warned_batch_of_one = False
+        self._output = None
         self._final = False
 
     def _adam_kwargs(self) -> dict:
@@ -355,11 +422,22 @@ class FisherTune(SegmentationMethod):
         r = growth_ratio(t, s.warmup_iters, s.delta_min, self.delta_max, s.growth_tau, s.growth_end)
         return round(r * self.n_base)
 
+    def stats_start(self) -> int:
+        """The first statistic step: the warm-up's last ``window`` steps (``refresh_every`` with ``window: null``)
+        gather F(x) and F(x′) for the first selection, like the window before every later refresh. The backbone
+        takes gradients from here but no element moves before T1 (nothing is selected yet)."""
+        s, f = self.options.schedule, self.options.fisher
+        if f.score == "random":
+            return s.warmup_iters
+        return max(s.warmup_iters - (f.window if f.window is not None else s.refresh_every) + 1, 0)
+
     def next_refresh(self, t: int) -> int | None:
         s = self.options.schedule
         t1, end, every = s.warmup_iters, s.growth_end, s.refresh_every
-        if t < t1 or t > end:
+        if t > end:
             return None
+        if t < t1:
+            return t1 if t >= self.stats_start() else None
         return min(t1 + math.ceil((t - t1) / every) * every, end)
 
     def is_refresh(self, t: int) -> bool:
@@ -367,14 +445,23 @@ class FisherTune(SegmentationMethod):
 
     def is_stat_step(self, t: int) -> bool:
         r = self.next_refresh(t)
-        if r is None:
-            return False
         f = self.options.fisher
+        if r is None or f.score == "random":
+            return False
         return (f.window is None or r - t < f.window) and (r - t) % f.interval == 0
 
     # ------------------------------------------------------------------------------------ steps
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(self.head.loss(self(images), labels).values())
+        """The training loss of one forward (its output kept for a Fisher loss of its own)."""
+        self._output = self(images)
+        return sum(self.head.loss(self._output, labels).values())
+
+    def _losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, Fisher loss) of one forward; the same tensor under ``fisher.loss: train_loss``."""
+        loss = self._loss(images, labels)
+        if self.options.fisher.loss == "train_loss":
+            return loss, loss
+        return loss, self._fisher_loss(self._output, images, labels)
 
     def _start_growth(self) -> None:
         """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
@@ -429,29 +516,58 @@ class FisherTune(SegmentationMethod):
         sched.step()
         return None
 
-    def _perturbed_pass(
-        self, images: torch.Tensor, labels: torch.Tensor, t: int, weight: float, with_head: bool
-    ) -> tuple[dict, torch.Tensor] | None:
-        """Gradients of the loss on x′ (parameter -> gradient), by autograd.grad: one backward per DDP forward
-        stays the clean pass's, so DDP's reducer syncs exactly that one. Also the perturbation's magnitudes; both
-        enter the statistics only once the clean pass is finite too (a skipped step leaves no trace)."""
+    def _fisher_loss(self, output: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``fisher.loss: pixel_ce``: the per-pixel cross-entropy of the head's semantic prediction — log-softmax
+        of a head's logits, or for a query head (Mask2Former, whose scores Σ_q softmax(class_q)·sigmoid(mask_q) are
+        not logits) the log of the scores normalised over classes; ignored pixels (255) left out."""
+        scores = self.head.logits(output, labels.shape[-2:]).float()
+        if isinstance(self.head, QueryHead):
+            logp = (scores.clamp_min(1e-12) / scores.sum(1, keepdim=True).clamp_min(1e-12)).log()
+        else:
+            logp = scores.log_softmax(1)
+        return torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=IGNORE_INDEX)
+
+    def _perturbed_pass(self, images: torch.Tensor, labels: torch.Tensor, t: int, weight: float,
+                        with_head: bool) -> tuple[dict, dict, torch.Tensor] | None:  # fmt: skip
+        """Gradients on x′, by autograd.grad (one backward per DDP forward stays the clean pass's): of the Fisher
+        loss for F(x′), and with ``train_aug`` of the training loss for the head and the selection too. Runs from
+        the RNG state the clean pass then starts from again (dropout masks, point samples and so the matching are
+        the same in both passes; the training stream never sees this pass), and leaves running statistics as they
+        were (a statistics pass is not a training forward). Enters the statistics only once the clean pass is finite
+        too (a skipped step leaves no trace)."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
-        with self.perturbation.active(seed=seed):
-            loss_p = self._loss(images, labels)
-        if not self.step_is_finite(loss_p):
-            return None  # nothing enters the statistics; the step is skipped
-        params = [p for p in self.candidates.values() if p.requires_grad]
-        if with_head:
-            params += [
-                p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")
-            ]
-        grads = torch.autograd.grad(loss_p * weight, params, allow_unused=True)
-        out = {p: g for p, g in zip(params, grads) if g is not None}
-        self._all_reduce_mean(out.values())
+        cuda = [self.device] if self.device.type == "cuda" else []
+        buffers = [b.detach().clone() for b in self.running_buffers()]
+        with torch.random.fork_rng(devices=cuda), self.perturbation.active(seed=seed):
+            train_loss, fisher_loss = self._losses(images, labels)
+            self._output = None
+            if not self.step_is_finite(fisher_loss) or not self.step_is_finite(train_loss):
+                return None  # nothing enters the statistics; the step is skipped
+            cands = [p for p in self.candidates.values() if p.requires_grad]
+            grads = torch.autograd.grad(
+                fisher_loss * weight, cands, allow_unused=True, retain_graph=with_head
+            )
+            stats = {p: g for p, g in zip(cands, grads) if g is not None}
+            train: dict = {}
+            if with_head:  # train_aug: the training loss on x′ trains the head and the selection as well
+                params = cands + [
+                    p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")
+                ]
+                tg = torch.autograd.grad(train_loss * weight, params, allow_unused=True)
+                train = {p: g for p, g in zip(params, tg) if g is not None}
+        if not with_head:
+            with torch.no_grad():
+                for b, saved in zip(self.running_buffers(), buffers):
+                    b.copy_(saved)
+        self._all_reduce_mean([*stats.values(), *train.values()])
+        if self.perturbation.batch_of_one and not self._warned_batch_of_one:
+            self._warned_batch_of_one = True
+            rank_zero_warn("FisherTune: one image per rank, so the perturbation has no batch spread to draw from: "
+                           "x′ = x, F(x′) = F(x) and the domain term is 0; use data.batch_size >= 2 per rank")  # fmt: skip
         mag = self.perturbation.magnitudes().to(self.device)
         if self.trainer.world_size > 1:
             mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
-        return out, mag
+        return stats, train, mag
 
     def _accumulate_eps(self, mag: torch.Tensor) -> None:
         beta = self.options.fisher.ema_decay
@@ -473,23 +589,32 @@ class FisherTune(SegmentationMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         t = self.global_step
-        s = self.options.schedule
-        if t >= s.warmup_iters and not self._growing:
+        s, f = self.options.schedule, self.options.fisher
+        if t >= self.stats_start() and not self._growing:
             self._start_growth()
         opt, sched = self.optimizers(), self.lr_schedulers()
         growing = self._growing and not self._final  # selection still changing
         stats = growing and self.is_stat_step(t)
-        aug = stats and self.options.perturb.train_aug
+        perturb = stats and f.score == "dr_fim"
+        aug = perturb and self.options.perturb.train_aug
         w = 0.5 if aug else 1.0
         self.save_buffers()
         images, labels = self.prepare_batch(batch)
-        perturbed: dict[torch.nn.Parameter, torch.Tensor] = {}
-        if stats:
+        perturbed, train_p = {}, {}
+        if perturb:
             result = self._perturbed_pass(images, labels, t, w, with_head=aug)
             if result is None:
                 return self._skip_step(opt, sched)
-            perturbed, mag = result
-        loss = self._loss(images, labels)
+            perturbed, train_p, mag = result
+        loss, fl = self._losses(images, labels)
+        self._output = None
+        fisher_x = None
+        if stats and fl is not loss:  # F(x) of its own loss, through the same forward
+            if not self.step_is_finite(fl):
+                return self._skip_step(opt, sched)
+            cands = [p for p in self.candidates.values() if p.requires_grad]
+            fisher_x = dict(zip(self.candidates, torch.autograd.grad(fl * w, cands, retain_graph=True)))
+            self._all_reduce_mean(fisher_x.values())
         if not self.step_is_finite(loss):
             return self._skip_step(opt, sched)
         self.manual_backward(loss * w)
@@ -498,17 +623,16 @@ class FisherTune(SegmentationMethod):
         if grads and not self.step_is_finite(grad_norm(grads), "gradients"):
             return self._skip_step(opt, sched)
         del grads
-        if stats:  # both passes finite: the statistics take them
-            self._accumulate(
-                "p", {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}, 1.0 / w
-            )
-            self._accumulate_eps(mag)
-            if not aug:
-                perturbed = {}
-            self._accumulate("x", self._backbone_grads(), 1.0 / w)
-            for p, g in perturbed.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
+        if stats:  # every pass finite: the statistics take them
+            if perturb:
+                self._accumulate(
+                    "p", {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}, 1 / w
+                )
+                self._accumulate_eps(mag)
+            self._accumulate("x", fisher_x if fisher_x is not None else self._backbone_grads(), 1 / w)
+            for p, g in train_p.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
                 p.grad = g if p.grad is None else p.grad.add_(g)
-            perturbed = {}
+            perturbed = train_p = fisher_x = {}
         if growing and self.is_refresh(t):
             self.refresh(t)
         if self._growing:
@@ -543,21 +667,31 @@ class FisherTune(SegmentationMethod):
         return {k: self._estimate(which, k) for k in self.candidates}
 
     @torch.no_grad()
-    def scores(self) -> dict[str, torch.Tensor]:
-        """DR-FIM per candidate element from the current statistics (temporaries one tensor at a time)."""
+    def scores(self, t: int | None = None) -> dict[str, torch.Tensor]:
+        """Per candidate element: DR-FIM (``fisher.score: dr_fim``), the normalised Fisher alone (``fim``) or a
+        uniform draw (``random``, from a generator seeded by (perturb.seed, t): the same on every rank). Both Fisher
+        estimates are divided by the clean one's unit (``fisher.normalize``); temporaries one tensor at a time."""
         f = self.options.fisher
-        norm = 1.0
-        if f.normalize == "mean":
-            total = sum(float(v.double().sum()) for v in self.fisher.get("x", {}).values())
-            total *= self._debias(self.stat_counts["x"])
-            count = sum(p.numel() for p in self.candidates.values())
-            norm = max(total / count, torch.finfo(torch.float32).tiny)
+        if f.score == "random":
+            gen = torch.Generator().manual_seed(hash((self.perturb_seed, int(t or 0), "random")) & 0x7FFFFFFF)
+            return {k: torch.rand(p.shape, generator=gen).to(p.device) for k, p in self.candidates.items()}
+        units = (
+            fisher_scale(self.fisher.get("x", {}), f.normalize, f.quantile) if self.fisher.get("x") else {}
+        )
+        if f.normalize != "none" and units:  # the stored sums are scaled by the debias factor on read
+            d = self._debias(self.stat_counts["x"]) or 1.0
+            units = {k: max(v * d, torch.finfo(torch.float32).tiny) for k, v in units.items()}
         eps_bar = float(self.eps_ema.sum()) * self._debias(self.stat_counts["eps"])
-        return {
-            k: dr_fim(self._estimate("x", k, 1 / norm), self._estimate("p", k, 1 / norm), eps_bar, f.gamma,
-                      f.prior_precision, f.eps, f.ratio_factor)
-            for k in self.candidates
-        }  # fmt: skip
+        out = {}
+        for k in self.candidates:
+            unit = units.get(k, 1.0)
+            fx = self._estimate("x", k, 1 / unit)
+            if f.score == "fim":
+                out[k] = fx
+            else:
+                out[k] = dr_fim(fx, self._estimate("p", k, 1 / unit), eps_bar, f.gamma, f.prior_precision, f.eps,
+                                f.ratio_factor)  # fmt: skip
+        return out
 
     def _groups(self) -> list[list[str]]:
         scope = self.options.selection.scope
@@ -621,7 +755,7 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def refresh(self, t: int) -> None:
         k = self.k_target(t)
-        chosen = self.select(self.scores(), k)
+        chosen = self.select(self.scores(t), k)
         monotone = self.options.schedule.monotone
         for name, idx in chosen.items():
             mask = self.masks[name]
@@ -642,14 +776,13 @@ class FisherTune(SegmentationMethod):
         self._log_selection(t)
 
     def _check_ranks_agree(self) -> None:
-        if self.trainer.world_size <= 1:
+        """Every rank selected the same elements: an exact int64 digest (:func:`selection_digest`), min = max."""
+        if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
             return
-        digest = torch.tensor(
-            [float(sum(int(i.sum()) for i in (self.selected_opt.index(n) for n in self.candidates)))],
-            device=self.device,
-        )
-        lo = self.trainer.strategy.reduce(digest.clone(), reduce_op="min")
-        hi = -self.trainer.strategy.reduce(-digest, reduce_op="min")
+        digest = selection_digest([self.selected_opt.index(n) for n in self.candidates]).to(self.device)
+        lo, hi = digest.clone(), digest.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         if not torch.equal(lo, hi):
             raise RuntimeError(
                 "FisherTune: the selection differs across ranks (gradients were not synchronised)"

@@ -22,28 +22,31 @@ class ChannelStatPerturbation:
 
     Args:
         after_blocks: block indices after which the statistics are perturbed (independent noise per point).
-        scale: s, the multiple of the batch std of each statistic.
+        scale: s_μ, the multiple of the batch std of the channel means (and of the stds, unless ``scale_sigma``).
+        scale_sigma: s_σ for the channel stds. Both 0: the hook is the identity (x′ = x exactly).
         num_prefix_tokens: leading tokens left as they are.
         eps: added to variances before the square root.
     """
 
-    def __init__(
-        self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0, eps: float = 1e-6
-    ):
+    def __init__(self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0,
+                 eps: float = 1e-6, scale_sigma: float | None = None):  # fmt: skip
         self.after_blocks = {int(b) for b in after_blocks}
-        self.scale = float(scale)
+        self.scale = float(scale)  # s_μ (and s_σ unless ``scale_sigma`` is given)
+        self.scale_sigma = self.scale if scale_sigma is None else float(scale_sigma)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.eps = eps
         self.enabled = False
         self._seed: int | None = None
         self._gen: torch.Generator | None = None
         self._abs_z: list[torch.Tensor] = []  # per insertion point: (mean s|z_mu|, mean s|z_sigma|)
+        self.batch_of_one = False  # the last perturbed forward saw one image: no batch spread, so x′ = x
 
     @contextmanager
     def active(self, seed: int | None = None) -> Iterator[None]:
         """Perturb inside the block; :meth:`magnitudes` then returns (ε_μ, ε_σ) of that forward. With ``seed``
         the draws come from their own generator (reproducible after a resume), else from torch's global one."""
         self.enabled, self._abs_z, self._seed, self._gen = True, [], seed, None
+        self.batch_of_one = False
         try:
             yield
         finally:
@@ -66,6 +69,9 @@ class ChannelStatPerturbation:
     def __call__(self, tokens: torch.Tensor, block_idx: int) -> torch.Tensor:
         if not self.enabled or block_idx not in self.after_blocks:
             return tokens
+        if self.scale == 0 and self.scale_sigma == 0:  # no shift: exactly the clean tokens (and ε = 0)
+            self._abs_z.append(torch.zeros(2, device=tokens.device))
+            return tokens
         p = self.num_prefix_tokens
         prefix, f = tokens[:, :p], tokens[:, p:]
         b = f.shape[0]
@@ -76,11 +82,11 @@ class ChannelStatPerturbation:
             spread_sigma = (sigma.var(0, keepdim=True) + self.eps).sqrt().detach()
         else:
             spread_mu = spread_sigma = torch.zeros_like(mu)
+            self.batch_of_one = True
         z_mu, z_sigma = self._randn(mu), self._randn(sigma)
         new_mu = mu + z_mu * self.scale * spread_mu
-        new_sigma = sigma + z_sigma * self.scale * spread_sigma
+        new_sigma = sigma + z_sigma * self.scale_sigma * spread_sigma
         out = (f - mu) / sigma * new_sigma + new_mu
-        self._abs_z.append(
-            torch.stack([z_mu.abs().mean(), z_sigma.abs().mean()]).detach().float() * self.scale
-        )
+        self._abs_z.append(torch.stack([z_mu.abs().mean() * self.scale,
+                                        z_sigma.abs().mean() * self.scale_sigma]).detach().float())  # fmt: skip
         return torch.cat([prefix, out], 1) if p else out
