@@ -25,13 +25,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dgss import console
 from dgss.checkpoint import apply_sparse_delta, sparse_delta
@@ -773,7 +771,6 @@ class FisherTune(SegmentationMethod):
         self.history.append(
             {"step": t, "target": k, "selected": selected, "fraction": selected / self.n_base}
         )
-        self._log_selection(t)
 
     def _check_ranks_agree(self) -> None:
         """Every rank selected the same elements: an exact int64 digest (:func:`selection_digest`), min = max."""
@@ -800,51 +797,6 @@ class FisherTune(SegmentationMethod):
             {"block": b, "kind": k, "selected": c, "share": c / total} for (b, k), c in sorted(counts.items())
         ]
 
-    def _log_selection(self, t: int) -> None:
-        rows = self.breakdown()
-        by_kind = {k: sum(r["share"] for r in rows if r["kind"] == k) for k in KINDS}
-        by_block = {}
-        for r in rows:
-            by_block[r["block"]] = by_block.get(r["block"], 0.0) + r["share"]
-        if self.trainer.logger is not None:
-            metrics = {f"fishertune/kind/{k}": v for k, v in by_kind.items()}
-            metrics |= {f"fishertune/block/{'embed' if b < 0 else b}": v for b, v in by_block.items()}
-            metrics["fishertune/target"] = float(self.history[-1]["target"])
-            for lg in self.loggers:
-                lg.log_metrics(metrics, step=t)
-        self._write_selection_table(t, rows, by_kind)
-
-    @rank_zero_only
-    def _write_selection_table(self, t: int, rows: list[dict], by_kind: dict[str, float]) -> None:
-        out = Path(self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "fishertune_selection.csv"
-        new = not path.exists() or t == self.options.schedule.warmup_iters
-        with path.open("w" if new else "a") as fh:
-            if new:
-                fh.write("step,block,kind,selected,share\n")
-            for r in rows:
-                fh.write(f"{t},{r['block']},{r['kind']},{r['selected']},{r['share']:.6f}\n")
-        for lg in self.loggers:
-            if isinstance(lg, WandbLogger):
-                lg.log_table(
-                    "fishertune/selection",
-                    columns=["step", "block", "kind", "selected", "share"],
-                    data=[[t, r["block"], r["kind"], r["selected"], r["share"]] for r in rows],
-                    step=t,
-                )
-                import wandb
-
-                kinds = wandb.Table(columns=["kind", "share"], data=[[k, v] for k, v in by_kind.items()])
-                lg.experiment.log(
-                    {
-                        "fishertune/kind_share": wandb.plot.bar(
-                            kinds, "kind", "share", title="selection per kind"
-                        )
-                    },
-                    step=t,
-                )
-
     def _finalize(self) -> None:
         """After the last refresh: free the statistics and stop computing gradients of unselected tensors."""
         self._final = True
@@ -859,15 +811,11 @@ class FisherTune(SegmentationMethod):
             if not bool(self.masks[name].any()):
                 p.requires_grad_(False)
 
-    @rank_zero_only
-    def on_train_end(self) -> None:
-        if not self.masks:
-            return
-        path = Path(self.trainer.default_root_dir) / "fishertune_mask.pt"
-        torch.save({"index": {n: self.selected_opt.index(n).cpu() for n in self.candidates},
-                    "shapes": {n: tuple(p.shape) for n, p in self.candidates.items()},
-                    "history": self.history, "breakdown": self.breakdown()}, path)  # fmt: skip
-        console.info(f"FisherTune: final selection saved to {path}")
+    def configure_callbacks(self):
+        """The selection's reporting (CSV, logger metrics, wandb tables, the final mask file) is a callback."""
+        from dgss.callbacks import FisherTuneReport
+
+        return [FisherTuneReport()]
 
     # ------------------------------------------------------------------------------ checkpoints
     def reattachable_keys(self) -> set[str]:
