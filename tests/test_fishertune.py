@@ -107,21 +107,27 @@ def test_selected_adamw_matches_torch_adamw_when_everything_is_selected():
     a = torch.nn.Parameter(torch.randn(6, 5))
     b = torch.nn.Parameter(a.detach().clone())
     ref = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
-    mine = SelectedAdamW({"w": b}, weight_decay=0.1)
+    mine = SelectedAdamW({"w": b}, lr=1e-2, weight_decay=0.1)
+    assert isinstance(mine, torch.optim.Optimizer)
     mine.add("w", torch.arange(30))
-    for _ in range(5):
+    for i in range(5):
         g = torch.randn(6, 5)
         a.grad, b.grad = g.clone(), g.clone()
         ref.step()
-        mine.step(lr=1e-2)
+        mine.step()
+        if i == 2:  # a save / load round trip mid-way (as Lightning does on resume) changes nothing
+            sd = mine.state_dict()
+            mine = SelectedAdamW({"w": b}, lr=1e-2, weight_decay=0.1)
+            mine.load_state_dict(sd)
+            assert mine.index("w").dtype == torch.int64
     assert torch.allclose(a, b, atol=1e-6)
     # a subset: the others are never written, even with weight decay
     c = torch.nn.Parameter(torch.randn(10))
     before = c.detach().clone()
-    opt = SelectedAdamW({"c": c}, weight_decay=0.5)
+    opt = SelectedAdamW({"c": c}, lr=0.1, weight_decay=0.5)
     opt.add("c", torch.tensor([2, 7]))
     c.grad = torch.ones(10)
-    opt.step(lr=0.1)
+    opt.step()
     changed = (c.detach() != before).nonzero().squeeze(1).tolist()
     assert changed == [2, 7]
     opt.retain("c", torch.tensor([True, False]))  # deselect element 7: back to its value at selection
@@ -446,7 +452,7 @@ def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identic
                 "fisher": {w: {n: v.clone() for n, v in d.items()} for w, d in pl_module.fisher.items()},
                 "eps": pl_module.eps_ema.clone(), "counts": dict(pl_module.stat_counts),
                 "weights": snapshot(pl_module),
-                "adam": {n: {k: v.clone() for k, v in st.items()} for n, st in pl_module.selected_opt.state.items()},
+                "adam": {id(p): {k: v.clone() for k, v in st.items()} for p, st in pl_module.selected_opt.state.items()},
             }  # fmt: skip
 
     with pytest.warns(UserWarning, match="non-finite loss at step 2"):
@@ -597,3 +603,16 @@ def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp
         assert torch.allclose(m.fisher["x"][n], g**2, rtol=1e-3, atol=1e-10), n
         differs |= gt is not None and not torch.allclose(gt**2, g**2, rtol=1e-2)
     assert differs  # the training loss would have given other statistics
+
+
+def test_selected_adamw_keeps_int64_indices_through_a_state_dict_round_trip():
+    """torch's loader casts state to the parameter's dtype; an index beyond 2**24 must survive exactly."""
+    big = torch.nn.Parameter(torch.zeros(1 << 25))
+    opt = SelectedAdamW({"big": big}, lr=0.1)
+    opt.add("big", torch.tensor([(1 << 24) + 1, (1 << 25) - 1]))
+    big.grad = torch.ones_like(big)
+    opt.step()
+    fresh = SelectedAdamW({"big": big}, lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.index("big").tolist() == [(1 << 24) + 1, (1 << 25) - 1]
+    assert fresh.param_groups[0]["name"] == "backbone_selected"

@@ -369,25 +369,23 @@ class FisherTune(SegmentationMethod):
         return {k: kw[k] for k in ("betas", "eps") if k in kw}
 
     def param_groups(self) -> list[dict]:
-        """The head's groups for the torch optimizer, plus an empty group that carries the backbone lr through the
-        scheduler (and LearningRateMonitor): backbone elements are stepped by :class:`SelectedAdamW`."""
+        """The head's groups (backbone elements are :class:`SelectedAdamW`'s, a second optimizer)."""
         groups = []
         for g in super().param_groups():
             keep = [i for i, n in enumerate(g["names"]) if not n.startswith("backbone.")]
             if keep:
-                groups.append(
-                    {**g, "params": [g["params"][i] for i in keep], "names": [g["names"][i] for i in keep]}
-                )
-        mult = self.options.optim.backbone_lr_mult
-        groups.append(
-            {"params": [], "names": [], "lr_mult": mult, "decay_mult": 0.0, "name": "backbone_selected"}
-        )
+                groups.append({**g, **{k: [g[k][i] for i in keep] for k in ("params", "names", "rules")}})
         return groups
 
-    def backbone_lr(self) -> float:
-        opt = self.optimizers()
-        opt = getattr(opt, "optimizer", opt)
-        return next(g["lr"] for g in opt.param_groups if g.get("name") == "backbone_selected")
+    def configure_optimizers(self):
+        """Two optimizers, each with the base's schedule: the head's, and :class:`SelectedAdamW` for the selected
+        backbone elements at ``optim.backbone_lr_mult`` x the head's lr. Lightning saves and restores both."""
+        head = super().configure_optimizers()
+        base_lr = head["optimizer"].defaults["lr"]
+        for g in self.selected_opt.param_groups:
+            g["lr"] = base_lr * self.options.optim.backbone_lr_mult
+        sched = {"scheduler": self.build_scheduler(self.selected_opt), "interval": "step"}
+        return [head, {"optimizer": self.selected_opt, "lr_scheduler": sched}]
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -471,11 +469,9 @@ class FisherTune(SegmentationMethod):
             for which in self.fisher.values():
                 if name in which:
                     which[name] = which[name].to(p.device)
-            if name in self.selected_opt.state:
-                self.selected_opt.state[name] = {
-                    k: v.to(p.device) for k, v in self.selected_opt.state[name].items()
-                }
-        self._growing = True
+        self._growing = (
+            True  # (SelectedAdamW's state: torch's loader already put it on the parameters' device)
+        )
         if self._final:
             self._prune()
 
@@ -511,7 +507,8 @@ class FisherTune(SegmentationMethod):
         iteration counts (as automatic optimisation does it)."""
         self._zero_grads()
         opt.step()  # no gradients: advances global_step only
-        sched.step()
+        for sc in sched:
+            sc.step()
         return None
 
     def _fisher_loss(self, output: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -590,7 +587,8 @@ class FisherTune(SegmentationMethod):
         s, f = self.options.schedule, self.options.fisher
         if t >= self.stats_start() and not self._growing:
             self._start_growth()
-        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt, _ = self.optimizers()  # the head's (Lightning's wrapper: its step advances global_step)
+        sched = self.lr_schedulers()
         growing = self._growing and not self._final  # selection still changing
         stats = growing and self.is_stat_step(t)
         perturb = stats and f.score == "dr_fim"
@@ -640,9 +638,10 @@ class FisherTune(SegmentationMethod):
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip)
         opt.step()
-        self.selected_opt.step(lr=self.backbone_lr())
+        self.selected_opt.step()  # the raw optimizer: one global step per iteration
         self._zero_grads()
-        sched.step()
+        for sc in sched:
+            sc.step()
         if growing and t >= s.growth_end:
             self._finalize()
         bs = len(images)
@@ -825,10 +824,9 @@ class FisherTune(SegmentationMethod):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        index = {n: s["index"] for n, s in self.selected_opt.state.items()}
-        checkpoint["fishertune"] = {
+        index = {n: self.selected_opt.index(n) for n in self.candidates if self.selected_opt.index(n).numel()}
+        checkpoint["fishertune"] = {  # SelectedAdamW's moments travel in optimizer_states, as any optimizer's
             "delta": sparse_delta(self.candidates, index),
-            "optimizer": {n: {k: v.cpu() for k, v in s.items()} for n, s in self.selected_opt.state.items()},
             "fisher": {w: {n: v.cpu() for n, v in d.items()} for w, d in self.fisher.items()},
             "stat_counts": dict(self.stat_counts),
             "eps_ema": self.eps_ema.cpu(),
@@ -844,11 +842,14 @@ class FisherTune(SegmentationMethod):
                 "the checkpoint has no FisherTune state: it was not written by method=fishertune"
             )
         apply_sparse_delta(checkpoint["state_dict"], ft["delta"], self.candidates, "backbone.model.")
-        self.selected_opt.load_state_dict(ft["optimizer"])
         self.masks = {}
-        for name, p in self.candidates.items():
+        for (
+            name,
+            p,
+        ) in self.candidates.items():  # the selection is the delta's index (the optimizer loads later)
             m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            m[self.selected_opt.index(name)] = True
+            if name in ft["delta"]:
+                m[ft["delta"][name]["index"].to(p.device)] = True
             self.masks[name] = m.view_as(p)
         self.fisher = {
             w: {n: v.to(self.candidates[n].device) for n, v in d.items()} for w, d in ft["fisher"].items()
