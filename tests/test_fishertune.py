@@ -616,3 +616,27 @@ def test_selected_adamw_keeps_int64_indices_through_a_state_dict_round_trip():
     fresh.load_state_dict(opt.state_dict())
     assert fresh.index("big").tolist() == [(1 << 24) + 1, (1 << 25) - 1]
     assert fresh.param_groups[0]["name"] == "backbone_selected"
+
+
+def test_grow_selection_fills_each_budget_with_the_best_units_and_keeps_the_old_ones():
+    """The pure selection step on hand-made scores: global top-k; monotone keeps what is selected and adds the best
+    of the rest; per-group budgets in proportion to size; whole rows at the row granularity."""
+    from dgss.methods.fishertune import grow_selection
+
+    def sc():
+        return {"a": torch.tensor([[5.0, 1.0], [4.0, 0.0]]), "b": torch.tensor([3.0, 2.0, 6.0, -1.0])}
+
+    empty = {"a": torch.zeros(2, 2, dtype=torch.bool), "b": torch.zeros(4, dtype=torch.bool)}
+    got = grow_selection(sc(), empty, [["a", "b"]], 3)
+    assert got["a"].tolist() == [0, 2] and got["b"].tolist() == [2]  # 6, 5, 4
+    held = {"a": torch.tensor([[False, True], [False, False]]), "b": torch.zeros(4, dtype=torch.bool)}
+    got = grow_selection(sc(), held, [["a", "b"]], 3)  # 1 already held: two more, the best of the rest
+    assert got["a"].tolist() == [0] and got["b"].tolist() == [2]
+    got = grow_selection(sc(), empty, [["a"], ["b"]], 4)  # budgets 2 + 2 by size
+    assert got["a"].tolist() == [0, 2] and got["b"].tolist() == [0, 2]
+    got = grow_selection(sc(), empty, [["a", "b"]], 3, granularity="row")  # a's rows: means 3.0 (size 2), 2.0
+    assert got["a"].tolist() == [0, 1] and got["b"].tolist() == [2]  # 6 (1), then a's first row (2): budget 3 met
+    got = grow_selection(sc(), empty, [["a", "b"]], 2, granularity="row")  # the row would overflow: stop there
+    assert got["a"].tolist() == [] and got["b"].tolist() == [2]
+    got = grow_selection(sc(), held, [["a", "b"]], 2, monotone=False)
+    assert got["a"].tolist() == [0] and got["b"].tolist() == [2]

@@ -269,6 +269,54 @@ def apportion(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
+@torch.no_grad()
+def grow_selection(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], groups: list[list[str]], k: int,
+                   granularity: str = "element", monotone: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The elements (flat indices per tensor) that bring the selection to ``k``: per scope group a budget in
+    proportion to its size (:func:`apportion`), filled with the highest scores, ``granularity`` units (element, row,
+    tensor) at a time. ``monotone``: already selected elements (``masks``) stay and count towards the budget, only
+    new ones are returned; otherwise the fresh top-k. Consumes ``scores`` (edited in place and released tensor by
+    tensor, to keep the peak memory low). Ties go to the lower index, so every rank picks the same."""
+    targets = apportion(k, [sum(masks[n].numel() for n in g) for g in groups])
+    chosen: dict[str, torch.Tensor] = {}
+    for names, target in zip(groups, targets):
+        have = sum(int(masks[n].sum()) for n in names) if monotone else 0
+        units, shapes = [], []
+        for n in names:
+            sc = scores.pop(n).float()
+            if monotone:
+                sc.masked_fill_(masks[n], -math.inf)
+            if granularity == "element" or (granularity == "row" and sc.ndim < 2):
+                u, size = sc.reshape(-1), 1
+            elif granularity == "row":
+                u, size = sc.reshape(sc.shape[0], -1).mean(1), sc[0].numel()
+            else:
+                u, size = sc.reshape(1, -1).mean(1), sc.numel()
+            units.append(u)
+            shapes.append((n, u.numel(), size))
+        u = torch.cat(units)
+        del units
+        need = max(target - have, 0)
+        if all(size == 1 for _, _, size in shapes):
+            pick = top_k_first(u, need)
+        else:  # coarse units: best first (stable order) while the budget lasts
+            sz = torch.cat([torch.full((count,), size, dtype=torch.long) for _, count, size in shapes])
+            order = torch.sort(u, descending=True, stable=True).indices
+            order = order[torch.isfinite(u[order])]
+            order = order[torch.cumsum(sz.to(order.device)[order], 0) <= need]
+            pick = torch.zeros_like(u, dtype=torch.bool)
+            pick[order] = True
+        del u
+        offset = 0
+        for n, count, size in shapes:
+            sel = pick[offset : offset + count]
+            offset += count
+            if size > 1:
+                sel = sel.repeat_interleave(size) if count > 1 else sel.expand(size)
+            chosen[n] = sel.reshape(-1).nonzero().squeeze(1)
+    return chosen
+
+
 def block_of(name: str) -> int:
     """Block index in a parameter name (``blocks.7.…``), -1 outside the blocks."""
     m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
@@ -702,52 +750,13 @@ class FisherTune(SegmentationMethod):
             blocks.setdefault(block_of(n), []).append(n)
         return list(blocks.values())
 
-    @torch.no_grad()
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        """New elements (flat indices per tensor) that bring the selection to ``k`` (monotone) or the fresh
-        top-k mask (not monotone): highest scores within each scope group, ``granularity`` units at a time.
-        Consumes ``scores`` (edited in place and released tensor by tensor, to keep the peak memory low)."""
-        monotone = self.options.schedule.monotone
-        gran = self.options.selection.granularity
-        groups = self._groups()
-        targets = apportion(k, [sum(self.candidates[n].numel() for n in g) for g in groups])
-        chosen: dict[str, torch.Tensor] = {}
-        for names, target in zip(groups, targets):
-            have = sum(int(self.masks[n].sum()) for n in names) if monotone else 0
-            units, shapes = [], []
-            for n in names:
-                sc = scores.pop(n).float()
-                if monotone:
-                    sc.masked_fill_(self.masks[n], -math.inf)
-                if gran == "element" or (gran == "row" and sc.ndim < 2):
-                    u, size = sc.reshape(-1), 1
-                elif gran == "row":
-                    u, size = sc.reshape(sc.shape[0], -1).mean(1), sc[0].numel()
-                else:
-                    u, size = sc.reshape(1, -1).mean(1), sc.numel()
-                units.append(u)
-                shapes.append((n, u.numel(), size))
-            u = torch.cat(units)
-            del units
-            need = max(target - have, 0)
-            if all(size == 1 for _, _, size in shapes):
-                pick = top_k_first(u, need)
-            else:  # coarse units: best first (stable order) while the budget lasts
-                sz = torch.cat([torch.full((count,), size, dtype=torch.long) for _, count, size in shapes])
-                order = torch.sort(u, descending=True, stable=True).indices
-                order = order[torch.isfinite(u[order])]
-                order = order[torch.cumsum(sz.to(order.device)[order], 0) <= need]
-                pick = torch.zeros_like(u, dtype=torch.bool)
-                pick[order] = True
-            del u
-            offset = 0
-            for n, count, size in shapes:
-                sel = pick[offset : offset + count]
-                offset += count
-                if size > 1:
-                    sel = sel.repeat_interleave(size) if count > 1 else sel.expand(size)
-                chosen[n] = sel.reshape(-1).nonzero().squeeze(1)
-        return chosen
+        """New elements (flat indices per tensor) that bring the selection to ``k``: :func:`grow_selection` over
+        this method's scope groups, granularity and current masks."""
+        o = self.options
+        return grow_selection(
+            scores, self.masks, self._groups(), k, o.selection.granularity, o.schedule.monotone
+        )
 
     @torch.no_grad()
     def refresh(self, t: int) -> None:
