@@ -635,8 +635,12 @@ def test_grow_selection_fills_each_budget_with_the_best_units_and_keeps_the_old_
     got = grow_selection(sc(), empty, [["a"], ["b"]], 4)  # budgets 2 + 2 by size
     assert got["a"].tolist() == [0, 2] and got["b"].tolist() == [0, 2]
     got = grow_selection(sc(), empty, [["a", "b"]], 3, granularity="row")  # a's rows: means 3.0 (size 2), 2.0
-    assert got["a"].tolist() == [0, 1] and got["b"].tolist() == [2]  # 6 (1), then a's first row (2): budget 3 met
-    got = grow_selection(sc(), empty, [["a", "b"]], 2, granularity="row")  # the row would overflow: stop there
+    assert got["a"].tolist() == [0, 1] and got["b"].tolist() == [
+        2
+    ]  # 6 (1), then a's first row (2): budget 3 met
+    got = grow_selection(
+        sc(), empty, [["a", "b"]], 2, granularity="row"
+    )  # the row would overflow: stop there
     assert got["a"].tolist() == [] and got["b"].tolist() == [2]
     got = grow_selection(sc(), held, [["a", "b"]], 2, monotone=False)
     assert got["a"].tolist() == [0] and got["b"].tolist() == [2]
