@@ -433,6 +433,9 @@ class FisherTune(SegmentationMethod):
         for g in self.selected_opt.param_groups:
             g["lr"] = base_lr * self.options.optim.backbone_lr_mult
         sched = {"scheduler": self.build_scheduler(self.selected_opt), "interval": "step"}
+        g = self.selected_opt.param_groups[0]
+        console.info(f"  lr {g['lr']:.3g}, weight decay {g['weight_decay']:.3g}: the selected backbone elements "
+                     f"(SelectedAdamW, up to {self.k_target(self.options.schedule.growth_end):,})")  # fmt: skip
         return [head, {"optimizer": self.selected_opt, "lr_scheduler": sched}]
 
     def on_fit_start(self) -> None:
