@@ -644,3 +644,15 @@ def test_grow_selection_fills_each_budget_with_the_best_units_and_keeps_the_old_
     assert got["a"].tolist() == [] and got["b"].tolist() == [2]
     got = grow_selection(sc(), held, [["a", "b"]], 2, monotone=False)
     assert got["a"].tolist() == [0] and got["b"].tolist() == [2]
+
+
+def test_accumulate_squares_is_the_ema_or_the_running_sum_of_scaled_squares():
+    from dgss.methods.fishertune import accumulate_squares
+
+    gs = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])]
+    ema, total = {}, {}
+    for g in gs:
+        accumulate_squares(ema, {"w": g}, 0.9, scale=2.0)
+        accumulate_squares(total, {"w": g}, None, scale=2.0)
+    want = 0.9 * (0.1 * (2 * gs[0]) ** 2) + 0.1 * (2 * gs[1]) ** 2
+    assert torch.allclose(ema["w"], want) and torch.allclose(total["w"], (2 * gs[0]) ** 2 + (2 * gs[1]) ** 2)

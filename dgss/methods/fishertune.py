@@ -246,6 +246,21 @@ def selection_digest(indices: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def accumulate_squares(store: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], beta: float | None,
+                       scale: float = 1.0) -> None:  # fmt: skip
+    """One Fisher statistic update, in place: F ← βF + (1−β)(s·g)² per tensor (the EMA, not yet bias-corrected:
+    divide by 1 − βⁿ after n updates), or with ``beta=None`` the running sum of (s·g)² (divide by n for the mean)."""
+    for name, g in grads.items():
+        sq = (g.float() * scale) ** 2
+        if name not in store:
+            store[name] = sq if beta is None else sq.mul_(1 - beta)
+        elif beta is None:
+            store[name].add_(sq)
+        else:
+            store[name].mul_(beta).add_(sq, alpha=1 - beta)
+
+
 def top_k_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k highest finite scores; ties broken by the lower index (identical on all ranks)."""
     out = torch.zeros_like(scores, dtype=torch.bool)
@@ -541,16 +556,7 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def _accumulate(self, which: str, grads: dict[str, torch.Tensor], scale: float = 1.0) -> None:
         """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
-        beta = self.options.fisher.ema_decay
-        store = self.fisher.setdefault(which, {})
-        for name, g in grads.items():
-            sq = (g.float() * scale) ** 2
-            if name not in store:
-                store[name] = sq if beta is None else sq.mul_(1 - beta)
-            elif beta is None:
-                store[name].add_(sq)
-            else:
-                store[name].mul_(beta).add_(sq, alpha=1 - beta)
+        accumulate_squares(self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay, scale)
         self.stat_counts[which] += 1
 
     def _skip_step(self, opt, sched) -> None:
