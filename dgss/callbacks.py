@@ -260,6 +260,9 @@ class FisherTuneReport(pl.Callback):
     def __init__(self):
         self.reported = 0
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.reported = len(getattr(pl_module, "history", []))  # a resumed run reported its refreshes already
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         history = getattr(pl_module, "history", [])
         if len(history) <= self.reported:

@@ -46,9 +46,6 @@ from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, SegmentationHead
 from dgss.options import Options
 
-BASE_SUMMARY = ("params/total", "params/trainable", "params/trainable_pct", "params/backbone",
-                "params/backbone_trainable", "params/head")  # fmt: skip
-
 
 @dataclass
 class SchedulerOptions(Options):
@@ -239,13 +236,15 @@ class SegmentationMethod(pl.LightningModule):
         if self._saved_buffers is None:
             self._saved_buffers = [b.detach().clone() for b in self.running_buffers()]
 
-    def restore_buffers(self) -> None:
-        """A skipped step leaves no trace: running statistics back to their values before its forward."""
+    def restore_buffers(self, forget: bool = True) -> None:
+        """A skipped step leaves no trace: running statistics back to their values before its forward. With
+        ``forget=False`` the saved values stay for a later restore (a statistics-only pass inside a step)."""
         if self._saved_buffers is not None:
             with torch.no_grad():
                 for b, saved in zip(self.running_buffers(), self._saved_buffers):
                     b.copy_(saved)
-        self._saved_buffers = None
+        if forget:
+            self._saved_buffers = None
 
     def step_is_finite(self, value: torch.Tensor | None, what: str = "loss") -> bool:
         """The non-finite guard: False (skip the step) when ``value`` (the loss, or the gradients' summed norms) is
@@ -430,8 +429,8 @@ class SegmentationMethod(pl.LightningModule):
 
     # ---------------------------------------------------------------------------- summary
     def parameter_summary(self) -> dict[str, float]:
-        """Counts logged at fit start (console, ``<task>.log``, every logger's hyperparameters); methods add
-        their own keys."""
+        """Counts logged at fit start (console, ``<task>.log``, every logger's hyperparameters), with the
+        method's own (:meth:`extra_summary`)."""
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         backbone_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
@@ -442,7 +441,12 @@ class SegmentationMethod(pl.LightningModule):
             "params/backbone": sum(p.numel() for p in self.backbone.parameters()),
             "params/backbone_trainable": backbone_trainable,
             "params/head": sum(p.numel() for p in self.head.parameters()),
+            **self.extra_summary(),
         }
+
+    def extra_summary(self) -> dict[str, float]:
+        """A method's own counts for the summary (e.g. COBOT's extra parameters); none by default."""
+        return {}
 
     def on_fit_start(self) -> None:
         s = self.parameter_summary()
@@ -452,9 +456,8 @@ class SegmentationMethod(pl.LightningModule):
             f"head {s['params/head']:,}"
             + "".join(
                 f", {k.removeprefix('params/').replace('_', ' ')} {int(v):,}"
-                for k, v in s.items()
-                if k not in BASE_SUMMARY
-            )  # a method's own counts (e.g. COBOT's extra)
+                for k, v in self.extra_summary().items()
+            )
         )
         for logger in self.loggers:
             logger.log_hyperparams(s)

@@ -211,11 +211,9 @@ class Cobot(PEFTMethod):
         """COBOT's extra parameters (C, S when learnable, γ, heads): spec §5's count beside the base PEFT's."""
         return sum(p.numel() for p in self.cobot.parameters())
 
-    def parameter_summary(self) -> dict[str, float]:
-        s = super().parameter_summary()
-        s["params/cobot_extra"] = self.cobot_parameters()
-        s["params/peft_base"] = self.peft_parameters()  # inside the backbone; COBOT's state sits beside it
-        return s
+    def extra_summary(self) -> dict[str, float]:
+        # the base PEFT's parameters sit inside the backbone, COBOT's state beside it
+        return {"params/cobot_extra": self.cobot_parameters(), "params/peft_base": self.peft_parameters()}
 
 
 register(CobotLoRAConfig, "method", "cobot_lora_schema")

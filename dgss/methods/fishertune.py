@@ -223,15 +223,14 @@ def fisher_scale(stats: dict[str, torch.Tensor], how: str, q: float = 0.95, max_
         total = sum(float(v.double().sum()) for v in stats.values())
         return dict.fromkeys(names, max(total / sum(v.numel() for v in stats.values()), tiny))
     if how == "per_tensor":
-        return {n: robust(_strided(stats[n].reshape(-1), max_samples)) for n in names}
+        return {n: robust(_strided(v, max_samples, v.numel())) for n, v in stats.items()}
     total = sum(v.numel() for v in stats.values())
-    step = max(1, math.ceil(total / max_samples))
-    sample = torch.cat([v.reshape(-1)[::step].float().cpu() for v in stats.values()])
-    return dict.fromkeys(names, robust(sample))
+    return dict.fromkeys(names, robust(torch.cat([_strided(v, max_samples, total) for v in stats.values()])))
 
 
-def _strided(v: torch.Tensor, max_samples: int) -> torch.Tensor:
-    return v[:: max(1, math.ceil(v.numel() / max_samples))].float().cpu()
+def _strided(v: torch.Tensor, max_samples: int, total: int) -> torch.Tensor:
+    """Every ``ceil(total / max_samples)``-th element of ``v`` (float32, on the CPU): a sample the same on every rank."""
+    return v.reshape(-1)[:: max(1, math.ceil(total / max_samples))].float().cpu()
 
 
 def selection_digest(indices: list[torch.Tensor]) -> torch.Tensor:
@@ -535,9 +534,7 @@ class FisherTune(SegmentationMethod):
             for which in self.fisher.values():
                 if name in which:
                     which[name] = which[name].to(p.device)
-        self._growing = (
-            True  # (SelectedAdamW's state: torch's loader already put it on the parameters' device)
-        )
+        self._growing = True  # SelectedAdamW's state: torch's loader already put it on the parameters' device
         if self._final:
             self._prune()
 
@@ -589,7 +586,6 @@ class FisherTune(SegmentationMethod):
         too (a skipped step leaves no trace)."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         cuda = [self.device] if self.device.type == "cuda" else []
-        buffers = [b.detach().clone() for b in self.running_buffers()]
         with torch.random.fork_rng(devices=cuda), self.perturbation.active(seed=seed):
             train_loss, fisher_loss = self._losses(images, labels)
             self._output = None
@@ -607,10 +603,10 @@ class FisherTune(SegmentationMethod):
                 ]
                 tg = torch.autograd.grad(train_loss * weight, params, allow_unused=True)
                 train = {p: g for p, g in zip(params, tg) if g is not None}
-        if not with_head:
-            with torch.no_grad():
-                for b, saved in zip(self.running_buffers(), buffers):
-                    b.copy_(saved)
+        if (
+            not with_head
+        ):  # back to the values save_buffers() kept at the step's start (this was its first forward)
+            self.restore_buffers(forget=False)
         self._all_reduce_mean([*stats.values(), *train.values()])
         if self.perturbation.batch_of_one and not self._warned_batch_of_one:
             self._warned_batch_of_one = True
@@ -665,8 +661,8 @@ class FisherTune(SegmentationMethod):
         if stats and fl is not loss:  # F(x) of its own loss, through the same forward
             if not self.step_is_finite(fl):
                 return self._skip_step(opt, sched)
-            cands = [p for p in self.candidates.values() if p.requires_grad]
-            fisher_x = dict(zip(self.candidates, torch.autograd.grad(fl * w, cands, retain_graph=True)))
+            cands = {n: p for n, p in self.candidates.items() if p.requires_grad}
+            fisher_x = dict(zip(cands, torch.autograd.grad(fl * w, list(cands.values()), retain_graph=True)))
             self._all_reduce_mean(fisher_x.values())
         if not self.step_is_finite(loss):
             return self._skip_step(opt, sched)

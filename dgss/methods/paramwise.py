@@ -59,8 +59,7 @@ class ParamwiseOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key, rule in self.custom_keys.items():
-            bad = sorted(set(rule) - set(RULE_KEYS))
-            if bad or not isinstance(rule, Mapping):
+            if not isinstance(rule, Mapping) or set(rule) - set(RULE_KEYS):
                 raise ConfigError(f"method.paramwise.custom_keys.{key} may set only {', '.join(RULE_KEYS)}; got "
                                   f"{sorted(rule) if isinstance(rule, Mapping) else rule!r}")  # fmt: skip
 

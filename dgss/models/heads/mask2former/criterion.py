@@ -91,15 +91,26 @@ class SetCriterion:
                 + self.w_dice * dice_cost(pred, tgt))  # fmt: skip
         return hungarian(cost)
 
-    def __call__(
-        self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def normaliser(self, labels: torch.Tensor) -> float:
+        """:func:`mask_normaliser` of a batch: every prediction layer matches every target, so one value serves all
+        layers (one all-reduce and one host sync per batch, not per layer). mmdet's ``SamplingResult.avg_factor``:
+        max(matched, 1) per image."""
+        count = sum(
+            max(len(semantic_targets(lab, self.num_classes, self.ignore_index)[0]), 1) for lab in labels
+        )
+        return mask_normaliser(count, labels.device)
+
+    def __call__(self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor,
+                 normaliser: float | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The losses of one prediction layer; ``normaliser``: the batch's :meth:`normaliser` (computed if None)."""
         b, q, _ = cls_logits.shape
         targets = torch.full((b, q), self.num_classes, dtype=torch.long, device=cls_logits.device)
-        preds, gts, avg_factor = [], [], 0
+        preds, gts = [], []
+        n = (
+            self.normaliser(labels) if normaliser is None else normaliser
+        )  # before any early return: ranks reduce
         for i in range(b):
             classes, masks = semantic_targets(labels[i], self.num_classes, self.ignore_index)
-            avg_factor += max(len(classes), 1)  # mmdet's SamplingResult.avg_factor: max(matched, 1) per image
             if not len(classes):
                 continue
             rows, cols = self.match(cls_logits[i].float(), mask_logits[i].float(), classes, masks)
@@ -108,7 +119,6 @@ class SetCriterion:
             gts.append(masks[cols])
         loss_cls = F.cross_entropy(cls_logits.transpose(1, 2).float(), targets,
                                    weight=self.class_weight.to(cls_logits.device))  # fmt: skip
-        n = mask_normaliser(avg_factor, cls_logits.device)  # before any early return: every rank reduces
         if not preds:  # nothing labelled in the batch: only the no-object term
             zero = mask_logits.sum() * 0
             return {"loss_cls": self.w_cls * loss_cls, "loss_mask": zero, "loss_dice": zero}
