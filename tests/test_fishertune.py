@@ -656,3 +656,32 @@ def test_accumulate_squares_is_the_ema_or_the_running_sum_of_scaled_squares():
         accumulate_squares(total, {"w": g}, None, scale=2.0)
     want = 0.9 * (0.1 * (2 * gs[0]) ** 2) + 0.1 * (2 * gs[1]) ** 2
     assert torch.allclose(ema["w"], want) and torch.allclose(total["w"], (2 * gs[0]) ** 2 + (2 * gs[1]) ** 2)
+
+
+def test_a_good_step_ends_the_nonfinite_streak(tmp_path):
+    """max_nonfinite counts non-finite steps *in a row*: NaN at steps 0, 2, 4, 6 with max_nonfinite=2 must not
+    abort (each good step in between ends the streak: the head optimizer's step reaches the base's
+    on_before_optimizer_step), and every skipped step restores the running statistics of its own start."""
+    torch.manual_seed(0)
+    m = fishertune(max_nonfinite=2)
+    loss, seen = m._loss, {}
+
+    def patched(images, labels):
+        out = loss(images, labels)
+        return out * float("nan") if m.global_step % 2 == 0 and m.global_step < 8 else out
+
+    m._loss = patched
+
+    class Look(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[pl_module.global_step] = [b.clone() for b in pl_module.running_buffers()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            t = pl_module.global_step - 1
+            if t % 2 == 0 and t < 8:  # a skipped step: its buffers are those of its own start
+                assert all(torch.equal(a, b) for a, b in zip(pl_module.running_buffers(), seen[t]))
+
+    with pytest.warns(UserWarning, match="non-finite loss at step"):
+        trainer(tmp_path, steps=9, callbacks=[Look()]).fit(m, make_dm())
+    assert m.nonfinite["total"] == 4 and m.nonfinite["streak"] == 0
+    assert not torch.equal(seen[8][0], seen[2][0])  # the good steps did update them
