@@ -32,7 +32,7 @@ pretrain: $(TOY_WEIGHTS) ## pretrain the demo's toy ViT without labels (cached i
 demo: install $(TOY_WEIGHTS) ## FisherTune from the pretrained toy ViT on the embedded domains (CPU, < 10 min incl. pretraining)
 	$(BIN)/dgss-train experiment=demo backbone.weights=$(TOY_WEIGHTS) hydra.run.dir=logs/demo
 
-test: install ## the default test suite (no slow tests; < 15 min on 2 cores)
+test: install ## the default test suite (no slow tests; < 10 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow"
 
 test-all: install ## every test, slow ones included (subprocess CLI, sweeps)
