@@ -20,6 +20,20 @@ from dgss.train import train
 SCHED = dict(warmup_iters=2, growth_tau=3, growth_end=8, refresh_every=2, delta_min=0.01, delta_max=0.05)
 
 
+def nan_on(m, when):
+    """Make every loss of ``m``'s forward passes NaN on the calls (counted from 1) where ``when(call)`` holds."""
+    forward, calls = m._forward, []
+
+    def patched(images, labels):
+        calls.append(None)
+        losses, fisher_loss = forward(images, labels)
+        if when(len(calls)):
+            return {k: v * float("nan") for k, v in losses.items()}, fisher_loss * float("nan")
+        return losses, fisher_loss
+
+    m._forward = patched
+
+
 def fishertune(**kw):
     kw.setdefault("schedule", SCHED)
     kw.setdefault("perturb", dict(after_blocks=[0]))
@@ -146,9 +160,10 @@ def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
         if m.is_stat_step(m.global_step) and not m.perturbation.enabled:
             slopes.append(a)
         head = sum(0 * p.sum() for p in m.head.parameters())  # the warm-up trains the head only
-        return head + sum((a * base[n] * p).sum() for n, p in m.candidates.items())
+        loss = head + sum((a * base[n] * p).sum() for n, p in m.candidates.items())
+        return {"known": loss}, loss
 
-    m._loss = known_loss
+    m._forward = known_loss
     trainer(tmp_path, steps=6).fit(m, make_dm())
     assert (
         len(slopes) == 5 == m.stat_counts["x"]
@@ -414,14 +429,7 @@ def test_selection_digest_is_exact_where_a_float32_sum_is_not():
 def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
     torch.manual_seed(0)
     m = fishertune(schedule={**SCHED, "growth_end": 100})  # statistics kept to look at
-    loss, calls = m._loss, []
-
-    def patched(images, labels):  # NaN on the 4th call (step 2's perturbed pass) and the 7th (a clean pass)
-        calls.append(None)
-        out = loss(images, labels)
-        return out * float("nan") if len(calls) in (4, 7) else out
-
-    m._loss = patched
+    nan_on(m, lambda call: call in (4, 7))  # step 2's perturbed pass, and a clean pass
     with pytest.warns(UserWarning, match="non-finite loss at step"):
         t = trainer(tmp_path, steps=6)
         t.fit(m, make_dm())
@@ -437,14 +445,8 @@ def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identic
     torch.manual_seed(0)
     m = fishertune(schedule={**SCHED, "growth_end": 100})
     assert m.is_stat_step(2)
-    loss, calls, seen = m._loss, [], {}
-
-    def patched(images, labels):  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
-        calls.append(None)
-        out = loss(images, labels)
-        return out * float("nan") if len(calls) == 4 else out
-
-    m._loss = patched
+    seen = {}
+    nan_on(m, lambda call: call == 4)  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
 
     class Look(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -618,6 +620,84 @@ def test_selected_adamw_keeps_int64_indices_through_a_state_dict_round_trip():
     assert fresh.param_groups[0]["name"] == "backbone_selected"
 
 
+def test_chained_optimizer_steps_as_its_members_and_round_trips_their_state():
+    """The one optimizer Lightning steps: bit for bit what the head's AdamW and SelectedAdamW do apart (each under its
+    own poly schedule), through a state_dict round trip mid-way (SelectedAdamW's int64 indices kept)."""
+    from dgss.methods.chained_optimizer import ChainedOptimizer
+
+    torch.manual_seed(0)
+    head0, cand0 = torch.randn(4, 3), torch.randn(50)
+    grads = [(torch.randn(4, 3), torch.randn(50)) for _ in range(6)]
+
+    def build(head, cand):
+        adamw = torch.optim.AdamW([{"params": [head], "lr": 1e-2, "weight_decay": 0.05}], lr=1e-2)
+        sel = SelectedAdamW({"c": cand}, lr=1e-3, weight_decay=0.1)
+        sel.add("c", torch.tensor([3, 17, 40]))
+        return adamw, sel
+
+    def params():
+        return torch.nn.Parameter(head0.clone()), torch.nn.Parameter(cand0.clone())
+
+    poly = lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=6, power=0.9)  # noqa: E731
+    h1, c1 = params()
+    apart = build(h1, c1)
+    scheds = [poly(o) for o in apart]
+    h2, c2 = params()
+    chain = ChainedOptimizer(*build(h2, c2))
+    sched = poly(chain)
+    assert chain.defaults["lr"] == 1e-2 and len(chain.param_groups) == 2
+    for i, (gh, gc) in enumerate(grads):
+        h1.grad, c1.grad, h2.grad, c2.grad = gh.clone(), gc.clone(), gh.clone(), gc.clone()
+        for o, sc in zip(apart, scheds):
+            o.step()
+            sc.step()
+        chain.step()
+        sched.step()
+        chain.zero_grad()
+        assert h2.grad is None and c2.grad is None  # zero_grad reaches every member
+        if (
+            i == 2
+        ):  # what Lightning does on resume: a new chain over the same parameters loads the saved state
+            sd, ssd = chain.state_dict(), sched.state_dict()
+            chain = ChainedOptimizer(*build(h2, c2))
+            chain.state[c2]["exp_avg"].fill_(9.0)  # overwritten by the load
+            chain.load_state_dict(sd)
+            sched = poly(chain)
+            sched.load_state_dict(ssd)
+            sel = chain.optimizers[1]
+            assert sel.index("c").dtype == torch.int64 and sel.index("c").tolist() == [3, 17, 40]
+            assert (
+                chain.param_groups[0] is chain.optimizers[0].param_groups[0]
+            )  # the members' dicts, not copies
+            assert chain.state[h2] is chain.optimizers[0].state[h2] and len(chain.state) == 2
+        assert [g["lr"] for g in chain.param_groups] == [g["lr"] for o in apart for g in o.param_groups]
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        ChainedOptimizer(torch.optim.SGD([h1], lr=1.0), torch.optim.SGD([h1], lr=1.0))
+
+
+def test_lightning_clipping_counts_only_selected_gradients(tmp_path):
+    """trainer.gradient_clip_val applies to FisherTune like to every method, after the masking: at the optimizer
+    step every unselected element's gradient is 0 and the clipped norm is at most the bound."""
+    torch.manual_seed(0)
+    m = fishertune()
+    seen, step = [], m.selected_opt.step
+
+    def look():
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        unselected = [float(p.grad[~m.masks[n]].abs().max()) for n, p in m.candidates.items()
+                      if p.grad is not None and (~m.masks[n]).any()]  # fmt: skip
+        seen.append((float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+                     max(unselected, default=0.0), m.selected_opt.num_selected()))  # fmt: skip
+        return step()
+
+    m.selected_opt.step = look
+    trainer(tmp_path, steps=6, gradient_clip_val=1e-3, limit_val_batches=0).fit(m, make_dm())
+    assert len(seen) == 6 and all(n <= 1e-3 * (1 + 1e-4) for n, _, _ in seen)
+    grown = [u for _, u, k in seen if k]
+    assert grown and max(grown) == 0.0  # from the first selection on, unselected gradients are zero
+
+
 def test_grow_selection_fills_each_budget_with_the_best_units_and_keeps_the_old_ones():
     """The pure selection step on hand-made scores: global top-k; monotone keeps what is selected and adds the best
     of the rest; per-group budgets in proportion to size; whole rows at the row granularity."""
@@ -660,17 +740,12 @@ def test_accumulate_squares_is_the_ema_or_the_running_sum_of_scaled_squares():
 
 def test_a_good_step_ends_the_nonfinite_streak(tmp_path):
     """max_nonfinite counts non-finite steps *in a row*: NaN at steps 0, 2, 4, 6 with max_nonfinite=2 must not
-    abort (each good step in between ends the streak: the head optimizer's step reaches the base's
-    on_before_optimizer_step), and every skipped step restores the running statistics of its own start."""
+    abort (each good step in between ends the streak in the base's on_before_optimizer_step, which FisherTune's
+    extends), and every skipped step restores the running statistics of its own start."""
     torch.manual_seed(0)
     m = fishertune(max_nonfinite=2)
-    loss, seen = m._loss, {}
-
-    def patched(images, labels):
-        out = loss(images, labels)
-        return out * float("nan") if m.global_step % 2 == 0 and m.global_step < 8 else out
-
-    m._loss = patched
+    seen = {}
+    nan_on(m, lambda call: m.global_step % 2 == 0 and m.global_step < 8)
 
     class Look(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

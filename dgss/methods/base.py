@@ -282,30 +282,53 @@ class SegmentationMethod(pl.LightningModule):
         self.nonfinite["streak"] = 0
         self._saved_buffers = None
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """The end of an accumulation window: a window with a non-finite loss updates nothing (its gradients were
-        dropped); gradients that overflowed from a finite loss skip the update the same way (under fp16 Lightning's
-        grad scaler does that itself)."""
-        if self._skip_window:
+    def skipped_step_output(self) -> torch.Tensor | None:
+        """What ``training_step`` returns for a skipped step: ``None`` (Lightning skips the backward), or under DDP,
+        where Lightning refuses ``None``, a zero loss over every trainable parameter, so that every rank runs the same
+        backward and gradient all-reduce; those (zero) gradients are dropped before the optimizer step."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return sum(
+            (p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device)
+        )
+
+    def finish_window(self, optimizer, extra_grads: Sequence[torch.Tensor] = ()) -> bool:
+        """At the end of an accumulation window (before clipping): True when the optimizer step goes ahead. A window
+        with a non-finite loss updates nothing (its gradients are dropped); gradients that overflowed from a finite
+        loss — the optimizer's, and ``extra_grads`` a method took outside it — skip the update the same way (under fp16
+        Lightning's grad scaler does that itself)."""
+        if not self._skip_window:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grads += list(extra_grads)
+            if grads and not str(self.trainer.precision).startswith("16"):
+                self.step_is_finite(grad_norm(grads), "gradients")
+        if self._skip_window:  # the window ends here; no member of the optimizer sees a gradient
             self._skip_window = False
-            return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not str(self.trainer.precision).startswith("16"):
-            if not self.step_is_finite(grad_norm(grads), "gradients"):
-                self._skip_window = False  # the window ends here
-                return
+            for p in self.parameters():
+                p.grad = None
+            return False
         self.step_done()
+        return True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.finish_window(optimizer)
+
+    def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The losses of one training forward (the head's, by name). A method with passes of its own overrides this;
+        ``None`` means one of them already skipped the step (:meth:`step_is_finite` returned False)."""
+        return self.head.loss(self(images), labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_window:  # an earlier micro-batch of this accumulation window was non-finite
-            return None
+            return self.skipped_step_output()
         self.save_buffers()
         images, labels = self.prepare_batch(batch)
-        losses = self.head.loss(self(images), labels)
-        loss = sum(losses.values())
-        if not self.step_is_finite(loss):
-            # Lightning skips backward; the optimizer step has no gradients (the iteration counts)
-            return None
+        losses = self.training_losses(images, labels)
+        loss = sum(losses.values()) if losses is not None else None
+        if losses is None or not self.step_is_finite(loss):
+            # no backward (a zero one under DDP); the optimizer step has no gradients (the iteration counts)
+            return self.skipped_step_output()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
@@ -372,7 +395,9 @@ class SegmentationMethod(pl.LightningModule):
             raise ConfigError(f"method {type(self).__name__} has no trainable parameters")
         return groups
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """``method.optimizer`` over :meth:`param_groups`, each group's lr and decay times its multipliers; the groups
+        are printed."""
         groups = self.param_groups()
         opt = self.optimizer_factory(
             [{k: v for k, v in g.items() if k not in ("names", "rules")} for g in groups]
@@ -383,6 +408,10 @@ class SegmentationMethod(pl.LightningModule):
             g["weight_decay"] = g["weight_decay"] * g["decay_mult"]
         console.info(f"parameter groups ({type(opt).__name__}, lr {base_lr:.3g}, weight decay {base_wd:.3g}):\n"
                      + describe_groups(groups, base_lr, base_wd))  # fmt: skip
+        return opt
+
+    def configure_optimizers(self):
+        opt = self.build_optimizer()
         return {
             "optimizer": opt,
             "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"},

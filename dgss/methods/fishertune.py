@@ -16,8 +16,11 @@ DRF = γ(Λ_x − τ⁻²) + exp(−(ε_μ+ε_σ)) · γ · |Λ_x − Λ_x′| /
 precision τ⁻² floors the ratio's denominator. F̂ is normalised by its mean over the candidates first.
 
 Only selected elements move: :class:`SelectedAdamW` holds state (and applies decay) for them alone, so every other
-backbone element stays bit-identical to the pretrained weights. Checkpoints store the selected elements as a sparse
-delta (indices and values) over the backbone's weights file plus the head.
+backbone element stays bit-identical to the pretrained weights. The step is the base's (Lightning's automatic
+optimisation, one :class:`ChainedOptimizer` over the head's optimizer and SelectedAdamW); FisherTune adds the passes
+before the backward (:meth:`FisherTune.training_losses`) and the statistics, refresh and masking after it
+(:meth:`FisherTune.on_before_optimizer_step`). Checkpoints store the selected elements as a sparse delta (indices and
+values) over the backbone's weights file plus the head.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from dgss import console
 from dgss.checkpoint import apply_sparse_delta, sparse_delta
-from dgss.compat import grad_norm
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.methods.chained_optimizer import ChainedOptimizer
 from dgss.methods.selected_adamw import SelectedAdamW
 from dgss.models.heads.protocol import QueryHead
 from dgss.models.style_perturb import ChannelStatPerturbation
@@ -135,7 +138,6 @@ class OptimOptions(Options):
     )
     backbone_wd: float = 0.0  # decoupled decay on selected elements only (AdamW would decay every element)
     prior_l2: float = 0.0  # optional pull of selected elements towards their pretrained values
-    clip_grad_norm: float | None = None  # after masking, so unselected gradients never count
 
 
 @dataclass
@@ -360,6 +362,20 @@ def kind_counts(name: str, mask: torch.Tensor) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------- method
+@dataclass
+class StepStatistics:
+    """What one training step gathers between its forward passes and its optimizer step."""
+
+    t: int  # the step
+    stats: bool  # a statistic step: its gradients enter F(x) (and F(x′))
+    perturb: bool  # with a perturbed pass (fisher.score: dr_fim)
+    aug: bool  # perturb.train_aug: the perturbed view trains too
+    perturbed: dict = field(default_factory=dict)  # parameter -> gradient of the Fisher loss on x′
+    train_p: dict = field(default_factory=dict)  # train_aug: parameter -> gradient of the training loss on x′
+    fisher_x: dict = field(default_factory=dict)  # pixel_ce: name -> gradient of the Fisher loss on x
+    mag: torch.Tensor | None = None  # the perturbation's (ε_μ, ε_σ)
+
+
 class FisherTune(SegmentationMethod):
     """Selective fine-tuning of backbone elements ranked by DR-FIM; head trained throughout.
 
@@ -371,7 +387,6 @@ class FisherTune(SegmentationMethod):
         groups = {g: kwargs.pop(g, None) for g in GROUPS}
         super().__init__(*args, **kwargs)
         self.options = FisherTuneOptions.of(groups, "method")
-        self.automatic_optimization = False
 
     # ------------------------------------------------------------------------------------ set-up
     def configure_tuning(self) -> None:
@@ -422,7 +437,7 @@ class FisherTune(SegmentationMethod):
         self.history: list[dict] = []  # one row per refresh: step, ratio, target, selected
         self._growing = False  # candidates require grad (applied in training_step, after any DDP wrap)
         self._warned_batch_of_one = False
-        self._output = None
+        self._pending: StepStatistics | None = None  # what this step gathered before its backward
         self._final = False
 
     def _adam_kwargs(self) -> dict:
@@ -439,31 +454,29 @@ class FisherTune(SegmentationMethod):
                 groups.append({**g, **{k: [g[k][i] for i in keep] for k in ("params", "names", "rules")}})
         return groups
 
-    def configure_optimizers(self):
-        """Two optimizers, each with the base's schedule: the head's, and :class:`SelectedAdamW` for the selected
-        backbone elements at ``optim.backbone_lr_mult`` x the head's lr. Lightning saves and restores both."""
-        head = super().configure_optimizers()
-        base_lr = head["optimizer"].defaults["lr"]
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer for Lightning's automatic step: the head's (``method.optimizer``) chained with
+        :class:`SelectedAdamW` for the selected backbone elements at ``optim.backbone_lr_mult`` x the head's lr; the
+        base's schedule drives both, Lightning saves and restores both."""
+        head = super().build_optimizer()
         for g in self.selected_opt.param_groups:
-            g["lr"] = base_lr * self.options.optim.backbone_lr_mult
-        sched = {"scheduler": self.build_scheduler(self.selected_opt), "interval": "step"}
+            g["lr"] = head.defaults["lr"] * self.options.optim.backbone_lr_mult
         g = self.selected_opt.param_groups[0]
         console.info(f"  lr {g['lr']:.3g}, weight decay {g['weight_decay']:.3g}: the selected backbone elements "
                      f"(SelectedAdamW, up to {self.k_target(self.options.schedule.growth_end):,})")  # fmt: skip
-        return [head, {"optimizer": self.selected_opt, "lr_scheduler": sched}]
+        return ChainedOptimizer(head, self.selected_opt)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         prec = str(self.trainer.precision)
         if prec.startswith("16"):
             raise ConfigError(
-                f"trainer.precision={prec} is not supported by FisherTune (its selected-element optimizer "
-                "bypasses the fp16 grad scaler); use bf16-mixed or 32-true"
+                f"trainer.precision={prec} is not supported by FisherTune (its Fisher statistics are read before "
+                "the fp16 grad scaler decides whether a step overflowed); use bf16-mixed or 32-true"
             )
-        if self.trainer.gradient_clip_val or self.trainer.accumulate_grad_batches != 1:
+        if self.trainer.accumulate_grad_batches != 1:
             raise ConfigError(
-                "FisherTune steps its optimizers itself: set trainer.gradient_clip_val=null (use "
-                "method.optim.clip_grad_norm) and trainer.accumulate_grad_batches=1"
+                "FisherTune takes its Fisher statistics per optimizer step: set trainer.accumulate_grad_batches=1"
             )
         s = self.options.schedule
         if self.trainer.max_steps > 0 and s.growth_end > self.trainer.max_steps:
@@ -512,17 +525,16 @@ class FisherTune(SegmentationMethod):
         return (f.window is None or r - t < f.window) and (r - t) % f.interval == 0
 
     # ------------------------------------------------------------------------------------ steps
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss of one forward (its output kept for a Fisher loss of its own)."""
-        self._output = self(images)
-        return sum(self.head.loss(self._output, labels).values())
-
-    def _losses(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training loss, Fisher loss) of one forward; the same tensor under ``fisher.loss: train_loss``."""
-        loss = self._loss(images, labels)
+    def _forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One forward: the head's training losses by name, and the Fisher loss (their sum under ``fisher.loss:
+        train_loss``, else :meth:`_fisher_loss` of the same output)."""
+        output = self(images)
+        losses = self.head.loss(output, labels)
         if self.options.fisher.loss == "train_loss":
-            return loss, loss
-        return loss, self._fisher_loss(self._output, images, labels)
+            return losses, sum(losses.values())
+        return losses, self._fisher_loss(output, images, labels)
 
     def _start_growth(self) -> None:
         """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
@@ -556,15 +568,6 @@ class FisherTune(SegmentationMethod):
         accumulate_squares(self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay, scale)
         self.stat_counts[which] += 1
 
-    def _skip_step(self, opt, sched) -> None:
-        """A non-finite loss or gradient: no update, no statistic (running statistics restored by the guard), but the
-        iteration counts (as automatic optimisation does it)."""
-        self._zero_grads()
-        opt.step()  # no gradients: advances global_step only
-        for sc in sched:
-            sc.step()
-        return None
-
     def _fisher_loss(self, output: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``fisher.loss: pixel_ce``: the per-pixel cross-entropy of the head's semantic prediction — log-softmax
         of a head's logits, or for a query head (Mask2Former, whose scores Σ_q softmax(class_q)·sigmoid(mask_q) are
@@ -576,38 +579,32 @@ class FisherTune(SegmentationMethod):
             logp = scores.log_softmax(1)
         return torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=IGNORE_INDEX)
 
-    def _perturbed_pass(self, images: torch.Tensor, labels: torch.Tensor, t: int, weight: float,
-                        with_head: bool) -> tuple[dict, dict, torch.Tensor] | None:  # fmt: skip
-        """Gradients on x′, by autograd.grad (one backward per DDP forward stays the clean pass's): of the Fisher
-        loss for F(x′), and with ``train_aug`` of the training loss for the head and the selection too. Runs from
-        the RNG state the clean pass then starts from again (dropout masks, point samples and so the matching are
-        the same in both passes; the training stream never sees this pass), and leaves running statistics as they
-        were (a statistics pass is not a training forward). Enters the statistics only once the clean pass is finite
-        too (a skipped step leaves no trace)."""
+    def _perturbed_pass(self, images: torch.Tensor, labels: torch.Tensor, t: int, with_head: bool,
+                        ) -> tuple[dict, dict, torch.Tensor] | None:  # fmt: skip
+        """Gradients on x′, by autograd.grad (the one backward of the step stays the clean pass's, DDP's): of the
+        Fisher loss for F(x′), and with ``train_aug`` of the training loss for the head and the selection too. Runs
+        from the RNG state the clean pass then starts from again (dropout masks, point samples and so the matching
+        are the same in both passes; the training stream never sees this pass), and leaves running statistics as they
+        were (a statistics pass is not a training forward). ``None``: non-finite, the step is skipped."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), self.perturbation.active(seed=seed):
-            train_loss, fisher_loss = self._losses(images, labels)
-            self._output = None
+            losses, fisher_loss = self._forward(images, labels)
+            train_loss = sum(losses.values())
             if not self.step_is_finite(fisher_loss) or not self.step_is_finite(train_loss):
                 return None  # nothing enters the statistics; the step is skipped
             cands = [p for p in self.candidates.values() if p.requires_grad]
-            grads = torch.autograd.grad(
-                fisher_loss * weight, cands, allow_unused=True, retain_graph=with_head
-            )
+            grads = torch.autograd.grad(fisher_loss, cands, allow_unused=True, retain_graph=with_head)
             stats = {p: g for p, g in zip(cands, grads) if g is not None}
             train: dict = {}
             if with_head:  # train_aug: the training loss on x′ trains the head and the selection as well
                 params = cands + [
                     p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")
                 ]
-                tg = torch.autograd.grad(train_loss * weight, params, allow_unused=True)
+                tg = torch.autograd.grad(train_loss, params, allow_unused=True)
                 train = {p: g for p, g in zip(params, tg) if g is not None}
-        if (
-            not with_head
-        ):  # back to the values save_buffers() kept at the step's start (this was its first forward)
+        if not with_head:  # back to save_buffers()'s values of the step's start (this was its first forward)
             self.restore_buffers(forget=False)
-        self._all_reduce_mean([*stats.values(), *train.values()])
         if self.perturbation.batch_of_one and not self._warned_batch_of_one:
             self._warned_batch_of_one = True
             rank_zero_warn("FisherTune: one image per rank, so the perturbation has no batch spread to draw from: "
@@ -631,78 +628,77 @@ class FisherTune(SegmentationMethod):
             return 0.0
         return 1.0 / n if beta is None else 1.0 / (1 - beta**n)
 
-    def _zero_grads(self) -> None:
-        for p in self.parameters():
-            p.grad = None
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    # The step is the base's (Lightning's automatic optimisation: its loss, non-finite guard, logging, clipping and
+    # one optimizer, a ChainedOptimizer over the head's and SelectedAdamW). FisherTune adds, in training_losses, the
+    # perturbed pass and F(x)'s own loss before the clean backward, and in on_before_optimizer_step, after it, the
+    # statistics, the refresh and the masking.
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         t = self.global_step
-        s, f = self.options.schedule, self.options.fisher
         if t >= self.stats_start() and not self._growing:
             self._start_growth()
-        opt, _ = self.optimizers()  # the head's (Lightning's wrapper: its step advances global_step)
-        sched = self.lr_schedulers()
         growing = self._growing and not self._final  # selection still changing
         stats = growing and self.is_stat_step(t)
-        perturb = stats and f.score == "dr_fim"
-        aug = perturb and self.options.perturb.train_aug
-        w = 0.5 if aug else 1.0
-        self.save_buffers()
-        images, labels = self.prepare_batch(batch)
-        perturbed, train_p = {}, {}
-        if perturb:
-            result = self._perturbed_pass(images, labels, t, w, with_head=aug)
-            if result is None:
-                return self._skip_step(opt, sched)
-            perturbed, train_p, mag = result
-        loss, fl = self._losses(images, labels)
-        self._output = None
-        fisher_x = None
-        if stats and fl is not loss:  # F(x) of its own loss, through the same forward
-            if not self.step_is_finite(fl):
-                return self._skip_step(opt, sched)
-            cands = {n: p for n, p in self.candidates.items() if p.requires_grad}
-            fisher_x = dict(zip(cands, torch.autograd.grad(fl * w, list(cands.values()), retain_graph=True)))
-            self._all_reduce_mean(fisher_x.values())
-        if not self.step_is_finite(loss):
-            return self._skip_step(opt, sched)
-        self.manual_backward(loss * w)
-        self._all_reduce_mean(self._backbone_grads().values())
-        grads = [p.grad for p in self.parameters() if p.grad is not None] + list(perturbed.values())
-        if grads and not self.step_is_finite(grad_norm(grads), "gradients"):
-            return self._skip_step(opt, sched)
-        del grads
-        if stats:  # every pass finite: the statistics take them
-            if perturb:
-                self._accumulate(
-                    "p", {n: perturbed[p] for n, p in self.candidates.items() if p in perturbed}, 1 / w
-                )
-                self._accumulate_eps(mag)
-            self._accumulate("x", fisher_x if fisher_x is not None else self._backbone_grads(), 1 / w)
-            for p, g in train_p.items():  # train_aug: on x and x' alike (each loss weighted 1/2)
-                p.grad = g if p.grad is None else p.grad.add_(g)
-            perturbed = train_p = fisher_x = {}
-        if growing and self.is_refresh(t):
-            self.refresh(t)
-        if self._growing:
-            for name, g in self._backbone_grads().items():
-                g.mul_(self.masks[name])  # before clipping: unselected gradients must not count
-        clip = self.options.optim.clip_grad_norm
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip)
-        opt.step()
-        self.selected_opt.step()  # the raw optimizer: one global step per iteration
-        self._zero_grads()
-        for sc in sched:
-            sc.step()
-        if growing and t >= s.growth_end:
-            self._finalize()
-        bs = len(images)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        perturb = stats and self.options.fisher.score == "dr_fim"
+        self._pending = StepStatistics(t, stats, perturb, perturb and self.options.perturb.train_aug)
+        loss = super().training_step(batch, batch_idx)
         n = self.selected_opt.num_selected()
         self.log_dict({"fishertune/selected": float(n), "fishertune/selected_fraction": n / self.n_base,
-                       "fishertune/stat_step": float(stats)}, batch_size=bs)  # fmt: skip
-        return loss.detach()
+                       "fishertune/stat_step": float(stats)}, batch_size=len(batch["image"]))  # fmt: skip
+        return loss
+
+    def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """On a statistic step the perturbed pass first (gradients on x′), then the clean forward; with its own
+        Fisher loss (``pixel_ce``) F(x)'s gradients through the same forward. The clean losses go to the base."""
+        step = self._pending
+        if step.perturb:
+            result = self._perturbed_pass(images, labels, step.t, with_head=step.aug)
+            if result is None:
+                return None
+            step.perturbed, step.train_p, step.mag = result
+        losses, fisher_loss = self._forward(images, labels)
+        if step.stats and self.options.fisher.loss != "train_loss":
+            if not self.step_is_finite(fisher_loss):
+                return None
+            cands = {n: p for n, p in self.candidates.items() if p.requires_grad}
+            grads = torch.autograd.grad(fisher_loss, list(cands.values()), retain_graph=True)
+            step.fisher_x = dict(zip(cands, grads))
+        return losses
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After the clean backward, before clipping: gradients DDP did not average are averaged, the base's guard
+        checks them all; a step that goes ahead enters the statistics (and with ``train_aug`` trains on x and x′ at
+        1/2 each). A refresh due at this step happens even when the step is skipped (the schedule does not wait for a
+        finite batch); then unselected elements' gradients are zeroed, so clipping never counts them."""
+        step, self._pending = self._pending, None
+        extra = []
+        if step is not None and not self._skip_window and self._growing:
+            self._all_reduce_mean(self._backbone_grads().values())
+            extra = [*step.perturbed.values(), *step.train_p.values(), *step.fisher_x.values()]
+            self._all_reduce_mean(extra)
+        if self.finish_window(optimizer, extra) and step is not None and step.stats:
+            self._take_statistics(step)
+        del extra
+        if step is None or not self._growing:
+            return
+        step.perturbed = step.train_p = step.fisher_x = {}  # released before a refresh's scores are made
+        if not self._final and self.is_refresh(step.t):
+            self.refresh(step.t)
+        for name, g in self._backbone_grads().items():
+            g.mul_(self.masks[name])
+        if not self._final and step.t >= self.options.schedule.growth_end:
+            self._finalize()
+
+    @torch.no_grad()
+    def _take_statistics(self, step: StepStatistics) -> None:
+        """A finite statistic step's gradients enter F(x), F(x′) and ε̄."""
+        if step.perturb:
+            self._accumulate(
+                "p", {n: step.perturbed[p] for n, p in self.candidates.items() if p in step.perturbed}
+            )
+            self._accumulate_eps(step.mag)
+        self._accumulate("x", step.fisher_x or self._backbone_grads())
+        for p, g in step.train_p.items():  # train_aug: the training losses on x and x′, each weighted 1/2
+            p.grad = g.mul_(0.5) if p.grad is None else p.grad.mul_(0.5).add_(g, alpha=0.5)
 
     # -------------------------------------------------------------------------------- selection
     def _estimate(self, which: str, name: str, scale: float = 1.0) -> torch.Tensor:
