@@ -2,9 +2,9 @@
 """FisherTune vs full fine-tuning on the same ViT: mean training step time over one refresh period of the growth
 phase, and peak memory, measured in one run. Target: step time ratio <= 1.5.
 
-Both methods run their real Lightning training step (FisherTune: manual optimisation with the perturbed and clean
-passes on statistic steps, the refresh, masking and the selected-element AdamW; full: automatic optimisation,
-AdamW over everything) on the same fixed batch, each in a fresh process. The measured period is the second refresh
+Both methods run their real Lightning training step, the base's automatic one (FisherTune: the perturbed and clean
+passes on statistic steps, the refresh, masking, and its chained head AdamW + selected-element AdamW; full: AdamW
+over everything) on the same fixed batch, each in a fresh process. The measured period is the second refresh
 period of the growth phase, steps (T1 + R, T1 + 2R]: ``window`` statistic steps and one refresh, in the default
 proportion (window / refresh_every = 200 / 500 at 40k steps). Peak memory: CUDA allocator peak, or on CPU the peak
 RSS above the process size before the model was built. Appends a row to docs/benchmarks.md.
