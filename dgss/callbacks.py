@@ -314,3 +314,87 @@ class FisherTuneReport(pl.Callback):
                     "shapes": {n: tuple(p.shape) for n, p in cands.items()},
                     "history": pl_module.history, "breakdown": pl_module.breakdown()}, path)  # fmt: skip
         console.info(f"FisherTune: final selection saved to {path}")
+
+
+class EMA(pl.Callback):
+    """Weight averaging as mmengine's ``EMAHook`` with ``ExponentialMovingAverage`` (SoMA's recipe), for every method.
+
+    After optimizer step n (``trainer.global_step``): avg = θ while n ≤ max(``begin``, 1), then
+    avg ← (1 − m)·avg + m·θ with m = ``momentum`` (mmengine copies θ before ``begin_iter`` and on its first update).
+    Validation during training, and so checkpoint selection, runs on the averaged weights; every saved checkpoint's
+    ``state_dict`` holds them (``dgss-eval``, ``dgss-merge`` use them, as mmengine's saved ``state_dict``), the raw
+    ones go to ``checkpoint['weight_averaging']['raw']`` for an exact resume. Only parameters that train are averaged
+    (a frozen one is its own average: no memory); buffers follow the model, as mmengine's ``update_buffers=False``.
+    Lightning's ``WeightAveraging`` copies the whole module, frozen backbone included, and writes every tensor of it
+    into each checkpoint; this keeps dgss's checkpoints as small as without averaging.
+    """
+
+    def __init__(self, momentum: float = 2e-4, begin: int = 0):
+        if not 0.0 < momentum < 1.0 or begin < 0:
+            raise ValueError(f"callbacks.ema: momentum={momentum} must be in (0, 1) and begin={begin} >= 0")
+        self.momentum, self.begin = float(momentum), int(begin)
+        self.avg: dict[str, torch.Tensor] = {}
+        self._step = -1
+        self._swapped = False
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step
+        if n == self._step:  # inside an accumulation window: no optimizer step yet
+            return
+        self._step = n
+        copy = n <= max(self.begin, 1)
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            a = self.avg.get(name)
+            if (
+                a is None
+            ):  # starts training now (FisherTune's candidates): it was constant, so its average is θ
+                self.avg[name] = p.detach().clone()
+            elif copy:
+                a.copy_(p.detach())
+            else:
+                a.lerp_(p.detach(), self.momentum)
+
+    @torch.no_grad()
+    def _swap(self, pl_module) -> None:
+        params = dict(pl_module.named_parameters())
+        for name, a in self.avg.items():
+            p = params[name]
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
+        self._swapped = not self._swapped
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and self.avg and not self._swapped:
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._swapped:
+            self._swap(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if not self.avg:
+            return
+        state = checkpoint["state_dict"]
+        raw = {}
+        for name, a in self.avg.items():
+            raw[name] = state[name].detach().clone()
+            state[name] = a.detach().clone()
+        checkpoint["weight_averaging"] = {"raw": raw, "momentum": self.momentum, "begin": self.begin,
+                                          "step": self._step}  # fmt: skip
+
+    @torch.no_grad()
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """A resumed fit: the model was loaded with the averages; they become ``avg`` and the raw weights return."""
+        wa = checkpoint.get("weight_averaging")
+        if not wa:
+            return
+        params = dict(pl_module.named_parameters())
+        for name, raw in wa["raw"].items():
+            p = params[name]
+            self.avg[name] = p.detach().clone()
+            p.copy_(raw.to(p.device, p.dtype))
+        self._step = int(wa["step"])

@@ -263,7 +263,7 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
         saved.backbone.weights = backbone_weights
     if inference:
         saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
-    method = build_method(saved)
+    method = build_method(saved, restoring=not official)
     if official:
         if not isinstance(method, TakesOfficialRelease):
             raise ConfigError(
@@ -276,17 +276,33 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
     return method, saved
 
 
-def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike, backbone_weights: str | None = None) -> dict:
+def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_weights: str | None = None,
+          backbone_out: str | os.PathLike | None = None) -> dict:  # fmt: skip
     """One self-contained checkpoint from a frozen-backbone / sparse one and its weights file: every tensor inside,
     ``backbone.weights: null`` in its config, the merge's provenance recorded; optimizer and scheduler state left
-    out (a model file, not a training state). Written atomically; returns the provenance."""
+    out (a model file, not a training state). Written atomically; returns the provenance. ``backbone_out``: also (or,
+    with ``out=None``, only) the plain backbone with the method folded in (:meth:`SegmentationMethod.plain_backbone`),
+    a ``.safetensors`` file of timm's keys that ``backbone.weights`` loads into the same ``backbone.name``."""
     import hashlib
 
     from omegaconf import OmegaConf
 
     method, saved = load_method(ckpt_path, backbone_weights)
-    ckpt = load_checkpoint_dict(ckpt_path)
     identity = method.backbone.identity
+    written = {}
+    if backbone_out is not None:
+        from safetensors.torch import save_file
+
+        state = method.backbone.timm_state(method.plain_backbone())
+        plain = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        with atomic_path(backbone_out) as tmp:
+            save_file(
+                plain, str(tmp), metadata={"dgss_merged_from": str(ckpt_path), "backbone": identity["name"]}
+            )
+        written["backbone_out"] = str(backbone_out)
+    if out is None:
+        return written
+    ckpt = load_checkpoint_dict(ckpt_path)
     ckpt["state_dict"] = {k: v.detach().cpu() for k, v in method.state_dict().items()}
     cfg = OmegaConf.to_container(saved, resolve=True)
     cfg["backbone"]["weights"] = None  # every tensor is in this file now
@@ -298,7 +314,7 @@ def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike, backbone_weights
         ckpt.pop(key, None)
     with atomic_path(out) as tmp:
         torch.save(ckpt, tmp)
-    return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"]}
+    return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"], **written}
 
 
 # ------------------------------------------------------------------------------------------ random states

@@ -75,11 +75,13 @@ def check_launch(trainer_cfg, mode, launcher: str | None) -> None:
         )
 
 
-def build_method(cfg: DictConfig):
-    """backbone + head factory -> the method LightningModule (``cfg.method``), its tuning built."""
+def build_method(cfg: DictConfig, restoring: bool = False):
+    """backbone + head factory -> the method LightningModule (``cfg.method``), its tuning built. ``restoring``: its
+    trained state will come from a checkpoint, so no data-dependent initialisation runs (SoMA's SVD)."""
     backbone = hydra.utils.instantiate(cfg.backbone)
     head = hydra.utils.instantiate(cfg.head)
     method = hydra.utils.instantiate(cfg.method, backbone=backbone, head=head, _convert_="partial")
+    method.restoring = restoring
     method.configure_model()
     return method
 

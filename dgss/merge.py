@@ -17,14 +17,18 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dgss-merge", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="a dgss-train checkpoint")
-    p.add_argument("--out", required=True, help="the merged checkpoint to write (atomically)")
+    p.add_argument("--out", default=None, help="the merged checkpoint to write (atomically)")
+    p.add_argument("--backbone-out", default=None, help="also write the plain backbone with the method folded into its "
+                   "weights (.safetensors; SoMA, or methods that train the backbone itself)")  # fmt: skip
     p.add_argument("--backbone-weights", default=None, help="the frozen backbone's weights file, if it moved")
     a = p.parse_args(argv)
+    if a.out is None and a.backbone_out is None:
+        p.error("give --out (a merged checkpoint), --backbone-out (a plain backbone), or both")
     from dgss.checkpoint import merge
     from dgss.cli import user_error
 
     try:
-        print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights)))
+        print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights, a.backbone_out)))
     except Exception as e:  # a user's file or option: one line; anything else is a bug (traceback)
         msg = user_error(e)
         if msg is None:

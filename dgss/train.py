@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = build_method(cfg)
+    model = build_method(cfg, restoring=bool(ckpt_path))
     if cfg.get("compile"):
         model.compile()  # nn.Module.compile: forward compiled in place, parameter names (checkpoint keys) unchanged
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]

@@ -17,6 +17,7 @@ trains (:meth:`adopt`, e.g. AdaptFormer's adapters with their dropout) run in th
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -55,6 +56,12 @@ class SchedulerOptions(Options):
     warmup_steps: int = 0
     warmup_start_factor: float = 1e-6
     power: float = 0.9
+    # every group's weight decay: constant, or cosine-annealed from its own value to weight_decay_min at max_steps
+    # (SoMA's recipe: mmengine's CosineAnnealingParamScheduler on weight_decay, eta_min 1e-5, stepped per iteration)
+    weight_decay: Literal["constant", "cosine"] = "constant"
+    weight_decay_min: float = 1e-5
+    # groups without decay: keep 0 (ours) | rise to weight_decay_min as the official scheduler makes them
+    weight_decay_zero: Literal["keep", "official"] = "keep"
 
 
 @dataclass
@@ -98,6 +105,15 @@ class MethodConfig:
     max_nonfinite: int = (
         10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
     )
+
+
+def cosine_weight_decay(wd0: float, t: int, total: int, wd_min: float, zero: str = "keep") -> float:
+    """Weight decay at step t of ``total``: wd_min + (wd0 − wd_min)·(1 + cos(π·t/total))/2 (mmengine's cosine
+    annealing in closed form; wd0 at t = 0, wd_min from t = total on). A group without decay (wd0 = 0) keeps 0 under
+    ``zero='keep'``; ``'official'`` lets it rise to wd_min as the official scheduler does."""
+    if wd0 == 0.0 and zero == "keep":
+        return 0.0
+    return wd_min + (wd0 - wd_min) * (1.0 + math.cos(math.pi * min(t, total) / total)) / 2.0
 
 
 def default_optimizer() -> Callable[..., torch.optim.Optimizer]:
@@ -160,6 +176,9 @@ class SegmentationMethod(pl.LightningModule):
         self._frozen: list[nn.Module] = []  # eval mode (freeze)
         self._adopted: list[nn.Module] = []  # the trainer's mode, inside frozen modules (adopt)
         self._built = False
+        # the trained state will come from a checkpoint (resume, dgss-eval, dgss-merge): tuning is built without its
+        # data-dependent initialisation (SoMA's SVD); set by dgss.config.build_method before configure_model
+        self.restoring = False
 
     def configure_model(self) -> None:
         """Build the tuning once (Lightning calls this before fit / validate; ``build_method`` and ``load_method``
@@ -417,6 +436,22 @@ class SegmentationMethod(pl.LightningModule):
             "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"},
         }
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``scheduler.weight_decay: cosine``: every group's decay for this step, from its value at step 0."""
+        o = self.scheduler_options
+        if o.weight_decay == "constant":
+            return
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else int(self.trainer.estimated_stepping_batches)
+        )
+        for opt in self.trainer.optimizers:
+            for g in opt.param_groups:
+                wd0 = g.setdefault("initial_weight_decay", g.get("weight_decay", 0.0))
+                g["weight_decay"] = cosine_weight_decay(wd0, self.global_step, total, o.weight_decay_min,
+                                                        o.weight_decay_zero)  # fmt: skip
+
     def build_scheduler(self, opt: torch.optim.Optimizer):
         """Linear warm-up from ``warmup_start_factor`` then poly decay to 0 at the last step."""
         total = (
@@ -435,6 +470,20 @@ class SegmentationMethod(pl.LightningModule):
             opt, start_factor=cfg.warmup_start_factor, total_iters=warm
         )
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, poly], milestones=[warm])
+
+    def plain_backbone(self) -> nn.Module:
+        """A copy of the backbone's timm model with what the method trained folded into its weights
+        (``dgss-merge --backbone-out``). Methods that leave the backbone a timm model (full, frozen, FisherTune) give
+        it as is; a method whose modules cannot be folded into the weights (Rein's tokens, prompts, adapters with a
+        nonlinearity) raises, one that can (SoMA) overrides this."""
+        import copy
+
+        own = [n for n, m in self.backbone.model.named_modules() if type(m).__module__.startswith("dgss.")]
+        if own or self.backbone._block_hooks:
+            raise ConfigError(f"method {type(self).__name__} adds modules to the backbone that do not fold into its "
+                              "weights (e.g. " + (own[0] if own else "a block hook") + "); there is no plain backbone "
+                              "to write: merge to a dgss checkpoint (dgss-merge without --backbone-out)")  # fmt: skip
+        return copy.deepcopy(self.backbone.model)
 
     # ----------------------------------------------------------------------------- checkpoints
     def reattachable_keys(self) -> set[str]:

@@ -833,10 +833,13 @@ class FisherTune(SegmentationMethod):
         return keys | {f"backbone.{n}" for n, _ in self.backbone.named_parameters()} if keys else keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the values the state dict being saved holds (a weight-averaging callback put its averages there)
+        state = checkpoint["state_dict"]
+        values = {n: state.get(f"backbone.model.{n}", p) for n, p in self.candidates.items()}
         super().on_save_checkpoint(checkpoint)
         index = {n: self.selected_opt.index(n) for n in self.candidates if self.selected_opt.index(n).numel()}
         checkpoint["fishertune"] = {  # SelectedAdamW's moments travel in optimizer_states, as any optimizer's
-            "delta": sparse_delta(self.candidates, index),
+            "delta": sparse_delta(values, index),
             "fisher": {w: {n: v.cpu() for n, v in d.items()} for w, d in self.fisher.items()},
             "stat_counts": dict(self.stat_counts),
             "eps_ema": self.eps_ema.cpu(),

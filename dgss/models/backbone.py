@@ -188,6 +188,7 @@ class Backbone(nn.Module):
         if family in ("vit", "eva"):
             kwargs.setdefault("dynamic_img_size", True)  # any input size that is a multiple of the patch
         self.name, self.tiny = name, tiny
+        self._arch, self._kwargs = arch, kwargs
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
         self.family = _family_of_model(self.model)
         self.weights = str(weights) if weights else None
@@ -278,18 +279,8 @@ class Backbone(nn.Module):
                 f"backbone.weights={str(path)!r} does not exist; point it at a local .pth/.safetensors file "
                 "(dgss never downloads weights)"
             )
-        state = read_weights(path, "backbone.weights")
-        filter_fn = getattr(sys.modules[type(self.model).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            try:
-                state = filter_fn(state, self.model)
-            except Exception as e:  # noqa: BLE001
-                raise ConfigError(
-                    f"backbone.weights={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
-                ) from None
+        state = self._filtered_state(path, self.model)
         own = self.model.state_dict()
-        classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
-        state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}
         if any(k.startswith("backbone.model.") for k in state):
             raise ConfigError(f"backbone.weights={str(path)!r} is a dgss-train checkpoint, not backbone weights: pass it "
                               "as ckpt_path=, and the backbone's own weights file as backbone.weights")  # fmt: skip
@@ -301,6 +292,31 @@ class Backbone(nn.Module):
             )
         self.model.load_state_dict(state, strict=True)
         self.weights = str(path)
+
+    def _filtered_state(self, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights file's state dict through ``model``'s timm filter, classifier keys the model lacks left out."""
+        state = read_weights(path, "backbone.weights")
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                state = filter_fn(state, model)
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(
+                    f"backbone.weights={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
+                ) from None
+        own = model.state_dict()
+        classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
+        return {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}
+
+    def timm_state(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """A full timm state dict of this architecture, what ``weights=`` loads back: ``model``'s tensors (default this
+        backbone's), and the parts dgss replaces for segmentation (the final norm, SAM's neck) from the weights file,
+        or from the random init without one."""
+        fresh = timm.create_model(self._arch, pretrained=False, num_classes=0, **self._kwargs)
+        if self.weights:
+            fresh.load_state_dict(self._filtered_state(Path(self.weights), fresh), strict=True)
+        own = (model if model is not None else self.model).state_dict()
+        return {k: own.get(k, v) for k, v in fresh.state_dict().items()}
 
     # ------------------------------------------------------------------------------------ hooks
     def register_block_hook(self, hook: BlockHook) -> RemovableHandle:

@@ -1,0 +1,317 @@
+"""SoMA (Yun et al., CVPR'25; code name SoRA): tune the r *minor* singular components of the frozen backbone's
+linear layers in its later blocks, keep the rest. Spec: specs/soma.md.
+
+For a frozen weight W (out × in) and its thin SVD W = U diag(σ) Vᵀ (float32, σ descending), the last r triplets give
+A = diag(√σ'_r) V_rᵀ (r × in) and B = U_r diag(√σ'_r) (out × r), σ'_r = σ_r / s with s = α / r, so that
+s·B·A is exactly W's r minor components and the frozen residual is W_res = W − s·B·A. A layer computes
+
+    y = x W_resᵀ + b + s·(x Aᵀ) Bᵀ
+
+with A, B and the layer's bias training. dgss keeps W untouched and stores A₀ = A(0), B₀ = B(0) as frozen persistent
+buffers, computing the same function as y = x Wᵀ + b + s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ) (spec §3): the model at step 0 is
+the pretrained one bit for bit, checkpoints re-attach W from its weights file and restore A, B, A₀, B₀ with no SVD at
+load, and the merged weight is W' = W − s·B₀A₀ + s·B·A = W_res + s·B·A.
+
+``init: official`` reproduces what the official pipeline starts from (spec §2.2): its SVD runs on the randomly
+initialised layer before the pretrained weights overwrite the residual, so the model at step 0 is W + s·B₀A₀ with
+B₀A₀ the minor part of a random nn.Linear matrix (A₀ = B₀ = 0 in the subtraction here).
+
+Placement (blocks from ``start_block`` on, the rest of the backbone frozen): q, k, v (a fused ``qkv`` gets one
+adapter per row third, each from the SVD of its own C × C slice), ``attn.proj``, ``mlp.fc1`` (SwiGLU: ``fc1_g`` and
+``fc1_x``), ``mlp.fc2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dgss.errors import ConfigError
+from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.options import Options, register
+
+TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+@dataclass
+class SoMAOptions(Options):
+    """``method.soma``: the official configs' values (``configs/sora/*.py``) unless marked ours."""
+
+    rank: int = 16  # r
+    alpha: float = 16.0  # s = alpha / r = 1
+    start_block: int | None = None  # null: 8 of 24 blocks, round(depth / 3) for other depths (ours beyond 24)
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    components: Literal["minor", "principal"] = "minor"  # principal: the first r (PiSSA-like ablation)
+    init: Literal["pretrained", "official"] = (
+        "pretrained"  # the paper's form | what the official pipeline runs
+    )
+    svd_dtype: Literal["float32", "float64"] = "float32"
+    train_bias: bool = True  # the adapted layers' biases train (SoraConfig's bias='all')
+    seed: int = 0  # init=official: the random matrices' generator
+
+
+@dataclass
+class SoMAConfig(MethodConfig):
+    _target_: str = "dgss.methods.soma.SoMA"
+    soma: SoMAOptions = field(default_factory=SoMAOptions)
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def default_start_block(depth: int) -> int:
+    """The first adapted block: 8 for the paper's 24-block ViT-L, round(depth / 3) otherwise (12 → 4, 32 → 11)."""
+    return round(depth / 3)
+
+
+@torch.no_grad()
+def singular_factors(weight: torch.Tensor, rank: int, scale: float = 1.0, components: str = "minor",
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(A, B) with s·B·A equal to the ``rank`` minor (smallest; ``principal``: largest) singular components of
+    ``weight``: A = diag(√(σ_r/s)) V_rᵀ (r × in), B = U_r diag(√(σ_r/s)) (out × r), from a thin SVD in ``dtype``;
+    returned in float32."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
+    pick = slice(-rank, None) if components == "minor" else slice(0, rank)
+    root = (s[pick] / scale).sqrt()
+    return (root[:, None] * vh[pick]).float(), (u[:, pick] * root[None, :]).float()
+
+
+def random_linear_weight(out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """A weight as ``nn.Linear`` initialises it (Kaiming-uniform with a = √5, i.e. U(±1/√in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    return torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+class MinorAdapter(nn.Module):
+    """x ↦ s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ): A, B train; A₀, B₀ (their values at step 0 under ``init: pretrained``, zeros
+    under ``official``) are frozen persistent buffers."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.A = nn.Parameter(torch.zeros(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.register_buffer("A0", torch.zeros(rank, in_features))
+        self.register_buffer("B0", torch.zeros(out_features, rank))
+        self.subtract = True  # False under init=official (A₀ = B₀ = 0): the subtraction is skipped
+
+    @torch.no_grad()
+    def initialise(self, a: torch.Tensor, b: torch.Tensor, subtract: bool) -> None:
+        self.A.copy_(a)
+        self.B.copy_(b)
+        self.subtract = subtract
+        self.A0.copy_(a if subtract else torch.zeros_like(a))
+        self.B0.copy_(b if subtract else torch.zeros_like(b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)
+        if self.subtract:
+            y = y - (x @ self.A0.t().to(x.dtype)) @ self.B0.t().to(x.dtype)
+        return self.scale * y
+
+    @torch.no_grad()
+    def weight_delta(self) -> torch.Tensor:
+        """s·(B·A − B₀·A₀): what the adapter adds to the frozen weight."""
+        return self.scale * (self.B @ self.A - self.B0 @ self.A0)
+
+
+class SoMALinear(nn.Module):
+    """A frozen ``nn.Linear`` (its bias may train) plus a :class:`MinorAdapter`."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float):
+        super().__init__()
+        self.base = base
+        self.adapter = MinorAdapter(base.in_features, base.out_features, rank, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.adapter(x)
+
+    def weights(self) -> list[tuple[torch.Tensor, MinorAdapter]]:
+        return [(self.base.weight, self.adapter)]
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """The plain layer with W' = W + s·(B·A − B₀·A₀)."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        out.weight.copy_(self.base.weight + self.adapter.weight_delta().to(self.base.weight.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out.to(self.base.weight.device)
+
+
+class SoMAFusedQKV(nn.Module):
+    """A fused ``qkv`` Linear(C, 3C) with one adapter per targeted row third (q, k, v), each from its own slice."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, scale: float, parts: list[str]):
+        super().__init__()
+        self.qkv = qkv
+        c = qkv.in_features
+        if qkv.out_features != 3 * c:
+            raise ConfigError(
+                f"a fused qkv of {qkv.out_features} outputs for width {c} is not q, k, v thirds"
+            )
+        self.parts = [p for p in ("q", "k", "v") if p in parts]
+        self.adapters = nn.ModuleDict({p: MinorAdapter(c, c, rank, scale) for p in self.parts})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qkv(x)
+        zero = None
+        deltas = []
+        for p in ("q", "k", "v"):
+            if p in self.adapters:
+                deltas.append(self.adapters[p](x))
+            else:
+                zero = zero if zero is not None else torch.zeros_like(y[..., : self.qkv.in_features])
+                deltas.append(zero)
+        return y + torch.cat(deltas, dim=-1)
+
+    def weights(self) -> list[tuple[torch.Tensor, MinorAdapter]]:
+        c = self.qkv.in_features
+        i = {"q": 0, "k": 1, "v": 2}
+        return [(self.qkv.weight[i[p] * c : (i[p] + 1) * c], self.adapters[p]) for p in self.parts]
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        out = nn.Linear(self.qkv.in_features, self.qkv.out_features, bias=self.qkv.bias is not None)
+        w = self.qkv.weight.detach().clone()
+        c = self.qkv.in_features
+        for p in self.parts:
+            j = ("q", "k", "v").index(p)
+            w[j * c : (j + 1) * c] += self.adapters[p].weight_delta().to(w.dtype)
+        out.weight.copy_(w)
+        if self.qkv.bias is not None:
+            out.bias.copy_(self.qkv.bias)
+        return out.to(w.device)
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def _layers_of(backbone, index: int, targets: list[str]) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, kind) of every targeted Linear of block ``index``; kind 'qkv' = a fused qkv."""
+    parts = backbone.block_parts(index)
+    out: list[tuple[nn.Module, str, str]] = []
+    if parts.qkv is not None:
+        if parts.qkv_bias_in_attn:
+            hint = (
+                f"use the plain name {backbone.name.split('.')[0].replace('_qkvb', '')!r} (released DINOv3 weights "
+                "have zero q/v biases, so it computes the same function)"
+                if "dinov3" in backbone.name
+                else "set +backbone.model_kwargs.qkv_fused=false"
+            )
+            raise ConfigError(f"backbone.name={backbone.name!r} applies its q/v biases inside the attention around a "
+                              f"fused qkv, where SoMA's wrapper would have no effect: {hint}")  # fmt: skip
+        if any(t in targets for t in ("q", "k", "v")):
+            out.append((parts.attn, "qkv", "qkv"))
+    else:
+        out += [(parts.attn, f"{t}_proj", t) for t in ("q", "k", "v") if t in targets]
+    if "proj" in targets:
+        out.append((parts.attn, "proj", "proj"))
+    mlp = parts.mlp
+    if "fc1" in targets:
+        out += [
+            (mlp, n, "fc1") for n in ("fc1", "fc1_g", "fc1_x") if isinstance(getattr(mlp, n, None), nn.Linear)
+        ]
+    if "fc2" in targets and isinstance(getattr(mlp, "fc2", None), nn.Linear):
+        out.append((mlp, "fc2", "fc2"))
+    return out
+
+
+def wrap_soma(backbone, options: SoMAOptions, initialise: bool = True) -> list[nn.Module]:
+    """SoMA's wrappers in blocks ``start_block``… of ``backbone``; returns them in block order. ``initialise=False``
+    (a checkpoint will fill A, B, A₀, B₀) leaves them zero: no SVD."""
+    bad = sorted(set(options.targets) - set(TARGETS))
+    if bad:
+        raise ConfigError(f"method.soma.targets has {bad}; choose from {list(TARGETS)}")
+    if options.rank < 1:
+        raise ConfigError(f"method.soma.rank={options.rank} must be at least 1")
+    start = (
+        options.start_block if options.start_block is not None else default_start_block(backbone.num_blocks)
+    )
+    if not 0 <= start < backbone.num_blocks:
+        raise ConfigError(
+            f"method.soma.start_block={start} is outside the backbone's {backbone.num_blocks} blocks"
+        )
+    scale = options.alpha / options.rank
+    dtype = {"float32": torch.float32, "float64": torch.float64}[options.svd_dtype]
+    gen = torch.Generator().manual_seed(options.seed)
+    wrappers: list[nn.Module] = []
+    for i in range(start, backbone.num_blocks):
+        for parent, attr, kind in _layers_of(backbone, i, options.targets):
+            layer = getattr(parent, attr)
+            if min(layer.in_features, layer.out_features // (3 if kind == "qkv" else 1)) < options.rank:
+                raise ConfigError(f"method.soma.rank={options.rank} exceeds the width of blocks.{i} {attr}")
+            if kind == "qkv":
+                w = SoMAFusedQKV(layer, options.rank, scale, options.targets)
+            else:
+                w = SoMALinear(layer, options.rank, scale)
+            if initialise:
+                for weight, adapter in w.weights():
+                    if options.init == "official":
+                        weight = random_linear_weight(*weight.shape, gen)
+                    a, b = singular_factors(weight, options.rank, scale, options.components, dtype)
+                    adapter.initialise(a.to(weight.device), b.to(weight.device), options.init == "pretrained")
+            else:
+                for _, adapter in w.weights():
+                    adapter.subtract = options.init == "pretrained"
+            setattr(parent, attr, w)
+            wrappers.append(w)
+    return wrappers
+
+
+# ------------------------------------------------------------------------------------------------- method
+class SoMA(SegmentationMethod):
+    """Frozen backbone (eval mode); minor-component adapters (and the adapted layers' biases) in blocks
+    ``start_block``… train with the head. Options: :class:`SoMAOptions` (``method.soma``)."""
+
+    # configs/sora/*.py paramwise_cfg: the backbone's trainable tensors (adapters and biases, biases decayed too: a
+    # custom key overrides the bias rule) at lr x 0.5; query features without decay (norms, query and level
+    # embeddings: every method's defaults, dgss.methods.paramwise)
+    recipe_custom_keys = {"backbone": {"lr_mult": 0.5, "decay_mult": 1.0}, "query_feat": {"decay_mult": 0.0}}
+
+    def __init__(self, *args, soma: SoMAOptions | dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.soma_options = soma if isinstance(soma, SoMAOptions) else SoMAOptions.of(soma, "method.soma")
+
+    def configure_tuning(self) -> None:
+        self.freeze(self.backbone)
+        self.wrappers = wrap_soma(self.backbone, self.soma_options, initialise=not self.restoring)
+        for w in self.wrappers:
+            self.adopt(w)
+            for _, adapter in w.weights():
+                adapter.A.requires_grad_(True)
+                adapter.B.requires_grad_(True)
+            base = w.base if isinstance(w, SoMALinear) else w.qkv
+            if self.soma_options.train_bias and base.bias is not None:
+                base.bias.requires_grad_(True)
+
+    def adapters(self) -> list[MinorAdapter]:
+        return [a for w in self.wrappers for _, a in w.weights()]
+
+    def extra_summary(self) -> dict[str, float]:
+        bias = sum((w.base if isinstance(w, SoMALinear) else w.qkv).bias.numel() for w in self.wrappers
+                   if (w.base if isinstance(w, SoMALinear) else w.qkv).bias is not None
+                   and self.soma_options.train_bias)  # fmt: skip
+        return {
+            "params/soma_adapters": sum(a.A.numel() + a.B.numel() for a in self.adapters()),
+            "params/soma_biases": bias,
+        }
+
+    def reattachable_keys(self) -> set[str]:
+        """A₀, B₀ are buffers of the backbone but not in its weights file: they stay in the checkpoint."""
+        return {k for k in super().reattachable_keys() if not k.endswith((".A0", ".B0"))}
+
+    def plain_backbone(self) -> nn.Module:
+        """The backbone's timm model with every wrapper folded: W' = W − s·B₀A₀ + s·B·A (a copy)."""
+        import copy
+
+        model = copy.deepcopy(self.backbone.model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (SoMALinear, SoMAFusedQKV)):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, module.fold())
+        return model
+
+
+register(SoMAConfig, "method", "soma_schema")
