@@ -201,8 +201,11 @@ def test_ema_follows_mmengine_and_validation_uses_it(tmp_path):
 
 
 def test_checkpoint_restores_without_svd_and_merges_to_a_plain_backbone(
-    compose_cfg, tmp_path, weights, monkeypatch
-):  # noqa: F811
+    compose_cfg,
+    tmp_path,
+    weights,  # noqa: F811  (the fixture imported above)
+    monkeypatch,
+):
     """Train with EMA -> checkpoint (A, B, A₀, B₀ and biases; the frozen W from the weights file) -> dgss-eval
     reproduces the run with torch.linalg.svd unavailable; dgss-merge --backbone-out writes W' = W − s·B₀A₀ + s·B·A,
     and a plain Backbone from that file gives the adapted backbone's features."""
