@@ -5,6 +5,7 @@
     python scripts/convert_weights.py eva02  eva02_L_pt_m38m_p14to16.pt  --out weights/eva02_large_patch14_224.mim_m38m.safetensors
     python scripts/convert_weights.py sam    sam_vit_h_4b8939.pth        --out weights/samvit_huge_patch16.sa1b.safetensors
     python scripts/convert_weights.py clip   ViT-L-14.pt                 --out weights/vit_large_patch14_clip_224.openai.safetensors
+    python scripts/convert_weights.py dinov3 dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth --out weights/vit_large_patch16_dinov3.lvd1689m.safetensors
 
 Defaults follow Rein's 512 recipe: patch 16, a 512 image (a 32×32 grid). ``--resample``:
 
@@ -15,8 +16,8 @@ Defaults follow Rein's 512 recipe: patch 16, a 512 image (a 32×32 grid). ``--re
   on load.
 - ``none``: keep the release's patch size and grid (the model is built with them).
 
-Key names are mapped by timm's own checkpoint filter of the family (Meta DINOv2, EVA02, SAM ``image_encoder.``,
-OpenAI CLIP TorchScript archives), then the result is checked strictly against the target timm model and written
+Key names are mapped by timm's own checkpoint filter of the family (Meta DINOv2 and DINOv3, EVA02, SAM
+``image_encoder.``, OpenAI CLIP TorchScript archives), then the result is checked strictly against the target timm model and written
 atomically with its provenance (source sha256, resample mode) in the file's metadata. SAM's relative-position tables
 are fitted to the new grid with the linear interpolation SAM itself applies at run time.
 """
@@ -41,6 +42,7 @@ FAMILIES = {  # family -> (default timm model, native patch size)
     "eva02": ("eva02_large_patch14_224.mim_m38m", 14),
     "sam": ("samvit_huge_patch16.sa1b", 16),
     "clip": ("vit_large_patch14_clip_224.openai", 14),
+    "dinov3": ("vit_large_patch16_dinov3.lvd1689m", 16),  # Meta's .pth: RoPE, no position table to resample
 }
 KERNELS = ("patch_embed.proj.weight", "image_encoder.patch_embed.proj.weight", "visual.conv1.weight")
 POSITIONS = ("pos_embed", "image_encoder.pos_embed", "visual.positional_embedding")
@@ -149,6 +151,12 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
     grid = tuple(target.patch_embed.grid_size)
     if resample == "bicubic":
         state = rein_resample(state, patch, grid)
+    from dgss.models.backbone import dropped_dinov3_biases
+
+    biased = dropped_dinov3_biases(state, target)
+    if biased:
+        raise ConvertError(f"{src} has non-zero attention q/v biases ({biased[0]}, {len(biased)} blocks) that "
+                           f"{name} has no place for; use --model {name.split('.')[0]}_qkvb")  # fmt: skip
     filter_fn = sys.modules[type(target).__module__].checkpoint_filter_fn
     try:
         state = filter_fn(state, target)

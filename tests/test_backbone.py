@@ -10,6 +10,8 @@ FAMILIES = {  # name -> (family, prefix tokens)
     "eva02_large_patch14_224.mim_m38m": ("eva", 1),
     "samvit_base_patch16.sa1b": ("sam", 0),
     "vit_large_patch14_clip_224.openai": ("vit", 1),
+    "vit_large_patch16_dinov3.lvd1689m": ("eva", 5),  # RoPE, CLS + 4 registers
+    "vit_huge_plus_patch16_dinov3.lvd1689m": ("eva", 5),  # SwiGLU
 }
 
 
@@ -68,12 +70,13 @@ def test_block_parts_expose_attention_and_mlp(name):
     for i in range(bb.num_blocks):
         p = bb.block_parts(i)
         assert bb.model.get_submodule(p.path) is p.block
-        if family == "eva":  # EVA02 models use separate q/k/v projections
+        if family == "eva" and "dinov3" not in name:  # EVA02 models use separate q/k/v projections
             assert p.qkv is None and all(
                 m.in_features == 64 and m.out_features == 64 for m in (p.q, p.k, p.v)
             )
-        else:
+        else:  # DINOv3: a fused qkv without bias, biases nowhere else (the plain variant)
             assert p.qkv.in_features == 64 and p.qkv.out_features == 192 and p.q is None
+            assert not p.qkv_bias_in_attn
         assert p.proj.out_features == 64 and hasattr(p.mlp, "fc2")
         if family == "sam":
             assert p.global_attn == (i in (1, 3))

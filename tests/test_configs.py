@@ -90,9 +90,10 @@ SETTINGS = {  # folder -> (sources, targets in the mean): the DGSS protocols of 
 }
 METHODS = {"full": "FullFineTune", "frozen": "FrozenBackbone", "rein": "Rein", "fishertune": "FisherTune",
            "lora": "LoRA", "adaptformer": "AdaptFormer", "vpt": "VPT", "cobot_lora": "Cobot",
-           "cobot_adaptformer": "Cobot"}  # fmt: skip
+           "cobot_adaptformer": "Cobot", "soma": "SoMA"}  # fmt: skip
 BACKBONES = {"dinov2_l": "vit_large_patch14_dinov2.lvd142m", "eva02_l": "eva02_large_patch14_224.mim_m38m",
-             "clip_l": "vit_large_patch14_clip_224.openai", "samvit_h": "samvit_huge_patch16.sa1b"}  # fmt: skip
+             "clip_l": "vit_large_patch14_clip_224.openai", "samvit_h": "samvit_huge_patch16.sa1b",
+             "dinov3_l": "vit_large_patch16_dinov3.lvd1689m"}  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", [e for e in config_names("experiment") if "/" in e])
@@ -121,7 +122,7 @@ def test_every_paper_experiment_composes_to_the_recipe_its_name_promises(compose
 
 
 # ----------------------------------------------------------------- every method on every backbone family
-FAMILIES = ["dinov2_l", "eva02_l", "clip_l", "samvit_h"]
+FAMILIES = ["dinov2_l", "eva02_l", "clip_l", "samvit_h", "dinov3_l"]
 
 
 @pytest.mark.parametrize("backbone", FAMILIES)
@@ -144,9 +145,12 @@ def test_every_method_on_every_family_trains_exactly_its_own_parameters(compose_
         assert not frozen
     else:
         assert all(n.startswith("backbone.model.") for n in frozen)
-        assert sum(named[n].numel() for n in frozen) == sum(
-            pretrained.values()
-        )  # every pretrained tensor, frozen
+        # every pretrained tensor frozen; SoMA also trains the biases of the layers it adapts
+        biases = [
+            n for n in trainable if n.endswith((".base.bias", ".qkv.qkv.bias"))
+        ]  # SoMA's wrapped layers
+        assert bool(biases) == (method == "soma")
+        assert sum(named[n].numel() for n in [*frozen, *biases]) == sum(pretrained.values())
         added = {n for n in trainable if not n.startswith("head.")}
         assert all(named[n].numel() > 0 for n in added)
         assert bool(added) == (
@@ -296,8 +300,8 @@ def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_c
 
 def test_paper_recipes_follow_the_protocol(compose_cfg):
     grid = [f"gta2cbm/{m}_{b}" for m in ("full", "frozen", "rein", "fishertune", "lora", "adaptformer", "vpt",
-                                         "cobot_lora", "cobot_adaptformer")
-            for b in ("dinov2_l", "eva02_l", "clip_l", "samvit_h")]  # fmt: skip
+                                         "cobot_lora", "cobot_adaptformer", "soma")
+            for b in ("dinov2_l", "eva02_l", "clip_l", "samvit_h", "dinov3_l")]  # fmt: skip
     assert set(grid) <= set(config_names("experiment"))
     rein = compose_cfg(["experiment=rein"])
     assert rein.task_name == "rein" and rein.backbone.name == "vit_large_patch14_dinov2.lvd142m"
@@ -322,6 +326,22 @@ def test_paper_recipes_follow_the_protocol(compose_cfg):
     assert acdc.data.train_pipeline.crop == [1024, 1024] and acdc.data.targets.fog.test_size == [1920, 1080]
     assert acdc.method.inference.crop == 1024 and acdc.method.inference.stride == 683
     assert list(compose_cfg(["experiment=gtasyn2cbm/fishertune_dinov2_l"]).data.sources) == ["gta", "synthia"]
+    soma = compose_cfg(["experiment=gta2cbm/soma_dinov2_l"])  # SoMA's configs (spec soma.md §5)
+    assert (soma.method.soma.rank, soma.method.soma.alpha, soma.method.scheduler.weight_decay) == (
+        16,
+        16.0,
+        "cosine",
+    )
+    assert (soma.callbacks.ema.momentum, soma.callbacks.ema.begin) == (2e-4, 12000)
+    assert compose_cfg(["experiment=gtasyn2cbm/soma_dinov2_l"]).callbacks.ema is None
+    c2bm = compose_cfg(["experiment=cs2bm/soma_dinov2_l"])
+    assert (
+        c2bm.data.batch_size == 8
+        and c2bm.method.scheduler.warmup_steps == 1500
+        and c2bm.callbacks.ema.begin == 20000
+    )
+    s_acdc = compose_cfg(["experiment=cs2acdc/soma_dinov2_l"])
+    assert s_acdc.method.optimizer.lr == 1e-4 and s_acdc.data.train_pipeline.crop == [1024, 1024]
 
 
 @pytest.mark.parametrize("space", ["rein", "lora", "adaptformer", "vpt", "fishertune"])

@@ -39,6 +39,9 @@ FAMILY_PATTERNS = {
     "eva02": ["eva02_*"],
     "sam": ["samvit_*"],
     "clip": ["vit_*clip*"],
+    "dinov3": [
+        "vit_*dinov3*"
+    ],  # timm's Eva class (RoPE); use the plain names, not *_qkvb (spec dinov3.md §4)
 }
 # random-init CPU variants: the real classes at toy width/depth (stack-notes §5)
 TINY_KWARGS = {
@@ -82,6 +85,22 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{key}={str(path)!r} holds no state dict of tensors; point it at a backbone's weights file "
                           "(scripts/convert_weights.py makes one from an official release)")  # fmt: skip
     return timm.models.clean_state_dict(checkpoint)
+
+
+def dropped_dinov3_biases(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Meta's DINOv3 layout (``storage_tokens``) holds ``attn.qkv.bias`` (masked by ``bias_mask``); timm's plain
+    variants have no q/v bias and its filter drops them silently. The blocks whose effective bias is not zero (the
+    released ViTs' are all zero, so the plain names compute the same function): a file that needs the ``_qkvb``
+    variant."""
+    if "storage_tokens" not in state or getattr(model.blocks[0].attn, "q_bias", None) is not None:
+        return []
+    out = []
+    for k, v in state.items():
+        if k.endswith("attn.qkv.bias"):
+            mask = state.get(k[: -len("bias")] + "bias_mask")
+            if bool(((v * mask) if mask is not None else v).abs().max() > 0):
+                out.append(k)
+    return out
 
 
 def supported_models() -> list[str]:
@@ -296,6 +315,11 @@ class Backbone(nn.Module):
     def _filtered_state(self, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         """The weights file's state dict through ``model``'s timm filter, classifier keys the model lacks left out."""
         state = read_weights(path, "backbone.weights")
+        biased = dropped_dinov3_biases(state, model)
+        if biased:
+            raise ConfigError(f"backbone.weights={str(path)!r} has non-zero attention q/v biases ({biased[0]}, "
+                              f"{len(biased)} blocks) that {self._arch} has no place for (timm would drop them); "
+                              f"use backbone.name={self._arch}_qkvb")  # fmt: skip
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
             try:
@@ -406,7 +430,7 @@ class Backbone(nn.Module):
 def _family_of_name(arch: str) -> str:
     if arch.startswith("samvit"):
         return "sam"
-    if arch.startswith("eva"):
+    if arch.startswith("eva") or "dinov3" in arch:
         return "eva"
     return "vit"
 
