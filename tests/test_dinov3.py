@@ -42,7 +42,7 @@ def meta_layout(state: dict[str, torch.Tensor], bias: float = 0.0) -> dict[str, 
 def release(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model(NAME.split(".")[0], pretrained=False, num_classes=0, **SMALL)
-    for n, p in model.named_parameters():  # away from the init, so a wrong mapping shows
+    for p in model.parameters():  # away from the init, so a wrong mapping shows
         p.data.add_(torch.randn_like(p) * 0.02)
     path = tmp_path / "dinov3_pretrain.pth"
     torch.save(meta_layout(model.state_dict()), path)
