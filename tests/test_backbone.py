@@ -160,3 +160,49 @@ def test_missing_and_mismatched_weights_name_the_problem(tmp_path):
 def test_tiny_with_weights_is_refused():
     with pytest.raises(ConfigError, match="backbone.tiny=true .* backbone.weights="):
         Backbone("vit_large_patch14_dinov2", weights="x.pth", tiny=True)
+
+
+# ------------------------------------------------------------------------------- backbone.weights=hub
+def _hub_cache(root, repo, filename, state):
+    """A Hugging Face cache entry as huggingface_hub lays it out: refs/main names a snapshot holding the file."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / filename))
+    return snap / filename
+
+
+def test_hub_weights_come_from_the_cache_offline_and_say_how_to_get_them_otherwise(tmp_path, monkeypatch):
+    name, small = "vit_small_patch14_dinov2.lvd142m", dict(depth=2, embed_dim=64, num_heads=2)
+    torch.manual_seed(0)
+    src = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0, img_size=518, **small)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConfigError) as e:  # offline, nothing cached: one line, the model and both fixes
+        Backbone(name, weights="hub", img_size=518, model_kwargs=small)
+    msg = str(e.value)
+    assert (
+        "\n" not in msg
+        and "timm/vit_small_patch14_dinov2.lvd142m" in msg
+        and "is not in the Hugging Face cache" in msg
+    )
+    assert "go online once" in msg and "backbone.weights=<path>" in msg
+    path = _hub_cache(
+        tmp_path / "hub", "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", src.state_dict()
+    )
+    bb = Backbone(name, weights="hub", img_size=518, model_kwargs=small).eval()
+    assert (
+        bb.weights == str(path) and bb.identity["weights_sha256"] is not None
+    )  # checkpoints re-attach this file
+    x = torch.randn(1, 3, 28, 42)
+    ref = Backbone(name, weights=str(path), img_size=518, model_kwargs=small).eval()
+    torch.testing.assert_close(bb(x)[-1], ref(x)[-1], rtol=0, atol=0)
+    with pytest.raises(
+        ConfigError, match="timm has no Hugging Face copy of 'vit_small_patch14_dinov2.no_such_tag'"
+    ):
+        Backbone("vit_small_patch14_dinov2.no_such_tag", weights="hub", model_kwargs=small)

@@ -103,6 +103,50 @@ def dropped_dinov3_biases(state: dict[str, torch.Tensor], model: nn.Module) -> l
     return out
 
 
+def hub_weights(name: str) -> Path:
+    """``backbone.weights=hub``: timm's pretrained weights of ``name`` (architecture with its tag) as a local file of
+    the Hugging Face cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), downloaded first when online. One
+    :class:`ConfigError` line when it cannot be had: offline without a cached copy, a gated model (DINOv3: accept its
+    licence on huggingface.co, then ``hf auth login``), or no hub copy at all."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not know
+        cfg = None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        raise ConfigError(f"backbone.weights=hub: timm has no Hugging Face copy of {name!r}; pass a local file "
+                          "(backbone.weights=<path>, scripts/convert_weights.py makes one from an official release)")  # fmt: skip
+    cache = os.environ.get("HF_HUB_CACHE") or huggingface_hub.constants.HF_HUB_CACHE
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    last: Exception | None = None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(
+                huggingface_hub.hf_hub_download(repo, filename, cache_dir=cache, local_files_only=offline)
+            )
+        except errors.EntryNotFoundError as e:  # this repository has the other file
+            last = e
+        except errors.LocalEntryNotFoundError as e:
+            last = e
+        except (errors.GatedRepoError, errors.RepositoryNotFoundError):
+            raise ConfigError(f"backbone.weights=hub: {repo} is gated on Hugging Face (or not visible to you): accept "
+                              "its licence on huggingface.co and log in (hf auth login), or pass a local file "
+                              "(backbone.weights=<path>)") from None  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - network errors and the like: the same two fixes
+            last = e
+    why = (
+        "this machine is offline (HF_HUB_OFFLINE=1)"
+        if offline
+        else f"the download failed ({type(last).__name__})"
+    )
+    raise ConfigError(f"backbone.weights=hub: {name} ({repo}) is not in the Hugging Face cache {cache} and {why}; go "
+                      "online once to download it (unset HF_HUB_OFFLINE), or pass a local file: "
+                      "backbone.weights=<path>")  # fmt: skip
+
+
 def supported_models() -> list[str]:
     """timm architecture names of the supported families."""
     return sorted({n for pats in FAMILY_PATTERNS.values() for n in timm.list_models(pats)})
@@ -153,7 +197,8 @@ class Backbone(nn.Module):
     Args:
         name: timm model name (architecture, optionally with a pretrained tag).
         weights: local checkpoint file (``.pth``/``.bin``/``.safetensors``) loaded through the model's own
-            timm filter (pos-embed / patch resampling); ``None`` keeps the random init. Never the hub.
+            timm filter (pos-embed / patch resampling); ``None`` keeps the random init; ``"hub"``: timm's pretrained
+            copy of ``name`` from the Hugging Face cache (downloaded when online: :func:`hub_weights`).
         out_indices: blocks whose outputs become features; ``None`` = ``default_out_indices(depth)``.
         img_size: pretraining grid of the pos-embed (resampled once at load, dynamically per input).
         tiny: build a 4-block, 64-wide random-init variant of the same class for CPU work (features from
@@ -212,6 +257,8 @@ class Backbone(nn.Module):
         self.family = _family_of_model(self.model)
         self.weights = str(weights) if weights else None
         self.weights_sha256: str | None = None
+        if weights == "hub":  # timm's pretrained copy through the Hugging Face cache
+            weights = str(hub_weights(name))
         if weights:
             self.load_weights(weights)
         if self.family == "sam":
