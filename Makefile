@@ -46,10 +46,11 @@ format: install ## ruff autofix + format
 	$(BIN)/ruff check --fix dgss tests scripts
 	$(BIN)/ruff format dgss tests scripts
 
-bench: install ## step overhead (Rein, FisherTune vs full fine-tuning), loader throughput; rows in docs/benchmarks.md
+bench: install ## step overhead (Rein, FisherTune vs full fine-tuning), every method incl. SoMA, loader throughput; rows in docs/benchmarks.md
 	$(BIN)/python scripts/bench_step.py
 	$(BIN)/python scripts/bench_rein.py
 	$(BIN)/python scripts/bench_fishertune.py
+	$(BIN)/python scripts/benchmark.py
 	$(BIN)/python scripts/bench_loader.py
 
 # On a CUDA machine: python3 there if this tree has no .venv (an offline GPU image; see docs/benchmarks.md)

@@ -3,8 +3,8 @@
 parameters, each relative to full fine-tuning measured in the same run; a table in docs/benchmarks.md.
 
 Each method is built from its own config (``conf/method/<name>.yaml``, composed by Hydra as ``dgss-train`` would)
-on one backbone and the light head, and runs its real Lightning training step (FisherTune: its manual
-optimisation with a schedule scaled to ``--steps``) on one fixed batch. Peak memory: the CUDA allocator peak (reset
+on one backbone and the light head, and runs its real Lightning training step (FisherTune with a schedule scaled to
+``--steps``; SoMA with its SVD at build time, outside the timed steps) on one fixed batch. Peak memory: the CUDA allocator peak (reset
 per method), or on CPU the resident-set growth sampled every 2 ms while the method runs (glibc's mmap threshold is
 pinned so freed tensors leave the RSS; the script re-executes itself with it set).
 
@@ -32,6 +32,7 @@ METHODS = (
     "vpt",
     "cobot_lora",
     "cobot_adaptformer",
+    "soma",
 )
 
 
