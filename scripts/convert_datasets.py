@@ -1,12 +1,15 @@
 """Convert the released DGSS data sets to the trainId PNGs that ``dgss.data.real`` reads (spec data.md §2-3).
 
-    python scripts/convert_datasets.py {gta,synthia,cityscapes,mapillary} [--root DIR] [--workers N]
+    python scripts/convert_datasets.py {gta,synthia,urbansyn,cityscapes,mapillary} [--root DIR] [--workers N]
     python scripts/convert_datasets.py check [--root DIR]          # counts, sizes, label values per split
 
 Every converter writes next to the release, in the Rein layouts:
 
 - ``gta``: ``gta/labels/<n>.png`` (Cityscapes labelIds, palettised) → ``gta/labels/<n>_labelTrainIds.png``.
 - ``synthia``: ``synthia/GT/LABELS/<n>.png`` (16-bit, class id = first channel) → ``<n>_labelTrainIds.png``.
+- ``urbansyn``: ``urbansyn/ss/<n>.png`` (trainIds 0..18, 19 = unlabelled; ``ss_<k>.png`` beside ``rgb/rgb_<k>.png``
+  as released, or the image's own name) → ``urbansyn/labels/<image name>_labelTrainIds.png`` with 19 (and anything
+  above 18) → 255, as SoMA's ``tools/convert_datasets/urbansyn.py`` does in place (here the release is left as is).
 - ``cityscapes``: ``gtFine/<split>/<city>/*_gtFine_labelIds.png`` → ``*_gtFine_labelTrainIds.png`` (the same
   map cityscapesscripts' ``createTrainIdLabelImgs`` applies when it rasterises the polygons).
 - ``mapillary``: ``{training,validation}/v1.2/labels/<n>.png`` → ``cityscapes_trainIdLabel/{train,val}/label/<n>.png``;
@@ -46,6 +49,7 @@ from dgss.io import atomic_path, remove_cut_off
 TRAIN_SUFFIX = "_labelTrainIds.png"
 CITYSCAPES_TABLE = lookup_table(CITYSCAPES_ID_TO_TRAIN)
 SYNTHIA_TABLE = lookup_table(SYNTHIA_ID_TO_TRAIN, 65536)
+URBANSYN_TABLE = lookup_table({i: i for i in range(19)})  # trainIds kept; 19 (unlabelled) and above -> 255
 MAPILLARY_TABLE = lookup_table(MAPILLARY_V12_TO_TRAIN)
 
 
@@ -109,6 +113,7 @@ WORK: dict[str, Callable[[Path, Path], None]] = {
     "cityscapes_ids": lambda s, d: _save(to_train_ids(_index_label(s), CITYSCAPES_TABLE), d),
     "synthia_ids": lambda s, d: _save(to_train_ids(_synthia_ids(s), SYNTHIA_TABLE), d),
     "mapillary_ids": lambda s, d: _save(to_train_ids(_index_label(s), MAPILLARY_TABLE), d),
+    "urbansyn_ids": lambda s, d: _save(to_train_ids(_index_label(s), URBANSYN_TABLE), d),
     "halve_image": _halve_image,
     "halve_label": _halve_label,
 }
@@ -150,6 +155,24 @@ def plan_synthia(root: Path) -> Iterator[tuple[str, list[Task]]]:
     )
 
 
+def plan_urbansyn(root: Path) -> Iterator[tuple[str, list[Task]]]:
+    rgb = _need(root / "urbansyn/rgb", "unpack UrbanSyn so that urbansyn/rgb and urbansyn/ss exist")
+    ss = _need(root / "urbansyn/ss", "unpack UrbanSyn's semantic labels into urbansyn/ss/")
+    tasks, missing = [], []
+    for image in _raw(rgb, "*.png"):
+        src = next(
+            (p for p in (ss / image.name, ss / image.name.replace("rgb_", "ss_", 1)) if p.is_file()), None
+        )
+        if src is None:
+            missing.append(image.name)
+            continue
+        tasks.append(Task("urbansyn_ids", src, root / "urbansyn/labels" / (image.stem + TRAIN_SUFFIX)))
+    if missing:
+        raise ConvertError(f"{len(missing)} UrbanSyn images have no label in {ss} (e.g. {missing[0]}: expected "
+                           f"{missing[0]} or {missing[0].replace('rgb_', 'ss_', 1)})")  # fmt: skip
+    yield f"{ss}/*.png", tasks
+
+
 def plan_cityscapes(root: Path) -> Iterator[tuple[str, list[Task]]]:
     gt = _need(root / "cityscapes/gtFine", "unpack gtFine_trainvaltest.zip into cityscapes/")
     raw = sorted(gt.glob("*/*/*_gtFine_labelIds.png"))
@@ -188,7 +211,8 @@ def plan_mapillary(root: Path) -> Iterator[tuple[str, list[Task]]]:
     )
 
 
-PLANS = {"gta": plan_gta, "synthia": plan_synthia, "cityscapes": plan_cityscapes, "mapillary": plan_mapillary}
+PLANS = {"gta": plan_gta, "synthia": plan_synthia, "urbansyn": plan_urbansyn, "cityscapes": plan_cityscapes,
+         "mapillary": plan_mapillary}  # fmt: skip
 
 
 def _clean_stale(tasks: list[Task]) -> int:

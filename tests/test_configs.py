@@ -85,6 +85,7 @@ def test_default_groups_instantiate(compose_cfg):
 SETTINGS = {  # folder -> (sources, targets in the mean): the DGSS protocols of the papers
     "gta2cbm": (["gta"], ["cityscapes", "bdd100k", "mapillary"]),
     "gtasyn2cbm": (["gta", "synthia"], ["cityscapes", "bdd100k", "mapillary"]),
+    "gsu2cbm": (["gta", "synthia", "urbansyn"], ["cityscapes", "bdd100k", "mapillary"]),
     "cs2bm": (["cityscapes"], ["bdd100k", "mapillary"]),
     "cs2acdc": (["cityscapes"], ["fog", "night", "rain", "snow"]),
 }

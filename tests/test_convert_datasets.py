@@ -102,6 +102,32 @@ def test_synthia_reads_the_first_channel_of_its_16bit_labels(tmp_path):
     assert set(np.unique(label)) <= set(range(19)) | {255}
 
 
+def test_urbansyn_labels_keep_train_ids_and_unlabelled_becomes_ignore(tmp_path):
+    """SoMA's tools/convert_datasets/urbansyn.py: ss/ holds trainIds with 19 = unlabelled, set to 255 (here into
+    urbansyn/labels/, the release untouched); the released ss_<k> name beside rgb_<k> and the image's own name both
+    pair; an image without a label is one line."""
+    ids = RNG.integers(0, 20, (H, W)).astype(np.uint8)  # 0..19
+    for name, label in (("rgb_0001.png", "ss_0001.png"), ("b.png", "b.png")):
+        (tmp_path / "urbansyn/ss").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ids).save(tmp_path / "urbansyn/ss" / label)
+        _rgb(tmp_path / "urbansyn/rgb" / name)
+    before = (tmp_path / "urbansyn/ss/ss_0001.png").read_bytes()
+    cd.convert("urbansyn", tmp_path, progress=False)
+    ds = RealDataset("urbansyn", "all", tmp_path)
+    assert len(ds) == 2 and (tmp_path / "urbansyn/labels/rgb_0001_labelTrainIds.png").is_file()
+    want = np.where(ids == 19, 255, ids)
+    for i in range(2):
+        assert np.array_equal(ds.load(i)[1].numpy(), want)
+    assert (tmp_path / "urbansyn/ss/ss_0001.png").read_bytes() == before  # the release is not rewritten
+    rows = cd.check(tmp_path)
+    assert [(r["dataset"], r["images"], "error" in r) for r in rows] == [("urbansyn", 2, False)]
+    _rgb(tmp_path / "urbansyn/rgb/rgb_0002.png")
+    with pytest.raises(
+        cd.ConvertError, match=r"1 UrbanSyn images have no label .* rgb_0002.png or ss_0002.png"
+    ):
+        cd.convert("urbansyn", tmp_path, progress=False)
+
+
 def test_mapillary_v12_and_half_resolution_validation(tmp_path):
     (tmp_path / "mapillary").mkdir()
     (tmp_path / "mapillary/config_v1.2.json").write_text(
@@ -137,6 +163,13 @@ def _raw_release(dataset: str, root: Path, n: int = 3) -> None:
         elif dataset == "cityscapes":
             lab = root / f"cityscapes/gtFine/train/aachen/aachen_{k:06d}_000019_gtFine_labelIds.png"
             Image.fromarray(rng.integers(0, 34, (H, W)).astype(np.uint8)).save(_mk(lab))
+        elif dataset == "urbansyn":
+            Image.fromarray(rng.integers(0, 20, (H, W)).astype(np.uint8)).save(
+                _mk(root / f"urbansyn/ss/ss_{k:04d}.png")
+            )
+            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
+                _mk(root / f"urbansyn/rgb/rgb_{k:04d}.png")
+            )
         else:
             for split in ("training", "validation"):
                 _palettised(root / f"mapillary/{split}/v1.2/labels/m{k}.png", rng.integers(0, 66, (H, W)))

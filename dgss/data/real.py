@@ -65,6 +65,11 @@ LAYOUTS: dict[str, dict[str, Layout]] = {
             "synthia/RGB", "*.png", ".png", "synthia/GT/LABELS", "_labelTrainIds.png", _convert("synthia")
         )
     },
+    "urbansyn": {  # SoMA's G+S+U settings; the release's ss/ labels (trainIds, 19 = unlabelled) converted
+        "all": Layout(
+            "urbansyn/rgb", "*.png", ".png", "urbansyn/labels", "_labelTrainIds.png", _convert("urbansyn")
+        )
+    },
     "cityscapes": {
         s: Layout(
             f"cityscapes/leftImg8bit/{s}",
@@ -136,7 +141,7 @@ class RealDataset:
     """One split of a real data set (a ``dgss.data.protocols.SegmentationData``).
 
     Args:
-        dataset: gta | synthia | cityscapes | bdd100k | mapillary | acdc.
+        dataset: gta | synthia | urbansyn | cityscapes | bdd100k | mapillary | acdc.
         split: ``all`` (GTAV, Synthia; GTAV also ``train`` / ``val`` / ``test`` from ``gta/split.mat``), ``train`` / ``val`` (Cityscapes, BDD100K, Mapillary) or ``<condition>/<split>``
             (ACDC: fog, night, rain, snow or all).
         root: the data root.
