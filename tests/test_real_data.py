@@ -67,6 +67,7 @@ def _write_pair(root, image_rel, label_rel, size=(8, 6), values=(0, 5, 18, 255))
 FIXTURES = {
     ("gta", "all"): ("gta/images/00001.png", "gta/labels/00001_labelTrainIds.png"),
     ("synthia", "all"): ("synthia/RGB/0000001.png", "synthia/GT/LABELS/0000001_labelTrainIds.png"),
+    ("urbansyn", "all"): ("urbansyn/rgb/rgb_0001.png", "urbansyn/labels/rgb_0001_labelTrainIds.png"),
     ("cityscapes", "val"): ("cityscapes/leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png",
                             "cityscapes/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"),
     ("bdd100k", "val"): ("bdd100k/images/10k/val/7d2f7975-e0c1c5a7.jpg", "bdd100k/labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png"),
