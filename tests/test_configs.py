@@ -230,7 +230,7 @@ def test_bad_override_values_name_the_key(compose_cfg, override, match):
       "method.peft.rank is not an option; valid: bottleneck, scale, dropout, norm, input, position"),
      (["method.inference.mode=sliding"], "method.inference.mode='sliding' is not supported; choose one of ['whole', 'slide']"),
      (["method.scheduler.warmup_step=5"], "method.scheduler.warmup_step is not an option (did you mean warmup_steps?); "
-      "valid: warmup_steps, warmup_start_factor, power")],
+      "valid: warmup_steps, warmup_start_factor, power, weight_decay, weight_decay_min, weight_decay_zero")],
 )  # fmt: skip
 def test_method_options_are_typed_at_compose_time(overrides, line):
     """Every method option has one typed home (a dataclass registered as the method's Hydra schema): a misspelt

@@ -155,8 +155,8 @@ def test_rein_trains_with_frozen_backbone_on_every_family(compose_cfg, backbone,
     captured = {}
     real_build = train_mod.build_method
 
-    def spy(cfg):
-        m = real_build(cfg)
+    def spy(cfg, **kw):
+        m = real_build(cfg, **kw)
         captured["m"] = m
         captured["backbone"] = {k: v.clone() for k, v in m.backbone.state_dict().items()}
         captured["rein"] = {k: v.clone() for k, v in m.reins.state_dict().items()}
