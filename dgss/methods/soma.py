@@ -132,6 +132,9 @@ class SoMALinear(nn.Module):
     def weights(self) -> list[tuple[torch.Tensor, MinorAdapter]]:
         return [(self.base.weight, self.adapter)]
 
+    def frozen_layer(self) -> nn.Linear:
+        return self.base
+
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """The plain layer with W' = W + s·(B·A − B₀·A₀)."""
@@ -167,6 +170,9 @@ class SoMAFusedQKV(nn.Module):
                 zero = zero if zero is not None else torch.zeros_like(y[..., : self.qkv.in_features])
                 deltas.append(zero)
         return y + torch.cat(deltas, dim=-1)
+
+    def frozen_layer(self) -> nn.Linear:
+        return self.qkv
 
     def weights(self) -> list[tuple[torch.Tensor, MinorAdapter]]:
         c = self.qkv.in_features
@@ -282,20 +288,18 @@ class SoMA(SegmentationMethod):
             for _, adapter in w.weights():
                 adapter.A.requires_grad_(True)
                 adapter.B.requires_grad_(True)
-            base = w.base if isinstance(w, SoMALinear) else w.qkv
-            if self.soma_options.train_bias and base.bias is not None:
-                base.bias.requires_grad_(True)
+            bias = w.frozen_layer().bias
+            if self.soma_options.train_bias and bias is not None:
+                bias.requires_grad_(True)
 
     def adapters(self) -> list[MinorAdapter]:
         return [a for w in self.wrappers for _, a in w.weights()]
 
     def extra_summary(self) -> dict[str, float]:
-        bias = sum((w.base if isinstance(w, SoMALinear) else w.qkv).bias.numel() for w in self.wrappers
-                   if (w.base if isinstance(w, SoMALinear) else w.qkv).bias is not None
-                   and self.soma_options.train_bias)  # fmt: skip
+        biases = [w.frozen_layer().bias for w in self.wrappers] if self.soma_options.train_bias else []
         return {
             "params/soma_adapters": sum(a.A.numel() + a.B.numel() for a in self.adapters()),
-            "params/soma_biases": bias,
+            "params/soma_biases": sum(b.numel() for b in biases if b is not None),
         }
 
     def reattachable_keys(self) -> set[str]:
