@@ -244,3 +244,40 @@ def test_checkpoint_restores_without_svd_and_merges_to_a_plain_backbone(
         float(w.adapters["q"].weight_delta().abs().max() if isinstance(w, SoMAFusedQKV) else 0) > 0
         for w in method.wrappers
     )  # fmt: skip  (trained: the fold is not the identity)
+
+
+def test_ema_resumes_exactly(tmp_path):
+    """Crash after step 2, resume from its checkpoint: the raw weights and the averages at step 4 equal a straight
+    run's (the checkpoint's state_dict holds the averages, weight_averaging.raw the weights the run goes on from)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, tr, pm, batch, batch_idx):
+            steps.append(tr.global_step)
+
+    def run(folder, resume=None):
+        torch.manual_seed(0)
+        m, ema = soma(), EMA(momentum=0.5, begin=1)
+        ck = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1, filename="s{step}")
+        steps.clear()
+        trainer(folder, steps=4, limit_val_batches=0, callbacks=[ema, ck, Count()]).fit(
+            m, make_dm(), ckpt_path=resume
+        )
+        return {n: p.detach().clone() for n, p in m.named_parameters()}, {
+            n: a.clone() for n, a in ema.avg.items()
+        }
+
+    raw, avg = run(tmp_path / "straight")
+    assert steps == [0, 1, 2, 3]
+    step2 = tmp_path / "straight" / "sstep=2.ckpt"
+    assert "weight_averaging" in torch.load(step2, weights_only=False)
+    raw2, avg2 = run(tmp_path / "resumed", resume=str(step2))
+    assert steps == [2, 3]  # it did resume
+    assert avg.keys() == avg2.keys() and avg
+    for n in raw:
+        assert torch.equal(raw[n], raw2[n]), n
+    for n in avg:
+        assert torch.allclose(avg[n], avg2[n], atol=1e-7, rtol=0), n
+    assert any(not torch.equal(avg[n], raw[n]) for n in avg)  # the average is not the weights
