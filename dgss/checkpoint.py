@@ -230,8 +230,9 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
     """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
 
     A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
-    and ``decode_head.*``, e.g. a published Rein checkpoint) needs ``recipe``, the config it was trained with
-    (``experiment=rein``): the method is built from it and the release's tensors imported.
+    and ``decode_head.*``, e.g. a published Rein or SoMA checkpoint) needs ``recipe``, the config it was trained with
+    (``experiment=rein``; SoMA: its recipe with ``method.soma.init=official``): the method is built from it and the
+    release's tensors imported.
     """
     from omegaconf import OmegaConf
 
@@ -263,11 +264,14 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
         saved.backbone.weights = backbone_weights
     if inference:
         saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
-    method = build_method(saved, restoring=not official)
+    method = build_method(
+        saved, restoring=True
+    )  # the checkpoint or the release supplies every trained tensor
     if official:
         if not isinstance(method, TakesOfficialRelease):
             raise ConfigError(
-                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein"
+                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein or a SoMA "
+                "recipe with method.soma.init=official"
             )
         method.load_official(state)
     else:

@@ -281,3 +281,50 @@ def test_ema_resumes_exactly(tmp_path):
     for n in avg:
         assert torch.allclose(avg[n], avg2[n], atol=1e-7, rtol=0), n
     assert any(not torch.equal(avg[n], raw[n]) for n in avg)  # the average is not the weights
+
+
+def test_an_official_release_imports_onto_the_official_start():
+    """Spec §6 names: lora_A (r × in), lora_B (out × r) per q, k, v, proj, fc1, fc2 and those layers' biases. Loaded
+    with init=official (W kept), the backbone computes x·(W + s·B·A)ᵀ + b: checked against a plain timm backbone whose
+    weights are folded here by hand from the same tensors. A release that does not fit is one line."""
+    torch.manual_seed(0)
+    m = soma(soma=dict(rank=4, init="official"))
+    with pytest.raises(ConfigError, match="init=official"):
+        soma().load_official_adapters({})
+    bb = m.backbone.model
+    c, start, s = m.backbone.embed_dim, default_start_block(m.backbone.num_blocks), 16 / 4
+    plain = {k.replace(".qkv.qkv.", ".qkv.").replace(".base.", "."): v.clone()  # the frozen layers' own tensors
+             for k, v in m.backbone.model.state_dict().items() if ".adapter" not in k}  # fmt: skip
+    release, folded = {}, plain
+    for i in range(start, m.backbone.num_blocks):
+        layers = {**{p: (c, c) for p in "qkv"}, "proj": (c, c), "fc1": (4 * c, c), "fc2": (c, 4 * c)}
+        for p, (out, inp) in layers.items():
+            where = f"blocks.{i}.{'attn' if p in ('q', 'k', 'v', 'proj') else 'mlp'}.{p}"
+            a, b, bias = torch.randn(4, inp) * 0.1, torch.randn(out, 4) * 0.1, torch.randn(out) * 0.1
+            release.update({f"module.backbone.model.{where}.lora_A.weight": a,
+                            f"module.backbone.model.{where}.lora_B.weight": b, f"module.backbone.model.{where}.bias": bias})  # fmt: skip
+            if p in "qkv":  # timm's fused qkv: rows q, k, v
+                j = "qkv".index(p)
+                folded[f"blocks.{i}.attn.qkv.weight"][j * c : (j + 1) * c] += s * b @ a
+                folded[f"blocks.{i}.attn.qkv.bias"][j * c : (j + 1) * c] = bias
+            else:
+                folded[f"{where}.weight"] += s * b @ a
+                folded[f"{where}.bias"] = bias
+    release["decode_head.ignored"] = torch.zeros(1)
+    loaded = m.load_official_adapters({"state_dict": release}["state_dict"])
+    assert len(loaded) == len(release) - 1
+    ref = Backbone("vit_small_patch14_reg4_dinov2", img_size=(H, W), model_kwargs=dict(depth=2, embed_dim=32, num_heads=2,
+                                                                                 patch_size=8))  # fmt: skip
+    ref.model.load_state_dict({k: v for k, v in folded.items()})
+    x = torch.randn(2, 3, H, W)
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        for got, want in zip(m.backbone(x), ref(x)):
+            assert torch.allclose(got, want, atol=1e-5)
+    del release[f"module.backbone.model.blocks.{start}.mlp.fc2.lora_B.weight"]
+    with pytest.raises(
+        ConfigError, match=r"1 missing, 0 mis-shaped tensors: missing backbone.model.blocks.1.mlp.fc2"
+    ):
+        m.load_official_adapters(release)
+    assert bb is m.backbone.model

@@ -24,6 +24,7 @@ adapter per row third, each from the SVD of its own C × C slice), ``attn.proj``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.models.heads.protocol import QueryHead
 from dgss.options import Options, register
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
@@ -305,6 +307,53 @@ class SoMA(SegmentationMethod):
     def reattachable_keys(self) -> set[str]:
         """A₀, B₀ are buffers of the backbone but not in its weights file: they stay in the checkpoint."""
         return {k for k in super().reattachable_keys() if not k.endswith((".A0", ".B0"))}
+
+    def load_official(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A published SoMA release (``dgss-eval ckpt_path=<release.pth> experiment=gta2cbm/soma_dinov2_l
+        method.soma.init=official``): :meth:`load_official_adapters`, then ``decode_head.*`` into Mask2Former."""
+        state = state.get("state_dict", state)
+        self.load_official_adapters(state)
+        if not isinstance(self.head, QueryHead):
+            raise ConfigError(
+                f"head {type(self.head).__name__} cannot take an official decode head; use head=mask2former"
+            )
+        self.head.load_official(state)
+
+    @torch.no_grad()
+    def load_official_adapters(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """The official names (spec §6): ``backbone.model.blocks.<i>.attn.{q,k,v,proj}.lora_{A,B}.weight``,
+        ``….mlp.fc{1,2}.lora_{A,B}.weight`` (A: r × in, B: out × r) and the adapted layers' ``….bias`` (q, k, v into the
+        fused qkv's thirds); an EMA dict's ``module.`` prefix is dropped. The release's A, B are A(t), B(t) of the
+        official start (W kept, spec §2.2), so ``method.soma.init`` must be ``official``. Returns the keys loaded."""
+        if self.soma_options.init != "official":
+            raise ConfigError("an official SoMA release holds A, B trained from the official start (W kept, nothing "
+                              "subtracted): evaluate it with method.soma.init=official")  # fmt: skip
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        want: dict[str, torch.Tensor] = {}
+        for name, w in self.backbone.model.named_modules():
+            if isinstance(w, SoMAFusedQKV):
+                attn, c = f"backbone.model.{name.rpartition('.')[0]}", w.qkv.in_features
+                for j, p in enumerate(("q", "k", "v")):
+                    if p in w.adapters:
+                        want[f"{attn}.{p}.lora_A.weight"] = w.adapters[p].A
+                        want[f"{attn}.{p}.lora_B.weight"] = w.adapters[p].B
+                        if w.qkv.bias is not None:
+                            want[f"{attn}.{p}.bias"] = w.qkv.bias[j * c : (j + 1) * c]
+            elif isinstance(w, SoMALinear):
+                want[f"backbone.model.{name}.lora_A.weight"] = w.adapter.A
+                want[f"backbone.model.{name}.lora_B.weight"] = w.adapter.B
+                if w.base.bias is not None:
+                    want[f"backbone.model.{name}.bias"] = w.base.bias
+        missing = [k for k in want if k not in state]
+        wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(t.shape)})" for k, t in want.items()
+                 if k in state and state[k].shape != t.shape]  # fmt: skip
+        if missing or wrong:
+            problem = f"missing {', '.join(missing[:3])}" if missing else f"shape {', '.join(wrong[:3])}"
+            raise ConfigError(f"the release does not fit this SoMA ({len(missing)} missing, {len(wrong)} mis-shaped "
+                              f"tensors: {problem}); check method.soma.rank / start_block / targets and backbone")  # fmt: skip
+        for k, t in want.items():
+            t.copy_(state[k])
+        return sorted(want)
 
     def plain_backbone(self) -> nn.Module:
         """The backbone's timm model with every wrapper folded: W' = W − s·B₀A₀ + s·B·A (a copy)."""
