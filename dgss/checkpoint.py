@@ -264,9 +264,8 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
         saved.backbone.weights = backbone_weights
     if inference:
         saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
-    method = build_method(
-        saved, restoring=True
-    )  # the checkpoint or the release supplies every trained tensor
+    # the checkpoint or the release supplies every trained tensor: no data-dependent init (SoMA's SVD)
+    method = build_method(saved, restoring=True)
     if official:
         if not isinstance(method, TakesOfficialRelease):
             raise ConfigError(

@@ -436,16 +436,17 @@ class SegmentationMethod(pl.LightningModule):
             "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"},
         }
 
+    def total_steps(self) -> int:
+        """The run's optimizer steps: ``trainer.max_steps``, else Lightning's estimate from the epochs."""
+        t = self.trainer
+        return t.max_steps if t.max_steps > 0 else int(t.estimated_stepping_batches)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """``scheduler.weight_decay: cosine``: every group's decay for this step, from its value at step 0."""
         o = self.scheduler_options
         if o.weight_decay == "constant":
             return
-        total = (
-            self.trainer.max_steps
-            if self.trainer.max_steps > 0
-            else int(self.trainer.estimated_stepping_batches)
-        )
+        total = self.total_steps()
         for opt in self.trainer.optimizers:
             for g in opt.param_groups:
                 wd0 = g.setdefault("initial_weight_decay", g.get("weight_decay", 0.0))
@@ -454,11 +455,7 @@ class SegmentationMethod(pl.LightningModule):
 
     def build_scheduler(self, opt: torch.optim.Optimizer):
         """Linear warm-up from ``warmup_start_factor`` then poly decay to 0 at the last step."""
-        total = (
-            self.trainer.max_steps
-            if self.trainer.max_steps > 0
-            else int(self.trainer.estimated_stepping_batches)
-        )
+        total = self.total_steps()
         cfg = self.scheduler_options
         warm = cfg.warmup_steps
         if warm >= total:

@@ -563,9 +563,9 @@ class FisherTune(SegmentationMethod):
             g.div_(self.trainer.world_size)
 
     @torch.no_grad()
-    def _accumulate(self, which: str, grads: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    def _accumulate(self, which: str, grads: dict[str, torch.Tensor]) -> None:
         """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
-        accumulate_squares(self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay, scale)
+        accumulate_squares(self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay)
         self.stat_counts[which] += 1
 
     def _fisher_loss(self, output: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

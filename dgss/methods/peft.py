@@ -219,12 +219,7 @@ def wrap_lora(backbone, rank: int, init: str) -> list[tuple[LowRank, LowRank]]:
     for i in range(backbone.num_blocks):
         parts = backbone.block_parts(i)
         if parts.qkv is not None:
-            if parts.qkv_bias_in_attn:
-                raise ConfigError(
-                    f"backbone.name={backbone.name!r} has a fused qkv whose bias is applied inside the attention "
-                    "(EVA with qkv_fused=True); LoRA needs separate q/v projections: set "
-                    "+backbone.model_kwargs.qkv_fused=false"
-                )
+            backbone.require_wrappable_qkv(parts, "LoRA")
             w = FusedQKVLoRA(parts.qkv, rank, init)
             parts.attn.qkv = w
             pairs.append((w.q, w.v))

@@ -201,15 +201,7 @@ def _layers_of(backbone, index: int, targets: list[str]) -> list[tuple[nn.Module
     parts = backbone.block_parts(index)
     out: list[tuple[nn.Module, str, str]] = []
     if parts.qkv is not None:
-        if parts.qkv_bias_in_attn:
-            hint = (
-                f"use the plain name {backbone.name.split('.')[0].replace('_qkvb', '')!r} (released DINOv3 weights "
-                "have zero q/v biases, so it computes the same function)"
-                if "dinov3" in backbone.name
-                else "set +backbone.model_kwargs.qkv_fused=false"
-            )
-            raise ConfigError(f"backbone.name={backbone.name!r} applies its q/v biases inside the attention around a "
-                              f"fused qkv, where SoMA's wrapper would have no effect: {hint}")  # fmt: skip
+        backbone.require_wrappable_qkv(parts, "SoMA")
         if any(t in targets for t in ("q", "k", "v")):
             out.append((parts.attn, "qkv", "qkv"))
     else:

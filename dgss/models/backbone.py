@@ -409,6 +409,20 @@ class Backbone(nn.Module):
             parts.global_attn = getattr(blk, "window_size", 0) == 0
         return parts
 
+    def require_wrappable_qkv(self, parts: BlockParts, who: str) -> None:
+        """In-block methods wrap a fused ``qkv`` module; where the attention adds q/v biases around it and calls
+        ``F.linear`` on its weight (EVA with ``qkv_fused=True``, DINOv3's ``_qkvb``) a wrapper has no effect: one line
+        naming the variant that works."""
+        if not parts.qkv_bias_in_attn:
+            return
+        if "dinov3" in self.name:
+            hint = (f"use the plain name {self._arch.replace('_qkvb', '')!r} (released DINOv3 weights have zero q/v "
+                    "biases, so it computes the same function)")  # fmt: skip
+        else:
+            hint = "set +backbone.model_kwargs.qkv_fused=false"
+        raise ConfigError(f"backbone.name={self.name!r} applies its q/v biases inside the attention around a fused "
+                          f"qkv, where {who}'s wrapper would have no effect: {hint}")  # fmt: skip
+
     # ---------------------------------------------------------------------------------- forward
     def _embed(self, x: torch.Tensor):
         """Patch + position embedding: (tokens in the family's layout, (gh, gw), rope)."""
