@@ -18,6 +18,10 @@ Stages, in this order (each one catches its own errors and records them as a row
    ``last.ckpt``: exit codes, a finite loss, the IoU table, and the reloaded model's mIoU against the training's.
 4. ``fp32``: full and Rein in fp32 (the papers' precision; PyTorch's default: no TF32 matmuls).
 5. ``compile``: Rein and full with ``compile=true`` (``nn.Module.compile``; FLOPs taken from the eager row).
+6. ``profile``: where one bf16 step's time goes (``--profile-methods``, default frozen and full): ``torch.profiler``
+   over two timed steps; host (CPU) time per part of the step (backbone, head, losses, backward, the rest), the
+   device's kernel time and the number of kernel launches per step, and the top operators by host and by device
+   time (``profile_<method>.txt``). A step whose host time exceeds its kernel time is launch-bound.
 
 A time budget (``--budget-s``) skips what no longer fits, so the run ends inside the device's limit; the targets of
 issue 14 are checked on what was measured, ratios within this one run.
@@ -51,9 +55,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import METHODS  # noqa: E402  (every method, in one place)
 from benchmarks_md import peak_bf16_tflops  # noqa: E402
 
-STAGES = ("methods", "slide", "cli", "fp32", "compile")
+STAGES = ("methods", "slide", "cli", "fp32", "compile", "profile")
 # rough cost of a stage in seconds on an H100 (only used to skip what no longer fits in the budget)
-STAGE_MIN_S = {"methods": 60, "slide": 20, "cli": 90, "fp32": 30, "compile": 100}
+STAGE_MIN_S = {"methods": 60, "slide": 20, "cli": 90, "fp32": 30, "compile": 100, "profile": 25}
 # distribution -> module: a version counts only where the module imports (an image may hold metadata without it)
 DEPENDENCIES = {"torch": "torch", "lightning": "lightning", "timm": "timm", "torchmetrics": "torchmetrics",
                 "hydra-core": "hydra", "omegaconf": "omegaconf", "numpy": "numpy", "scipy": "scipy", "wandb": "wandb"}  # fmt: skip
@@ -266,8 +270,9 @@ def method_overrides(name: str, a: argparse.Namespace, steps: int) -> list[str]:
 
 
 def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, stage: str,
-              flops_from: dict | None = None) -> dict:  # fmt: skip
-    """Build one method from its recipe and time its real Lightning training step on a fixed batch."""
+              flops_from: dict | None = None, profile: bool = False) -> dict:  # fmt: skip
+    """Build one method from its recipe and time its real Lightning training step on a fixed batch; ``profile``:
+    the first two timed steps under ``torch.profiler`` (:func:`profile_summary`)."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -281,13 +286,14 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
         timed = list(range(a.warmup, a.warmup + a.steps))
     flop_step = None if compiled else timed[-1] + 1
     steps = timed[-1] + 2
+    traced = set(timed[:2]) if profile else set()
 
     class Clock(pl.Callback):
         """Wall time per batch (synchronised), the allocator peak over the timed steps, FLOPs of one step."""
 
         def __init__(self):
             self.times: dict[int, float] = {}
-            self.flops, self.peak, self.mode = None, None, None
+            self.flops, self.peak, self.mode, self.prof = None, None, None, None
 
         def sync(self):
             if cuda:
@@ -299,6 +305,10 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
             if batch_idx == flop_step:
                 self.mode = FlopCounterMode(display=False)
                 self.mode.__enter__()
+            if batch_idx == min(traced, default=None):
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
             self.sync()
             self.t0 = time.perf_counter()
 
@@ -310,6 +320,8 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
             if batch_idx == flop_step:
                 self.mode.__exit__(None, None, None)
                 self.flops = self.mode.get_total_flops()
+            if batch_idx == max(traced, default=None):
+                self.prof.__exit__(None, None, None)
 
     torch.manual_seed(0)
     t_build = time.perf_counter()
@@ -319,6 +331,8 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
         # what dgss-train does with compile=true (the smoke run: dynamo's capture without code generation)
         method.compile(**({"backend": a.compile_backend} if a.compile_backend != "inductor" else {}))
     clock = Clock()
+    if profile:
+        annotate_parts(method)
     batch = fixed_batch(a.batch, a.size, a.device)
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
     trainer = pl.Trainer(accelerator=a.device, devices=1, max_steps=steps, precision=precision, logger=False,
@@ -349,8 +363,60 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
             row["mfu"] = flops / statistics.median(plain) / (peak_tf * 1e12)
     if not cuda:
         row["note"] = (row.get("note", "") + "; CPU: no allocator peak").lstrip("; ")
+    if profile:
+        row.update(profile_summary(clock.prof, len(traced), a.out / f"profile_{name}.txt", row))
     del method, trainer, loader, batch
     return row
+
+
+PARTS = ("backbone", "head", "losses", "backward")
+
+
+def annotate_parts(method) -> None:
+    """Label the parts of a step for the profiler: the backbone's and the head's forward, the head's losses, the
+    backward (instance attributes over the bound methods; Lightning looks its hooks up on the instance)."""
+    import functools
+
+    import torch
+
+    def labelled(fn, label):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            with torch.profiler.record_function(f"dgss.{label}"):
+                return fn(*args, **kw)
+
+        return run
+
+    method.backbone.forward = labelled(method.backbone.forward, "backbone")
+    method.head.forward = labelled(method.head.forward, "head")
+    method.head.loss = labelled(method.head.loss, "losses")
+    method.backward = labelled(method.backward, "backward")
+
+
+def profile_summary(prof, steps: int, path: Path, row: dict) -> dict:
+    """Per step: host time of each labelled part (the rest: Lightning, the optimizer, hooks), the device's kernel
+    time and kernel launches; the report (with the top operators by host and device time) goes to ``path``."""
+    events = prof.key_averages()
+    host = {p: sum(e.cpu_time_total for e in events if e.key == f"dgss.{p}") / 1e3 / steps for p in PARTS}
+    # the kernels' own time, as the profiler's table totals it: device events, not the labelled ranges' spans
+    device_ms = sum(e.self_device_time_total for e in events
+                    if e.device_type.name == "CUDA" and not e.is_user_annotation) / 1e3 / steps  # fmt: skip
+    syncs = {k: sum(e.count for e in events if e.key == k) / steps for k in ("cudaMemcpyAsync", "aten::_unique2")}
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / steps
+    out = {"profiled_steps": steps, "host_ms": {k: round(v, 2) for k, v in host.items()},
+           "device_kernel_ms": round(device_ms, 2), "kernel_launches": round(launches),
+           "memcpy_per_step": round(syncs["cudaMemcpyAsync"]), "unique_per_step": round(syncs["aten::_unique2"])}  # fmt: skip
+    cpu_sort = "self_cpu_time_total"
+    dev_sort = "self_cuda_time_total" if device_ms else cpu_sort
+    text = [f"# profile of {row['method']} ({row['precision']}, compile {row['compile']}): {steps} steps",
+            f"step (median of the timed steps, profiled ones included): {row['step_ms']:.1f} ms",
+            "per step: host time in " + ", ".join(f"{k} {v:.1f} ms" for k, v in host.items())
+            + f"; device kernel time {device_ms:.1f} ms in {launches:.0f} launches; "
+            f"{syncs['cudaMemcpyAsync']:.0f} host-device copies, {syncs['aten::_unique2']:.0f} torch.unique", "",
+            "## by self host time", events.table(sort_by=cpu_sort, row_limit=30), "",
+            "## by self device time", events.table(sort_by=dev_sort, row_limit=30)]  # fmt: skip
+    path.write_text("\n".join(text) + "\n")
+    return out
 
 
 def slide_row(a: argparse.Namespace) -> dict:
@@ -536,6 +602,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-tolerance", type=float, default=0.05, help="mIoU points between dgss-eval and training"
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
+    p.add_argument("--profile-methods", default="frozen,full", help="the profile stage's methods")
     p.add_argument(
         "--work-dir", type=Path, default=Path("/tmp/dgss_bench_gpu"), help="run folders and checkpoints"
     )
@@ -602,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
                     guarded(
                         report, stage, name, train_row, name, a, bf16, True, stage, flops_from=eager or {}
                     )
+        elif stage == "profile":
+            for name in (m for m in a.profile_methods.split(",") if m):
+                if fits("profile"):
+                    guarded(report, stage, name, train_row, name, a, bf16, False, stage, profile=True)
     report.notes.append(f"total {time.perf_counter() - start:.0f} s")
     report.write()
     print(report.markdown())

@@ -61,6 +61,14 @@ def test_every_stage_and_method_measured(smoke):
     assert cli["ok"] and cli["train_exit"] == 0 and cli["eval_exit"] == 0 and cli["steps"] == 4
     assert cli["loss_finite"] and cli["eval_matches_train"]  # dgss-eval reloads the checkpoint: same mIoU
     assert all(r["commit"] and r["torch"] and r["device"] for r in rows)
+    for m in ("frozen", "full"):  # the profile stage: host time per part of the step, the report file
+        prof = by[("profile", m, "bf16-mixed")]
+        assert prof["ok"] and prof["profiled_steps"] == 2 and set(prof["host_ms"]) == {"backbone", "head", "losses",
+                                                                                         "backward"}  # fmt: skip
+        assert all(v > 0 for v in prof["host_ms"].values())
+        # the step's losses hold at least one torch.unique per image (the classes present): 2 images here
+        assert prof["device_kernel_ms"] == 0 and prof["unique_per_step"] >= 2
+        assert "## by self host time" in (out / f"profile_{m}.txt").read_text()
 
 
 def test_report_files(smoke):
