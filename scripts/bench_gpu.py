@@ -306,7 +306,9 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
                 self.mode = FlopCounterMode(display=False)
                 self.mode.__enter__()
             if batch_idx == min(traced, default=None):
-                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                acts = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+                )
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
             self.sync()
@@ -401,8 +403,12 @@ def profile_summary(prof, steps: int, path: Path, row: dict) -> dict:
     # the kernels' own time, as the profiler's table totals it: device events, not the labelled ranges' spans
     device_ms = sum(e.self_device_time_total for e in events
                     if e.device_type.name == "CUDA" and not e.is_user_annotation) / 1e3 / steps  # fmt: skip
-    syncs = {k: sum(e.count for e in events if e.key == k) / steps for k in ("cudaMemcpyAsync", "aten::_unique2")}
-    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / steps
+    syncs = {
+        k: sum(e.count for e in events if e.key == k) / steps for k in ("cudaMemcpyAsync", "aten::_unique2")
+    }
+    launches = (
+        sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / steps
+    )
     out = {"profiled_steps": steps, "host_ms": {k: round(v, 2) for k, v in host.items()},
            "device_kernel_ms": round(device_ms, 2), "kernel_launches": round(launches),
            "memcpy_per_step": round(syncs["cudaMemcpyAsync"]), "unique_per_step": round(syncs["aten::_unique2"])}  # fmt: skip
