@@ -5,7 +5,9 @@ For every image (found recursively, the folder structure kept) it writes
 - ``masks/<name>.png``: a palettised PNG whose pixel values are the trainIds and whose palette is the class
   colours, so it is both the prediction and its colourisation;
 - ``overlays/<name>.jpg``: the image blended with the colourised mask (``alpha``);
-- with ``label_ids=true`` also ``label_ids/<name>.png`` in Cityscapes labelIds (the evaluation server's format).
+- with ``label_ids=true`` also ``label_ids/<name>.png`` in Cityscapes labelIds (the evaluation server's format);
+- with ``submission=acdc`` also the ACDC test server's upload (:func:`check_acdc`, :func:`write_acdc`): ``acdc/`` and
+  ``acdc.zip``, one single-channel trainId PNG per test image named as the image, at its 1920×1080.
 
 Images are resized to fit ``size`` first: ``auto`` (default) is the test size of the checkpoint's first target (the
 Rein protocol: Cityscapes 1024×512, BDD100K 1280×720, ACDC 960×540), so the masks are the ones ``dgss-eval``
@@ -17,6 +19,8 @@ photo then takes many windows: a warning says how many). They are predicted with
 from __future__ import annotations
 
 import logging
+import zipfile
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -74,6 +78,61 @@ def write_prediction(pred: np.ndarray, rgb: np.ndarray, classes: ClassSet, out: 
         _save(Image.fromarray(lut[pred]), out / "label_ids" / rel.with_suffix(".png"))
 
 
+ACDC_SIZE = (1920, 1080)  # (width, height) of every ACDC image
+ACDC_SUFFIX = "_rgb_anon.png"  # the anonymised test images (the reference images are *_rgb_ref_anon.png)
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
+
+def check_acdc(images: list[Path], root: Path, classes: ClassSet) -> None:
+    """Refuse, before any prediction, what the ACDC test server cannot score: a model without the 19 Cityscapes
+    classes (trainIds 0-18 are the server's id space), an image that is not an ACDC test image (named
+    ``*_rgb_anon.png``, 1920×1080, not under a ``train`` / ``val`` folder), or two images with the same name (the
+    upload is one flat folder)."""
+    if classes.num_classes != len(CITYSCAPES_ID_TO_TRAIN):
+        raise ConfigError(f"submission=acdc needs the 19 Cityscapes classes (ACDC is scored in their trainIds); "
+                          f"this model has {classes.num_classes}")  # fmt: skip
+    seen: dict[str, Path] = {}
+    for path in images:
+        rel = path.relative_to(root)
+        where = f"input={str(root)!r} holds {rel}"
+        if not path.name.endswith(ACDC_SUFFIX):
+            raise ConfigError(f"submission=acdc: {where}, not an ACDC test image (*{ACDC_SUFFIX}); point input= at "
+                              "acdc/rgb_anon/<condition>/test or a folder holding only those images")  # fmt: skip
+        if {"train", "val"} & set(rel.parts[:-1]):
+            raise ConfigError(f"submission=acdc: {where}, a train / val image; the server scores the test images "
+                              "only: point input= at acdc/rgb_anon/<condition>/test")  # fmt: skip
+        if path.name in seen:
+            raise ConfigError(f"submission=acdc: {where} and {seen[path.name].relative_to(root)}, the same name "
+                              "twice; the upload is one flat folder of unique names")  # fmt: skip
+        seen[path.name] = path
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"cannot read {path} ({e}); ACDC's test images are PNGs from rgb_anon.zip"
+            ) from None
+        if size != ACDC_SIZE:
+            raise ConfigError(f"submission=acdc: {where} at {size[0]}×{size[1]}; ACDC images are "
+                              f"{ACDC_SIZE[0]}×{ACDC_SIZE[1]} and so must the predictions be: use the original test "
+                              "images, not resized copies")  # fmt: skip
+
+
+def write_acdc(pred: np.ndarray, out: Path, name: str) -> None:
+    """One prediction in the ACDC server's form: ``acdc/<image name>``, a single-channel 8-bit PNG of trainIds
+    (road = 0) at the image's 1920×1080."""
+    _save(Image.fromarray(pred.astype(np.uint8), mode="L"), out / "acdc" / name)
+
+
+def zip_acdc(out: Path, names: list[str]) -> Path:
+    """``acdc.zip``: the predictions at the archive's root (PNGs are compressed already: stored, not deflated)."""
+    dst = out / "acdc.zip"
+    with atomic_path(dst) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for name in sorted(names):
+            z.write(out / "acdc" / name, arcname=name)
+    return dst
+
+
 NATIVE_WINDOWS_WARN = 24  # windows per image above which a native-size prediction is announced as slow
 
 
@@ -111,6 +170,12 @@ def predict(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"label_ids=true needs the 19 Cityscapes classes; this model has {classes.num_classes}"
         )
+    root = Path(cfg.input).expanduser()
+    if cfg.submission not in (None, "acdc"):
+        raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
+                          "Cityscapes server use label_ids=true")  # fmt: skip
+    if cfg.submission == "acdc":
+        check_acdc(images, root, classes)
     device = torch.device(
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -118,7 +183,7 @@ def predict(cfg: DictConfig) -> dict:
     size, where = resolve_size(cfg.size, data)
     log.info(f"dgss-predict: images fitted into {where}")
     pipeline = TestPipeline(size)
-    out, root = Path(cfg.output).expanduser(), Path(cfg.input).expanduser()
+    out = Path(cfg.output).expanduser()
     inf = method.inference_options
     bar = tqdm(images, desc="dgss-predict", disable=not cfg.progress)
     for path in bar:
@@ -140,10 +205,19 @@ def predict(cfg: DictConfig) -> dict:
                             "predicts at the checkpoint's test size")  # fmt: skip
         x, _ = pipeline(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(rgb.shape[:2]))
         scores = method.predict_logits(x[None].to(device), rgb.shape[:2])
-        write_prediction(scores[0].argmax(0).cpu().numpy(), rgb, classes, out, path.relative_to(root), cfg.alpha,
-                         cfg.label_ids)  # fmt: skip
+        pred = scores[0].argmax(0).cpu().numpy()
+        write_prediction(pred, rgb, classes, out, path.relative_to(root), cfg.alpha, cfg.label_ids)
+        if cfg.submission == "acdc":
+            write_acdc(pred, out, path.name)
     log.info(f"{len(images)} predictions in {out}")
-    return {"images": len(images), "output": str(out)}
+    result = {"images": len(images), "output": str(out)}
+    if cfg.submission == "acdc":
+        result["submission"] = str(zip_acdc(out, [p.name for p in images]))
+        per = Counter(next((c for c in ACDC_CONDITIONS if c in p.relative_to(root).parts[:-1]), "other")
+                      for p in images)  # fmt: skip
+        log.info(f"ACDC upload: {result['submission']} ({len(images)} trainId PNGs at 1920×1080: "
+                 + ", ".join(f"{c} {n}" for c, n in sorted(per.items())) + ")")  # fmt: skip
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -1,5 +1,7 @@
 """Train -> checkpoint (frozen backbone tensors dropped) -> dgss-eval re-attaches them and reproduces the metrics."""
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -125,6 +127,78 @@ def test_predict_writes_palettised_masks_overlays_and_label_ids(compose_cfg, tmp
     with pytest.raises(ConfigError, match="holds no images"):
         predict(compose_cfg([f"ckpt_path={ckpt_path}", f"input={out / 'nothing'}"], config_name="predict")
                 if (out / "nothing").mkdir() is None else None)  # fmt: skip
+
+
+def test_predict_writes_the_acdc_server_upload_and_refuses_what_it_cannot_score(
+    compose_cfg, tmp_path, weights
+):
+    """``submission=acdc``: the layout of the ACDC submissions of Refign (ACDC's authors: ``predict_step`` saves
+    ``Image.fromarray(argmax.astype(uint8))`` under each test image's own file name, flat, at the original 1080×1920)
+    and of mmseg's ``format_results(to_label_id=False)`` (DAFormer / HRDA / MIC: ``<basename>.png``, flat, trainIds):
+    one single-channel trainId PNG per test image, named as the image, 1920×1080; zipped at the archive's root."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from dgss.data.synthetic import render_sample
+    from dgss.data.transforms import TestPipeline
+    from dgss.predict import predict
+
+    cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=full"])
+    train(cfg)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+
+    def photo(path: Path, i: int, w: int = 1920, h: int = 1080) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(np.asarray(render_sample("photo", i, 54, 96, 0)[0]))
+        small.resize((w, h), Image.NEAREST).save(path)
+
+    test = tmp_path / "acdc/rgb_anon"
+    names = {"fog/test/GP010475/GP010475_frame_000041_rgb_anon.png": 0,
+             "night/test/GOPR0355/GOPR0355_frame_000140_rgb_anon.png": 1}  # fmt: skip
+    for rel, i in names.items():
+        photo(test / rel, i)
+    out = tmp_path / "pred"
+    run = lambda src, dst, *more: predict(compose_cfg([f"ckpt_path={ckpt_path}", f"input={src}", f"output={dst}",  # noqa: E731
+                                                       "progress=false", "device=cpu", *more], config_name="predict"))  # fmt: skip
+    result = run(test, out, "submission=acdc")
+    assert result["images"] == 2 and result["submission"] == str(out / "acdc.zip")
+    method, _ = load_method(str(ckpt_path))
+    method.eval()
+    for rel in names:
+        name = Path(rel).name
+        sub = Image.open(out / "acdc" / name)
+        assert sub.mode == "L" and sub.size == (1920, 1080) and sub.format == "PNG"
+        rgb = np.array(Image.open(test / rel).convert("RGB"))
+        x, _ = TestPipeline()(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(1080, 1920))
+        with torch.no_grad():
+            want = method.predict_logits(x[None], (1080, 1920))[0].argmax(0).numpy()
+        assert np.array_equal(np.array(sub), want) and want.max() <= 18  # the trainIds themselves, road = 0
+    with zipfile.ZipFile(out / "acdc.zip") as z:
+        assert sorted(z.namelist()) == sorted(Path(r).name for r in names)  # flat, at the root
+        for n in z.namelist():
+            assert z.read(n) == (out / "acdc" / n).read_bytes()
+
+    # refused in one line before anything is written: each case in its own input folder
+    def refused(files: dict[str, tuple[int, int]], match: str) -> None:
+        src = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
+        for rel, (w, h) in files.items():
+            photo(src / rel, 0, w, h)
+        with pytest.raises(ConfigError, match=match):
+            run(src, src / "out", "submission=acdc")
+        assert not (src / "out").exists()
+
+    full = (1920, 1080)
+    refused({"street.png": full}, r"holds street.png, not an ACDC test image \(\*_rgb_anon.png\)")
+    refused({"fog/test/s/a_rgb_ref_anon.png": full}, "not an ACDC test image")  # the reference images
+    refused(
+        {"fog/val/s/a_rgb_anon.png": full}, r"a train / val image; the server scores the test images only"
+    )
+    refused({"fog/test/s/a_rgb_anon.png": (960, 540)}, r"at 960×540; ACDC images are 1920×1080")
+    refused({"fog/test/s/a_rgb_anon.png": full, "rain/test/s/a_rgb_anon.png": full}, "the same name twice")
+    with pytest.raises(ConfigError, match="submission='kitti': use acdc"):
+        run(test, tmp_path / "x", "submission=kitti")
 
 
 def test_rein_with_mask2former_trains_and_eval_reproduces(compose_cfg, tmp_path):
