@@ -409,31 +409,87 @@ def test_set_losses_equal_mmdet_including_an_image_with_nothing_labelled(monkeyp
     labels[0, :20], labels[0, 20:40], labels[0, 40:] = 0, 3, 4
     labels[2, :, :30], labels[2, :, 30:] = 1, 2
     cls_logits, mask_logits = torch.randn(3, q, num_classes + 1), torch.randn(3, q, h, w)
-    seen: dict = {"match": [], "points": None}
-    real_match, real_points = crit.SetCriterion.match, crit.uncertain_points
+    seen: dict = {"match": None, "points": None}
+    real_many, real_points = crit.hungarian_many, crit.uncertain_points
 
-    def match(self, c, m, classes, masks):
-        rows, cols = real_match(self, c, m, classes, masks)
-        seen["match"].append((rows, classes[cols], masks[cols]))
-        return rows, cols
+    def many(costs):
+        seen["match"] = real_many(costs)
+        return seen["match"]
 
     def points(*args, **kwargs):
         seen["points"] = real_points(*args, **kwargs)
         return seen["points"]
 
-    monkeypatch.setattr(crit.SetCriterion, "match", match)
+    monkeypatch.setattr(crit, "hungarian_many", many)
     monkeypatch.setattr(crit, "uncertain_points", points)
     criterion = crit.SetCriterion(num_classes, num_points=64)
     got = criterion(cls_logits, mask_logits, labels)
-    # the empty image contributes no matching; the reference sees it with no rows
-    assignment = [seen["match"][0], (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                                     torch.zeros(0, 4 * h, 4 * w)), seen["match"][1]]  # fmt: skip
+    # the reference's assignment from the same matcher: (rows, classes[cols], masks[cols]) per image; the empty image
+    # contributes no matching (one cost matrix per labelled image, in image order), the reference sees it with no rows
+    found = [crit.semantic_targets(lab, num_classes, 255) for lab in labels]
+    assert len(seen["match"]) == 2
+    (r0, c0), (r2, c2) = seen["match"]
+    assignment = [(r0, found[0][0][c0], found[0][1][c0]),
+                  (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4 * h, 4 * w)),
+                  (r2, found[2][0][c2], found[2][1][c2])]  # fmt: skip
     want = mmdet_single_layer_losses(cls_logits, mask_logits, assignment, seen["points"], num_classes,
                                      criterion.class_weight)  # fmt: skip
     for k in want:
         torch.testing.assert_close(got[k].double(), want[k], rtol=1e-5, atol=1e-6, msg=k)
     # the rule that differs from dividing by the matched count: 3 + 1 + 2 = 6 images' worth, not 5
     assert sum(max(len(a[0]), 1) for a in assignment) == 6 and sum(len(a[0]) for a in assignment) == 5
+
+
+def test_the_batch_targets_and_one_host_copy_per_layer_serve_every_layer(monkeypatch):
+    """``Mask2FormerHead.loss``: the targets are made once per batch (one ``torch.unique`` per image, not per image and
+    layer), every layer's cost matrices reach the host in one copy (``hungarian_many`` once per layer, with one
+    matrix per labelled image), and the losses are bit-identical to each layer's criterion making its own targets
+    and matching image by image (:func:`hungarian` per matrix) from the same random state."""
+    from scipy.optimize import linear_sum_assignment
+
+    from dgss.models.heads.mask2former import criterion as crit
+    from dgss.models.heads.mask2former.head import Mask2FormerHead
+
+    torch.manual_seed(0)
+    head = Mask2FormerHead([32] * 4, num_classes=6, dim=32, num_heads=4, encoder_layers=1, encoder_ffn=64,
+                           decoder_layers=3, decoder_ffn=64, num_points=64)  # fmt: skip
+    feats = [torch.randn(3, 32, 8, 8) for _ in range(4)]  # a ViT's four outputs at one stride
+    labels = torch.randint(0, 6, (3, 128, 128))
+    labels[0, :10], labels[1] = 255, 255  # the second image has nothing labelled
+    output = head(feats)
+    layers = len(output["cls"])
+    calls = {"targets": 0, "many": []}
+    real_targets, real_many = crit.semantic_targets, crit.hungarian_many
+
+    def counted_targets(*a, **k):
+        calls["targets"] += 1
+        return real_targets(*a, **k)
+
+    def counted_many(costs):
+        calls["many"].append(len(costs))
+        return real_many(costs)
+
+    monkeypatch.setattr(crit, "semantic_targets", counted_targets)
+    monkeypatch.setattr(crit, "hungarian_many", counted_many)
+    torch.manual_seed(1)
+    got = head.loss(output, labels)
+    assert calls["targets"] == 3 and calls["many"] == [2] * layers
+
+    # the reference: every layer with its own targets and one host copy per image, the same random draws
+    def per_matrix(costs):  # what the criterion did before: one host copy and one assignment per image
+        out = []
+        for c in costs:
+            rows, cols = linear_sum_assignment(c.detach().float().cpu().numpy())
+            out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return out
+
+    monkeypatch.setattr(crit, "hungarian_many", per_matrix)
+    torch.manual_seed(1)
+    per_layer = [head.criterion(c, m, labels) for c, m in zip(output["cls"], output["masks"])]
+    assert calls["targets"] == 3 + 3 * layers  # each layer made its own
+    for k, v in per_layer[-1].items():
+        assert torch.equal(got[k], v), k
+    assert torch.equal(got["loss_aux"], sum(sum(d.values()) for d in per_layer[:-1]))
 
 
 def mmdet_init_weights(sd: dict, *, num_inputs: int, num_levels: int, encoder_layers: int, decoder_layers: int,

@@ -4,6 +4,8 @@ importance-sampled points (mmdet ``Mask2FormerHead.loss_by_feat`` semantics)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -40,8 +42,20 @@ def semantic_targets(
 
 def hungarian(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-cost assignment of targets (columns) to queries (rows): (query indices, target indices)."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return hungarian_many([cost])[0]
+
+
+def hungarian_many(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`hungarian` of several cost matrices from one device-to-host copy (all of them flattened into one
+    tensor): one synchronisation per prediction layer, not one per image. The matrices and the assignments are
+    the ones a copy per matrix gives."""
+    flat = torch.cat([c.detach().float().reshape(-1) for c in costs]).cpu().numpy()
+    out, start = [], 0
+    for c in costs:
+        rows, cols = linear_sum_assignment(flat[start : start + c.numel()].reshape(c.shape))
+        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        start += c.numel()
+    return out
 
 
 def dice_cost(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -68,6 +82,29 @@ def mask_normaliser(avg_factor: int, device: torch.device) -> float:
     return max(float(n), 1.0)
 
 
+@dataclass
+class BatchTargets:
+    """The semantic targets of a batch, made once and shared by every prediction layer: per image the classes
+    present and their masks (views into ``masks``), and all of them concatenated (``classes``, ``masks``) with
+    each image's ``offsets`` into them."""
+
+    per_image: list[tuple[torch.Tensor, torch.Tensor]]
+    classes: torch.Tensor  # (ΣM,)
+    masks: torch.Tensor  # (ΣM, H, W) float
+    offsets: list[int]
+
+    @classmethod
+    def build(cls, labels: torch.Tensor, num_classes: int, ignore_index: int) -> BatchTargets:
+        found = [semantic_targets(lab, num_classes, ignore_index) for lab in labels]
+        classes, masks = torch.cat([c for c, _ in found]), torch.cat([m for _, m in found])
+        offsets, at = [], 0
+        for c, _ in found:
+            offsets.append(at)
+            at += len(c)
+        per_image = [(classes[o : o + len(c)], masks[o : o + len(c)]) for o, (c, _) in zip(offsets, found)]
+        return cls(per_image, classes, masks, offsets)
+
+
 class SetCriterion:
     """Losses of one prediction set (class logits (B, Q, K+1), mask logits (B, Q, h, w)) against semantic labels."""
 
@@ -81,48 +118,55 @@ class SetCriterion:
         self.w_cls, self.w_mask, self.w_dice = weight_cls, weight_mask, weight_dice
 
     @torch.no_grad()
-    def match(self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor,
-              masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """One image: Hungarian matching on class 2.0 / mask BCE 5.0 / Dice 5.0 costs over shared random points."""
+    def cost(self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor,
+             masks: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """One image's matching cost (Q, M): class 2.0 / mask BCE 5.0 / Dice 5.0 over shared random points."""
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         pred = point_sample(mask_logits, points.expand(mask_logits.shape[0], -1, -1))
         tgt = point_sample(masks, points.expand(masks.shape[0], -1, -1))
-        cost = (-self.w_cls * cls_logits.softmax(-1)[:, classes] + self.w_mask * bce_cost(pred, tgt)
+        return (-self.w_cls * cls_logits.softmax(-1)[:, classes] + self.w_mask * bce_cost(pred, tgt)
                 + self.w_dice * dice_cost(pred, tgt))  # fmt: skip
-        return hungarian(cost)
 
-    def normaliser(self, labels: torch.Tensor) -> float:
+    def targets(self, labels: torch.Tensor) -> BatchTargets:
+        """The batch's targets (one ``torch.unique`` per image), shared by every layer's call."""
+        return BatchTargets.build(labels, self.num_classes, self.ignore_index)
+
+    def normaliser(self, targets: BatchTargets) -> float:
         """:func:`mask_normaliser` of a batch: every prediction layer matches every target, so one value serves all
         layers (one all-reduce and one host sync per batch, not per layer). mmdet's ``SamplingResult.avg_factor``:
         max(matched, 1) per image."""
-        count = sum(
-            max(len(semantic_targets(lab, self.num_classes, self.ignore_index)[0]), 1) for lab in labels
-        )
-        return mask_normaliser(count, labels.device)
+        count = sum(max(len(c), 1) for c, _ in targets.per_image)
+        return mask_normaliser(count, targets.masks.device)
 
     def __call__(self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor,
-                 normaliser: float | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        """The losses of one prediction layer; ``normaliser``: the batch's :meth:`normaliser` (computed if None)."""
+                 normaliser: float | None = None, targets: BatchTargets | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The losses of one prediction layer; ``normaliser`` / ``targets``: the batch's :meth:`normaliser` and
+        :meth:`targets` (made here if None). Every image's cost matrix is made first (the random points drawn in
+        image order), then one host copy matches them all."""
         b, q, _ = cls_logits.shape
-        targets = torch.full((b, q), self.num_classes, dtype=torch.long, device=cls_logits.device)
-        preds, gts = [], []
+        device = cls_logits.device
+        targets = self.targets(labels) if targets is None else targets
         n = (
-            self.normaliser(labels) if normaliser is None else normaliser
+            self.normaliser(targets) if normaliser is None else normaliser
         )  # before any early return: ranks reduce
-        for i in range(b):
-            classes, masks = semantic_targets(labels[i], self.num_classes, self.ignore_index)
-            if not len(classes):
-                continue
-            rows, cols = self.match(cls_logits[i].float(), mask_logits[i].float(), classes, masks)
-            targets[i, rows.to(targets.device)] = classes[cols.to(classes.device)]
-            preds.append(mask_logits[i][rows])
-            gts.append(masks[cols])
-        loss_cls = F.cross_entropy(cls_logits.transpose(1, 2).float(), targets,
-                                   weight=self.class_weight.to(cls_logits.device))  # fmt: skip
-        if not preds:  # nothing labelled in the batch: only the no-object term
+        labelled = [i for i, (c, _) in enumerate(targets.per_image) if len(c)]
+        costs = [
+            self.cost(cls_logits[i].float(), mask_logits[i].float(), *targets.per_image[i]) for i in labelled
+        ]
+        matches = hungarian_many(costs) if costs else []
+        # (image, query, target) of every match, moved to the device in one copy
+        index = torch.cat([torch.stack([torch.full_like(rows, i), rows, cols + targets.offsets[i]])
+                           for i, (rows, cols) in zip(labelled, matches)], dim=1).to(device) if matches else None  # fmt: skip
+        cls_targets = torch.full((b, q), self.num_classes, dtype=torch.long, device=device)
+        if index is not None:
+            cls_targets[index[0], index[1]] = targets.classes[index[2]]
+        if self.class_weight.device != device:
+            self.class_weight = self.class_weight.to(device)
+        loss_cls = F.cross_entropy(cls_logits.transpose(1, 2).float(), cls_targets, weight=self.class_weight)
+        if index is None:  # nothing labelled in the batch: only the no-object term
             zero = mask_logits.sum() * 0
             return {"loss_cls": self.w_cls * loss_cls, "loss_mask": zero, "loss_dice": zero}
-        pred, gt = torch.cat(preds).float(), torch.cat(gts)
+        pred, gt = mask_logits[index[0], index[1]].float(), targets.masks[index[2]]
         points = uncertain_points(pred, self.num_points, self.oversample, self.importance)
         p, t = point_sample(pred, points), point_sample(gt, points)
         loss_mask = F.binary_cross_entropy_with_logits(p, t, reduction="sum") / (n * self.num_points)

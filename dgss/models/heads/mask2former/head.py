@@ -213,8 +213,9 @@ class Mask2FormerHead(nn.Module):
 
     def loss(self, output: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The last layer's class / mask / Dice losses, and every earlier prediction's summed as ``loss_aux``."""
-        n = self.criterion.normaliser(labels)
-        per_layer = [self.criterion(c, m, labels, n) for c, m in zip(output["cls"], output["masks"])]
+        targets = self.criterion.targets(labels)  # once per batch, shared by the layers
+        n = self.criterion.normaliser(targets)
+        per_layer = [self.criterion(c, m, labels, n, targets) for c, m in zip(output["cls"], output["masks"])]
         out = dict(per_layer[-1])
         out["loss_aux"] = sum(sum(d.values()) for d in per_layer[:-1])
         return out
