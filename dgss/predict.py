@@ -121,7 +121,7 @@ def check_acdc(images: list[Path], root: Path, classes: ClassSet) -> None:
 def write_acdc(pred: np.ndarray, out: Path, name: str) -> None:
     """One prediction in the ACDC server's form: ``acdc/<image name>``, a single-channel 8-bit PNG of trainIds
     (road = 0) at the image's 1920×1080."""
-    _save(Image.fromarray(pred.astype(np.uint8), mode="L"), out / "acdc" / name)
+    _save(Image.fromarray(pred.astype(np.uint8)), out / "acdc" / name)  # 2-D uint8: mode L
 
 
 def zip_acdc(out: Path, names: list[str]) -> Path:
@@ -162,6 +162,9 @@ def resolve_size(size, data: dict) -> tuple[tuple[int, int] | None, str]:
 @torch.no_grad()
 def predict(cfg: DictConfig) -> dict:
     check_types(cfg)
+    if cfg.submission not in (None, "acdc"):
+        raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
+                          "Cityscapes server use label_ids=true")  # fmt: skip
     images = find_images(Path(cfg.input).expanduser())
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data = saved.get("data") or {}
@@ -171,9 +174,6 @@ def predict(cfg: DictConfig) -> dict:
             f"label_ids=true needs the 19 Cityscapes classes; this model has {classes.num_classes}"
         )
     root = Path(cfg.input).expanduser()
-    if cfg.submission not in (None, "acdc"):
-        raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
-                          "Cityscapes server use label_ids=true")  # fmt: skip
     if cfg.submission == "acdc":
         check_acdc(images, root, classes)
     device = torch.device(
