@@ -418,7 +418,7 @@ def profile_summary(prof, steps: int, path: Path, row: dict) -> dict:
             f"step (median of the timed steps, profiled ones included): {row['step_ms']:.1f} ms",
             "per step: host time in " + ", ".join(f"{k} {v:.1f} ms" for k, v in host.items())
             + f"; device kernel time {device_ms:.1f} ms in {launches:.0f} launches; "
-            f"{syncs['cudaMemcpyAsync']:.0f} host-device copies, {syncs['aten::_unique2']:.0f} torch.unique", "",
+            f"{syncs['cudaMemcpyAsync']:.0f} cudaMemcpyAsync calls (device-to-device ones too), {syncs['aten::_unique2']:.0f} torch.unique", "",
             "## by self host time", events.table(sort_by=cpu_sort, row_limit=30), "",
             "## by self device time", events.table(sort_by=dev_sort, row_limit=30)]  # fmt: skip
     path.write_text("\n".join(text) + "\n")
