@@ -17,11 +17,12 @@ Stages, in this order (each one catches its own errors and records them as a row
    embedded data at 512 crops for ``--cli-steps`` steps with one slide validation, then ``dgss-eval`` of its
    ``last.ckpt``: exit codes, a finite loss, the IoU table, and the reloaded model's mIoU against the training's.
 4. ``fp32``: full and Rein in fp32 (the papers' precision; PyTorch's default: no TF32 matmuls).
-5. ``compile``: Rein and full with ``compile=true`` (``nn.Module.compile``; FLOPs taken from the eager row).
-6. ``profile``: where one bf16 step's time goes (``--profile-methods``, default frozen and full): ``torch.profiler``
+5. ``profile``: where one bf16 step's time goes (``--profile-methods``, default frozen and full): ``torch.profiler``
    over two timed steps; host (CPU) time per part of the step (backbone, head, losses, backward, the rest), the
    device's kernel time and the number of kernel launches per step, and the top operators by host and by device
    time (``profile_<method>.txt``). A step whose host time exceeds its kernel time is launch-bound.
+6. ``compile``: Rein and full with ``compile=true`` (``nn.Module.compile``; FLOPs taken from the eager row). Last:
+   its first step alone took 159 s on an H100 (2026-11-27), so it is the stage the budget cuts.
 
 A time budget (``--budget-s``) skips what no longer fits, so the run ends inside the device's limit; the targets of
 issue 14 are checked on what was measured, ratios within this one run.
@@ -55,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import METHODS  # noqa: E402  (every method, in one place)
 from benchmarks_md import peak_bf16_tflops  # noqa: E402
 
-STAGES = ("methods", "slide", "cli", "fp32", "compile", "profile")
+STAGES = ("methods", "slide", "cli", "fp32", "profile", "compile")  # compile last: 171 s for Rein alone on an H100
 # rough cost of a stage in seconds on an H100 (only used to skip what no longer fits in the budget)
 STAGE_MIN_S = {"methods": 60, "slide": 20, "cli": 90, "fp32": 30, "compile": 100, "profile": 25}
 # distribution -> module: a version counts only where the module imports (an image may hold metadata without it)
