@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import METHODS  # noqa: E402  (every method, in one place)
 from benchmarks_md import peak_bf16_tflops  # noqa: E402
 
-STAGES = ("methods", "slide", "cli", "fp32", "profile", "compile")  # compile last: 171 s for Rein alone on an H100
+# compile last: 171 s for Rein alone on an H100
+STAGES = ("methods", "slide", "cli", "fp32", "profile", "compile")
 # rough cost of a stage in seconds on an H100 (only used to skip what no longer fits in the budget)
 STAGE_MIN_S = {"methods": 60, "slide": 20, "cli": 90, "fp32": 30, "compile": 100, "profile": 25}
 # distribution -> module: a version counts only where the module imports (an image may hold metadata without it)
