@@ -348,9 +348,8 @@ class EMA(pl.Callback):
             if not p.requires_grad:
                 continue
             a = self.avg.get(name)
-            if (
-                a is None
-            ):  # starts training now (FisherTune's candidates): it was constant, so its average is θ
+            # a parameter that starts training now (FisherTune's candidates) was constant: its average is θ
+            if a is None:
                 self.avg[name] = p.detach().clone()
             elif copy:
                 a.copy_(p.detach())

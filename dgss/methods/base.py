@@ -476,7 +476,7 @@ class SegmentationMethod(pl.LightningModule):
         import copy
 
         own = [n for n, m in self.backbone.model.named_modules() if type(m).__module__.startswith("dgss.")]
-        if own or self.backbone._block_hooks:
+        if own or self.backbone.has_block_hooks:
             raise ConfigError(f"method {type(self).__name__} adds modules to the backbone that do not fold into its "
                               "weights (e.g. " + (own[0] if own else "a block hook") + "); there is no plain backbone "
                               "to write: merge to a dgss checkpoint (dgss-merge without --backbone-out)")  # fmt: skip

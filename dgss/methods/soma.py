@@ -48,9 +48,8 @@ class SoMAOptions(Options):
     start_block: int | None = None  # null: 8 of 24 blocks, round(depth / 3) for other depths (ours beyond 24)
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
     components: Literal["minor", "principal"] = "minor"  # principal: the first r (PiSSA-like ablation)
-    init: Literal["pretrained", "official"] = (
-        "pretrained"  # the paper's form | what the official pipeline runs
-    )
+    # the paper's form | what the official pipeline runs
+    init: Literal["pretrained", "official"] = "pretrained"
     svd_dtype: Literal["float32", "float64"] = "float32"
     train_bias: bool = True  # the adapted layers' biases train (SoraConfig's bias='all')
     seed: int = 0  # init=official: the random matrices' generator
@@ -87,6 +86,16 @@ def random_linear_weight(out_features: int, in_features: int, generator: torch.G
 
 
 # ------------------------------------------------------------------------------------------------ modules
+def _linear_like(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` on ``layer``'s device with ``weight`` and a copy of ``layer``'s bias."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    return out.to(layer.weight.device)
+
+
 class MinorAdapter(nn.Module):
     """x ↦ s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ): A, B train; A₀, B₀ (their values at step 0 under ``init: pretrained``, zeros
     under ``official``) are frozen persistent buffers."""
@@ -140,11 +149,9 @@ class SoMALinear(nn.Module):
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """The plain layer with W' = W + s·(B·A − B₀·A₀)."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        out.weight.copy_(self.base.weight + self.adapter.weight_delta().to(self.base.weight.dtype))
-        if self.base.bias is not None:
-            out.bias.copy_(self.base.bias)
-        return out.to(self.base.weight.device)
+        return _linear_like(
+            self.base, self.base.weight + self.adapter.weight_delta().to(self.base.weight.dtype)
+        )
 
 
 class SoMAFusedQKV(nn.Module):
@@ -176,23 +183,20 @@ class SoMAFusedQKV(nn.Module):
     def frozen_layer(self) -> nn.Linear:
         return self.qkv
 
+    def rows(self, part: str) -> slice:
+        """The rows of ``part`` (q, k or v) in the fused weight and bias."""
+        j, c = ("q", "k", "v").index(part), self.qkv.in_features
+        return slice(j * c, (j + 1) * c)
+
     def weights(self) -> list[tuple[torch.Tensor, MinorAdapter]]:
-        c = self.qkv.in_features
-        i = {"q": 0, "k": 1, "v": 2}
-        return [(self.qkv.weight[i[p] * c : (i[p] + 1) * c], self.adapters[p]) for p in self.parts]
+        return [(self.qkv.weight[self.rows(p)], self.adapters[p]) for p in self.parts]
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
-        out = nn.Linear(self.qkv.in_features, self.qkv.out_features, bias=self.qkv.bias is not None)
         w = self.qkv.weight.detach().clone()
-        c = self.qkv.in_features
         for p in self.parts:
-            j = ("q", "k", "v").index(p)
-            w[j * c : (j + 1) * c] += self.adapters[p].weight_delta().to(w.dtype)
-        out.weight.copy_(w)
-        if self.qkv.bias is not None:
-            out.bias.copy_(self.qkv.bias)
-        return out.to(w.device)
+            w[self.rows(p)] += self.adapters[p].weight_delta().to(w.dtype)
+        return _linear_like(self.qkv, w)
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -324,13 +328,12 @@ class SoMA(SegmentationMethod):
         want: dict[str, torch.Tensor] = {}
         for name, w in self.backbone.model.named_modules():
             if isinstance(w, SoMAFusedQKV):
-                attn, c = f"backbone.model.{name.rpartition('.')[0]}", w.qkv.in_features
-                for j, p in enumerate(("q", "k", "v")):
-                    if p in w.adapters:
-                        want[f"{attn}.{p}.lora_A.weight"] = w.adapters[p].A
-                        want[f"{attn}.{p}.lora_B.weight"] = w.adapters[p].B
-                        if w.qkv.bias is not None:
-                            want[f"{attn}.{p}.bias"] = w.qkv.bias[j * c : (j + 1) * c]
+                attn = f"backbone.model.{name.rpartition('.')[0]}"
+                for p in w.parts:
+                    want[f"{attn}.{p}.lora_A.weight"] = w.adapters[p].A
+                    want[f"{attn}.{p}.lora_B.weight"] = w.adapters[p].B
+                    if w.qkv.bias is not None:
+                        want[f"{attn}.{p}.bias"] = w.qkv.bias[w.rows(p)]
             elif isinstance(w, SoMALinear):
                 want[f"backbone.model.{name}.lora_A.weight"] = w.adapter.A
                 want[f"backbone.model.{name}.lora_B.weight"] = w.adapter.B

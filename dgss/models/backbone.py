@@ -390,6 +390,11 @@ class Backbone(nn.Module):
         return {k: own.get(k, v) for k, v in fresh.state_dict().items()}
 
     # ------------------------------------------------------------------------------------ hooks
+    @property
+    def has_block_hooks(self) -> bool:
+        """A method runs code after some block (Rein's refinement): the timm model alone is not this backbone."""
+        return bool(self._block_hooks)
+
     def register_block_hook(self, hook: BlockHook) -> RemovableHandle:
         """Run ``hook(tokens, block_idx) -> tokens`` after every block, on (B, prefix + N, C) tokens."""
         handle = RemovableHandle(self._block_hooks)
