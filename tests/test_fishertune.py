@@ -760,3 +760,21 @@ def test_a_good_step_ends_the_nonfinite_streak(tmp_path):
         trainer(tmp_path, steps=9, callbacks=[Look()]).fit(m, make_dm())
     assert m.nonfinite["total"] == 4 and m.nonfinite["streak"] == 0
     assert not torch.equal(seen[8][0], seen[2][0])  # the good steps did update them
+
+
+def test_a_fishertune_backbone_merges_to_a_plain_timm_model_and_reins_does_not():
+    """FisherTune updates the backbone's own tensors; its perturbation hook is the identity outside the perturbed
+    pass, so ``plain_backbone`` (dgss-merge --backbone-out) is the timm model with the trained values. Rein's
+    refinement hook is part of its model: refused in one line."""
+    from dgss.methods.rein import Rein
+
+    m = fishertune()
+    p = dict(m.backbone.model.named_parameters())["blocks.1.mlp.fc1.weight"]
+    with torch.no_grad():
+        p.add_(0.5)  # what a sparse update leaves in the backbone's own tensor
+    plain = m.plain_backbone()
+    got, want = plain.state_dict(), m.backbone.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got["blocks.1.mlp.fc1.weight"].data_ptr() != p.data_ptr()  # a copy, not the training model
+    with pytest.raises(ConfigError, match="method Rein adds modules to the backbone that do not fold"):
+        make_method(Rein).plain_backbone()

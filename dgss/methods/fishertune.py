@@ -425,7 +425,8 @@ class FisherTune(SegmentationMethod):
                                                     scale_sigma=p.scale_sigma)  # fmt: skip
         if not 0 < self.options.fisher.quantile <= 1:
             raise ConfigError(f"method.fisher.quantile={self.options.fisher.quantile} must be in (0, 1]")
-        self.backbone.register_block_hook(self.perturbation)
+        # the identity outside the perturbed pass: the trained model is the timm model (dgss-merge --backbone-out)
+        self.backbone.register_block_hook(self.perturbation, part_of_model=False)
         o = self.options.optim
         self.selected_opt = SelectedAdamW(
             self.candidates, weight_decay=o.backbone_wd, prior_l2=o.prior_l2, **self._adam_kwargs()

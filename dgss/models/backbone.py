@@ -284,6 +284,7 @@ class Backbone(nn.Module):
             self.model.mask_token.requires_grad_(False)
         self.grad_checkpointing = grad_checkpointing
         self._block_hooks: OrderedDict[int, BlockHook] = OrderedDict()
+        self._model_hooks: set[int] = set()  # ids of the hooks that change what the trained model computes
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -392,12 +393,17 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------------------------ hooks
     @property
     def has_block_hooks(self) -> bool:
-        """A method runs code after some block (Rein's refinement): the timm model alone is not this backbone."""
-        return bool(self._block_hooks)
+        """A hook that is part of the model runs after some block (Rein's refinement): the timm model alone is not
+        this backbone. Hooks registered with ``part_of_model=False`` do not count."""
+        return any(i in self._block_hooks for i in self._model_hooks)
 
-    def register_block_hook(self, hook: BlockHook) -> RemovableHandle:
-        """Run ``hook(tokens, block_idx) -> tokens`` after every block, on (B, prefix + N, C) tokens."""
+    def register_block_hook(self, hook: BlockHook, part_of_model: bool = True) -> RemovableHandle:
+        """Run ``hook(tokens, block_idx) -> tokens`` after every block, on (B, prefix + N, C) tokens.
+        ``part_of_model=False``: the hook is the identity outside training passes of the method's own (FisherTune's
+        perturbation), so the trained model is the timm model alone."""
         handle = RemovableHandle(self._block_hooks)
+        if part_of_model:
+            self._model_hooks.add(handle.id)
         self._block_hooks[handle.id] = hook
         return handle
 
