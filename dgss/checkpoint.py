@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from dgss.compat import should_accumulate
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, remove_cut_off
+from dgss.trust import check_stored_config, command_line_config_dirs
 
 log = logging.getLogger("dgss.checkpoint")
 
@@ -226,13 +227,14 @@ class TakesOfficialRelease(Protocol):
 
 
 def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = None, inference: dict | None = None,
-                recipe=None):  # fmt: skip
+                recipe=None, config_dirs=None):  # fmt: skip
     """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
 
     A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
     and ``decode_head.*``, e.g. a published Rein or SoMA checkpoint) needs ``recipe``, the config it was trained with
     (``experiment=rein``; SoMA: its recipe with ``method.soma.init=official``): the method is built from it and the
-    release's tensors imported.
+    release's tensors imported. The stored config is checked first (:func:`dgss.trust.check_stored_config`: only
+    classes of the config tree, ``config_dirs`` or this run's ``--config-dir`` included); nothing is built before.
     """
     from omegaconf import OmegaConf
 
@@ -241,11 +243,14 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
     path = Path(ckpt_path).expanduser()
     ckpt = load_checkpoint_dict(path, "ckpt_path")
     official = "dgss_config" not in ckpt
+    if not official:
+        dirs = command_line_config_dirs() if config_dirs is None else config_dirs
+        check_stored_config(ckpt["dgss_config"], f"ckpt_path={str(path)!r}", dirs)
     if not official and recipe is not None:
         given = [k for k in ("backbone", "head", "method") if recipe.get(k) is not None]
         raise ConfigError(
             f"ckpt_path={str(path)!r} is a dgss-train checkpoint: it rebuilds its own "
-            f"{ckpt['dgss_config']['method']['_target_'].rsplit('.', 1)[-1]} model, so {', '.join(given)} (or the "
+            f"{str(ckpt['dgss_config']['method']['_target_']).rsplit('.', 1)[-1]} model, so {', '.join(given)} (or the "
             "experiment setting them) would be ignored; drop them (data=, inference=, backbone_weights= still apply)"
         )
     if official:
@@ -280,7 +285,7 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
 
 
 def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_weights: str | None = None,
-          backbone_out: str | os.PathLike | None = None) -> dict:  # fmt: skip
+          backbone_out: str | os.PathLike | None = None, config_dirs=()) -> dict:  # fmt: skip
     """One self-contained checkpoint from a frozen-backbone / sparse one and its weights file: every tensor inside,
     ``backbone.weights: null`` in its config, the merge's provenance recorded; optimizer and scheduler state left
     out (a model file, not a training state). Written atomically; returns the provenance. ``backbone_out``: also (or,
@@ -290,7 +295,7 @@ def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_
 
     from omegaconf import OmegaConf
 
-    method, saved = load_method(ckpt_path, backbone_weights)
+    method, saved = load_method(ckpt_path, backbone_weights, config_dirs=config_dirs)
     identity = method.backbone.identity
     written = {}
     if backbone_out is not None:

@@ -105,6 +105,9 @@ def check_argv(argv: list[str]) -> None:
         packaged = Path(str(files("dgss.conf")))
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
+    if any(a == "--experimental-rerun" or a.startswith("--experimental-rerun=") for a in argv):
+        raise ConfigError("--experimental-rerun is refused: it unpickles the named file, which can run any code; "
+                          "rerun a job with the overrides in its .hydra/overrides.yaml instead")  # fmt: skip
     dirs = _config_dirs(argv)
     for d in dirs:
         if not d.is_dir():

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone-out", default=None, help="also write the plain backbone with the method folded into its "
                    "weights (.safetensors; SoMA, or methods that train the backbone itself)")  # fmt: skip
     p.add_argument("--backbone-weights", default=None, help="the frozen backbone's weights file, if it moved")
+    p.add_argument("--config-dir", action="append", default=[], help="a config folder naming your own classes (a "
+                   "checkpoint's config may only name classes of dgss's config tree and of these folders)")  # fmt: skip
     a = p.parse_args(argv)
     if a.out is None and a.backbone_out is None:
         p.error("give --out (a merged checkpoint), --backbone-out (a plain backbone), or both")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from dgss.cli import user_error
 
     try:
-        print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights, a.backbone_out)))
+        print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights, a.backbone_out, a.config_dir)))
     except Exception as e:  # a user's file or option: one line; anything else is a bug (traceback)
         msg = user_error(e)
         if msg is None:

@@ -29,6 +29,7 @@ from dgss.config import (
 )
 from dgss.errors import ConfigError
 from dgss.preemption import Preemption
+from dgss.trust import check_stored_config, command_line_config_dirs
 
 log = logging.getLogger("dgss.train")
 
@@ -105,6 +106,8 @@ def check_resume(cfg: DictConfig, path: str) -> int:
             "dgss-train resumes its own runs; evaluate a release with dgss-eval ckpt_path=<file> experiment=rein, "
             "or start from backbone weights with backbone.weights=<file>"
         )
+    if "dgss_config" in ckpt:  # never built from here, but a crafted file is refused by every command alike
+        check_stored_config(ckpt["dgss_config"], f"ckpt_path={path!r}", command_line_config_dirs())
     check_same_method(ckpt, cfg.method._target_)
     return int(ckpt["global_step"])
 

@@ -282,3 +282,73 @@ def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_pat
         train(compose_cfg([*cfg, "trainer.max_steps=2", "trainer.val_check_interval=2"]))
     assert not (tmp_path / "MARKER").exists()
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+# ------------------------------------------------------------------ a checkpoint's stored config runs nothing
+def crafted(made: dict, tmp: Path, section: str) -> Path:
+    """``made['ckpt']`` (a real, weights_only-loadable checkpoint) whose stored config calls ``os.makedirs(MARKER)``
+    from ``section`` (a dotted path into dgss_config), as a crafted download would."""
+    ckpt = torch.load(made["ckpt"], weights_only=True)
+    node = ckpt["dgss_config"]
+    *parents, last = section.split(".")
+    for p in parents:
+        node = node[p]
+    call = {"_target_": "os.makedirs", "name": str(tmp / "MARKER")}
+    if last == "_target_":  # the section's own class replaced
+        node.clear()
+        node.update(call)
+    else:
+        node[last] = call
+    f = tmp / "crafted.ckpt"
+    torch.save(ckpt, f)
+    torch.load(f, weights_only=True)  # passes torch's own safety check
+    return f
+
+
+@pytest.mark.parametrize("section", ["backbone._target_", "head._target_", "method._target_", "method.optimizer",
+                                     "data.targets.photo", "data._target_"])  # fmt: skip
+@pytest.mark.parametrize("command", CKPT_USERS)
+def test_a_checkpoint_whose_config_names_any_callable_is_refused_with_nothing_called(
+    command, section, made, tmp_path, compose_cfg, capsys
+):
+    """Issue 25 (1): a file that passes weights_only=True carried dgss_config with a _target_, and dgss-eval,
+    dgss-predict and dgss-merge instantiated it. Now every command that loads a checkpoint refuses it in one line."""
+    f = crafted(made, tmp_path, section)
+    capsys.readouterr()
+    code, out = run_command(command, f, made, tmp_path, compose_cfg)
+    line = one_line(capsys)
+    assert code == 2, line
+    assert not (tmp_path / "MARKER").exists()  # nothing was called
+    assert "'os.makedirs' is not a dgss" in line and "refused without calling it" in line, line
+    assert str(f) in line
+    if out is not None:
+        assert out.read_bytes() == b"the user's earlier file"
+
+
+def test_a_stored_interpolation_or_object_is_refused_and_a_config_dir_class_is_trusted(made, tmp_path):
+    from dgss.trust import allowed_targets, check_stored_config
+
+    cfg = torch.load(made["ckpt"], weights_only=True)["dgss_config"]
+    check_stored_config(cfg, "ckpt")  # dgss's own checkpoint passes
+    bad = {**cfg, "head": {**cfg["head"], "channels": "${oc.env:HOME}"}}
+    with pytest.raises(
+        ConfigError, match=r"dgss_config.head.channels='\$\{oc.env:HOME\}' is an interpolation"
+    ):
+        check_stored_config(bad, "ckpt")
+    with pytest.raises(ConfigError, match="lacks the method config"):
+        check_stored_config({k: v for k, v in cfg.items() if k != "method"}, "ckpt")
+    mine = {**cfg, "data": {**cfg["data"], "targets": {"mine": {"_target_": "mypkg.MyData", "root": "x"}}}}
+    with pytest.raises(ConfigError, match="'mypkg.MyData' is not a dgss data class"):
+        check_stored_config(mine, "ckpt")
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("targets:\n  mine: {_target_: mypkg.MyData, root: x}\n")
+    assert "mypkg.MyData" in allowed_targets("data", [tmp_path / "conf"])
+    check_stored_config(mine, "ckpt", [tmp_path / "conf"])  # the user pointed at the config naming it
+    assert "mypkg.MyData" not in allowed_targets("head", [tmp_path / "conf"])  # per section
+
+
+def test_hydra_experimental_rerun_is_refused():
+    """--experimental-rerun unpickles the file it names (code runs): refused before Hydra sees it."""
+    with pytest.raises(ConfigError, match="--experimental-rerun is refused: it unpickles"):
+        check_argv(["--experimental-rerun", "outputs/x/.hydra/config.pickle"])
