@@ -375,13 +375,19 @@ class EMA(pl.Callback):
             self._swap(pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """``state_dict`` gets the averages, ``weight_averaging.raw`` the weights, whichever of the two the model
+        holds now (during validation it holds the averages: a signal there saves the same file as one at the step's
+        end). A raw tensor that differs from its average in fewer than a third of its elements is stored as those
+        elements (:func:`sparse_difference`): FisherTune's candidates differ only where they are selected, so the
+        averages cost what its sparse delta costs, not a whole backbone."""
         if not self.avg:
             return
         state = checkpoint["state_dict"]
         raw = {}
         for name, a in self.avg.items():
-            raw[name] = state[name].detach().clone()
-            state[name] = a.detach().clone()
+            weights, average = (a, state[name]) if self._swapped else (state[name], a)
+            raw[name] = sparse_difference(weights.detach(), average.detach())
+            state[name] = average.detach().clone()
         checkpoint["weight_averaging"] = {"raw": raw, "momentum": self.momentum, "begin": self.begin,
                                           "step": self._step}  # fmt: skip
 
@@ -395,5 +401,32 @@ class EMA(pl.Callback):
         for name, raw in wa["raw"].items():
             p = params[name]
             self.avg[name] = p.detach().clone()
-            p.copy_(raw.to(p.device, p.dtype))
+            p.copy_(undo_sparse_difference(raw, p.detach()).to(p.device, p.dtype))
         self._step = int(wa["step"])
+
+
+def sparse_difference(
+    tensor: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``tensor`` as the elements where it differs from ``reference`` (``{"index", "value"}`` over the flat view),
+    when that is smaller than the tensor (fewer than a third of the elements: an int64 index and a value each),
+    else a copy of ``tensor``. :func:`undo_sparse_difference` restores it bit for bit."""
+    differs = (_bits(tensor) != _bits(reference)).reshape(-1)  # by bits: -0.0 vs 0.0 and NaNs count exactly
+    if 3 * int(differs.sum()) >= tensor.numel():
+        return tensor.clone()
+    index = differs.nonzero().reshape(-1)
+    return {"index": index.cpu(), "value": tensor.reshape(-1)[index].cpu()}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def undo_sparse_difference(stored: torch.Tensor | dict, reference: torch.Tensor) -> torch.Tensor:
+    if isinstance(stored, torch.Tensor):
+        return stored
+    full = reference.detach().clone()
+    full.view(-1)[stored["index"].to(full.device)] = stored["value"].to(full.device, full.dtype)
+    return full

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dgss.compat import should_accumulate
 from dgss.errors import ConfigError
-from dgss.io import atomic_path, remove_cut_off
+from dgss.io import atomic_path, check_output_file, remove_cut_off
 from dgss.trust import check_stored_config, command_line_config_dirs
 
 log = logging.getLogger("dgss.checkpoint")
@@ -131,7 +131,16 @@ def readable(path: Path) -> bool:
     if "state_dict" not in ckpt:
         rank_zero_warn(f"resume=auto: {path} holds no state_dict; trying the previous checkpoint")
         return False
+    if not is_training_state(ckpt):  # e.g. a dgss-merge output written into the run's folder
+        rank_zero_warn(f"resume=auto: {path} is a model-only file (no optimizer or loop state); trying the "
+                       "previous checkpoint")  # fmt: skip
+        return False
     return True
+
+
+def is_training_state(ckpt: dict) -> bool:
+    """A checkpoint a run can resume from: Lightning's loops and the optimizer states, not a merged model file."""
+    return "loops" in ckpt and "optimizer_states" in ckpt and "merged" not in (ckpt.get("dgss") or {})
 
 
 def find_resume_checkpoint(folder: str | Path) -> Path | None:
@@ -297,6 +306,11 @@ def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_
 
     method, saved = load_method(ckpt_path, backbone_weights, config_dirs=config_dirs)
     identity = method.backbone.identity
+    inputs = {"the checkpoint to merge": ckpt_path, "its backbone weights file": identity.get("weights")}
+    if out is not None:
+        check_output_file(out, "--out", inputs)
+    if backbone_out is not None:
+        check_output_file(backbone_out, "--backbone-out", {**inputs, "--out": out})
     written = {}
     if backbone_out is not None:
         from safetensors.torch import save_file

@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.preemption import Preempted
@@ -60,9 +60,26 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
+FAILED_JOBS: list[str] = []  # the sweep jobs of this process that ended with a user error (one line each)
+
+
+def sweep_job() -> str | None:
+    """``job <n> (<overrides>)`` when running as one job of a multirun (``-m``, or a config setting multirun such as
+    ``hparams_search=optuna``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return f"job {hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'})"
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> Any:
     """Run ``task``; user errors exit with one line (DGSS_DEBUG=1 shows the traceback), work is never lost:
-    loggers are closed in every case."""
+    loggers are closed in every case. In a sweep a job's user error is its own: one line naming the job, the job
+    returns NaN (Optuna records the trial as failed) and the sweep goes on; the command exits 1 at its end
+    (:func:`entry_point`)."""
     try:
         return task(cfg)
     except Preempted as e:
@@ -73,6 +90,11 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> An
         msg = user_error(e)
         if msg is None or os.environ.get("DGSS_DEBUG"):
             raise
+        job = sweep_job()
+        if job is not None:
+            FAILED_JOBS.append(f"{job}: {msg}")
+            print(f"{prog}: error in sweep {job}: {msg}; the sweep goes on", file=sys.stderr)
+            return float("nan")
         print(f"{prog}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -204,8 +226,10 @@ def check_compose(config_name: str, argv: list[str]) -> None:
 
     from dgss.options import Options, schema_for
 
-    if any(a in HYDRA_FLAGS or a.startswith(tuple(f + "=" for f in HYDRA_FLAGS)) for a in argv):
+    informational = tuple(f for f in HYDRA_FLAGS if f not in MULTIRUN_FLAGS)
+    if any(a in informational or a.startswith(tuple(f + "=" for f in informational)) for a in argv):
         return
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
     overrides, i = [], 0
     while i < len(argv):
         a = argv[i]
@@ -222,11 +246,21 @@ def check_compose(config_name: str, argv: list[str]) -> None:
     dirs = _config_dirs(argv)
     if dirs:
         overrides.append("hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in dirs) + "]")
+    sweeps, overrides = split_sweeps(overrides)
     try:
         with initialize_config_module(config_module="dgss.conf", version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001 - any composition error is the user's config: one line
         raise ConfigError(compose_error(e)) from None
+    multirun = multirun or str(OmegaConf.select(cfg, "hydra.mode")) in ("MULTIRUN", "RunMode.MULTIRUN")
+    if sweeps and not multirun:
+        raise ConfigError(f"{sweeps[0].input_line} is a sweep (one job per value): add -m, or use a config that sets "
+                          "multirun (hparams_search=...)")  # fmt: skip
+    if multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")):
+        check_search_space(cfg, sweeps)
+    from dgss.runfolder import check_run_name
+
+    check_run_name(cfg.get("run_name"))
     method = cfg.get("method")
     node = schema_for(method) if method is not None else None
     if node is None:
@@ -237,6 +271,37 @@ def check_compose(config_name: str, argv: list[str]) -> None:
         elif typing.get_origin(hint) is typing.Literal and method.get(name) not in typing.get_args(hint):
             raise ConfigError(f"method.{name}={method.get(name)!r} is not supported; choose one of "
                               f"{list(typing.get_args(hint))}")  # fmt: skip
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def split_sweeps(overrides: list[str]) -> tuple[list, list[str]]:
+    """(the sweep overrides, parsed: ``lr=interval(1e-5,1e-3)``, ``seed=1,2``; the others as given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - composing reports the syntax error in one line
+        return [], overrides
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    return sweeps, [o.input_line for o in parsed if not o.is_sweep_override()]
+
+
+def check_search_space(cfg: DictConfig, sweeps: list) -> None:
+    """Every parameter of an Optuna search space (the config's ``hydra.sweeper.params`` and the command line's
+    sweeps) as the sweeper will build it: a reversed interval, an empty choice -> one line naming the key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + [o.input_line for o in sweeps]
+    for line in lines:
+        try:
+            (override,) = OverridesParser.create().parse_overrides([line])
+            create_optuna_distribution_from_override(override)
+        except Exception as e:  # noqa: BLE001 - optuna's ValueError, Hydra's grammar error
+            raise ConfigError(f"search space {line}: {first_line(e)}") from None
 
 
 def entry_point(hydra_main: Callable[[], Any], prog: str, config_name: str) -> Callable[[], Any]:
@@ -252,7 +317,12 @@ def entry_point(hydra_main: Callable[[], Any], prog: str, config_name: str) -> C
                 raise
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
-        return hydra_main()
+        result = hydra_main()
+        if FAILED_JOBS:  # a sweep whose every other job ran
+            print(f"{prog}: {len(FAILED_JOBS)} sweep job(s) failed: " + "; ".join(FAILED_JOBS[:3])
+                  + (f" (+{len(FAILED_JOBS) - 3} more)" if len(FAILED_JOBS) > 3 else ""), file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        return result
 
     main.__doc__ = hydra_main.__doc__
     return main

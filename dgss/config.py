@@ -25,6 +25,9 @@ def run_folder(run_name: str | None) -> str:
     keeps runs that start in the same second apart (a sweep, an array job); Hydra caches the value per config and
     copies the cache into every sweep job's config, so one run sees one name."""
     if run_name not in (None, ""):
+        from dgss.runfolder import check_run_name
+
+        check_run_name(run_name)  # (dgss-train checks it in one line before this; a sweep's value lands here)
         return str(run_name)
     name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
     GENERATED_RUN_FOLDERS.add(name)
@@ -46,15 +49,43 @@ TYPED_KEYS: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
+# the commands' own keys (dgss-predict)
+TYPED_KEYS |= {
+    "alpha": (int, float),
+    "label_ids": (bool,),
+    "progress": (bool,),
+    "device": (str,),
+    "overwrite": (bool,),
+}
+
+# keys whose values have a range, with it in words (a zero stride loops forever, a negative worker count or
+# learning rate fails deep inside PyTorch)
+RANGES: dict[str, tuple[Any, str]] = {
+    "trainer.val_check_interval": (lambda v: v > 0, "> 0"), "trainer.accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"), "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.val_batch_size": (lambda v: v >= 1, ">= 1"), "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "head.channels": (lambda v: v >= 1, ">= 1"), "method.optimizer.lr": (lambda v: v >= 0, ">= 0"),
+    "method.optimizer.weight_decay": (lambda v: v >= 0, ">= 0"), "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}  # fmt: skip
+
+
 def check_types(cfg: DictConfig) -> None:
-    """One line naming the key for a value of the wrong type (``trainer.max_steps=abc``)."""
+    """One line naming the key for a value of the wrong type (``trainer.max_steps=abc``) or out of its range
+    (``data.num_workers=-1``, ``alpha=2``)."""
     for key, types in TYPED_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, types):
+        if types == (bool,):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in types)
             raise ConfigError(f"{key}={value!r} must be {want}")
+    for key, (ok, words) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            raise ConfigError(f"{key}={value!r} must be {words}")
 
 
 def check_launch(trainer_cfg, mode, launcher: str | None) -> None:

@@ -67,6 +67,11 @@ class Options:
             _WHERE.reset(token)
 
 
+def option_path(options: Options) -> str:
+    """The config path errors name for ``options`` while it is being built (``method.inference``)."""
+    return _WHERE.get() or type(options).__name__
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against the annotation ``hint`` (Literal choices, nested Options, int -> float)."""
     origin = get_origin(hint)

@@ -37,7 +37,7 @@ from dgss.data.classes import ClassSet
 from dgss.data.label_maps import CITYSCAPES_ID_TO_TRAIN
 from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
-from dgss.io import atomic_path
+from dgss.io import atomic_path, check_output_folder
 from dgss.models.inference import windows
 
 log = logging.getLogger("dgss.predict")
@@ -98,7 +98,9 @@ def check_acdc(images: list[Path], root: Path, classes: ClassSet) -> None:
         if not path.name.endswith(ACDC_SUFFIX):
             raise ConfigError(f"submission=acdc: {where}, not an ACDC test image (*{ACDC_SUFFIX}); point input= at "
                               "acdc/rgb_anon/<condition>/test or a folder holding only those images")  # fmt: skip
-        if {"train", "val"} & set(rel.parts[:-1]):
+        parts = path.absolute().parts[:-1]  # input= may name a val folder itself (acdc/rgb_anon/fog/val)
+        parts = parts[len(parts) - parts[::-1].index("rgb_anon") :] if "rgb_anon" in parts else parts
+        if {"train", "val", "train_ref", "val_ref"} & set(parts):
             raise ConfigError(f"submission=acdc: {where}, a train / val image; the server scores the test images "
                               "only: point input= at acdc/rgb_anon/<condition>/test")  # fmt: skip
         if path.name in seen:
@@ -134,6 +136,58 @@ def zip_acdc(out: Path, names: list[str]) -> Path:
 
 
 NATIVE_WINDOWS_WARN = 24  # windows per image above which a native-size prediction is announced as slow
+OUTPUT_FOLDERS = ("masks", "overlays", "label_ids", "acdc")  # what dgss-predict writes under output=
+
+
+def warn_native(path: Path, hw: tuple[int, int], inf, num_classes: int, asked: bool) -> None:
+    """A photo predicted at its native size costs windows (slide) or one forward of that many pixels (whole):
+    announce it above :data:`NATIVE_WINDOWS_WARN` crops' worth, whichever the mode."""
+    passes = len(inf.scales) * (2 if inf.flip else 1)
+    if inf.mode == "slide":
+        n = len(windows(*hw, (inf.crop,) * 2, (inf.stride,) * 2)) * passes
+        work = f"{n} windows of {inf.crop}"
+    else:
+        n = hw[0] * hw[1] / inf.crop**2 * passes
+        work = f"one whole-image forward of {hw[1]}×{hw[0]} ({n:.0f}× a {inf.crop}² crop)"
+    if n > NATIVE_WINDOWS_WARN:
+        hint = ("size=auto predicts at the checkpoint's test size" if asked else "size=[long, short] (e.g. "
+                "[2048, 1024]) predicts smaller")  # fmt: skip
+        log.warning(f"dgss-predict: {path} is {hw[1]}×{hw[0]} at native size: {work} for this image (slow, and the "
+                    f"logits alone take {num_classes * hw[0] * hw[1] * 4 / 2**30:.1f} GiB); {hint}")  # fmt: skip
+
+
+def check_names(images: list[Path], root: Path) -> None:
+    """Two images whose predictions would share a file (``street.png`` and ``street.jpg`` both give
+    ``masks/street.png``): one line, before anything is predicted."""
+    seen: dict[Path, Path] = {}
+    for path in images:
+        rel = path.relative_to(root)
+        stem = rel.with_suffix("")
+        if stem in seen:
+            raise ConfigError(f"input={str(root)!r} holds {seen[stem].relative_to(root)} and {rel}, whose predictions "
+                              f"would share the name masks/{stem}.png; rename one of them or predict them "
+                              "separately")  # fmt: skip
+        seen[stem] = path
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device=`` (auto | cpu | cuda | cuda:<n>) as a device this machine has, or one line."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:<n>") from None
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ConfigError(
+            f"device={device!r}: this machine has {have} CUDA device(s); use device=auto or cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:<n>")
+    return dev
 
 
 def resolve_size(size, data: dict) -> tuple[tuple[int, int] | None, str]:
@@ -154,8 +208,8 @@ def resolve_size(size, data: dict) -> tuple[tuple[int, int] | None, str]:
         return tuple(
             int(v) for v in found
         ), f"{found[0]}×{found[1]}, the test size of the checkpoint's target {name}"
-    if len(size) != 2:
-        raise ConfigError(f"size={list(size)}: use [long, short], auto or null")
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ConfigError(f"size={list(size)}: use [long, short] (positive pixels), auto or null")
     return (int(size[0]), int(size[1])), f"{size[0]}×{size[1]} (size=)"
 
 
@@ -166,6 +220,9 @@ def predict(cfg: DictConfig) -> dict:
         raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
                           "Cityscapes server use label_ids=true")  # fmt: skip
     images = find_images(Path(cfg.input).expanduser())
+    check_names(images, Path(cfg.input).expanduser())
+    out = check_output_folder(cfg.output, "output", {"input": cfg.input}, writes=OUTPUT_FOLDERS)
+    device = resolve_device(cfg.device)
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data = saved.get("data") or {}
     classes = ClassSet.build(data.get("num_classes"), data.get("class_names"), data.get("palette"))
@@ -176,14 +233,10 @@ def predict(cfg: DictConfig) -> dict:
     root = Path(cfg.input).expanduser()
     if cfg.submission == "acdc":
         check_acdc(images, root, classes)
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
     method.to(device).eval()
     size, where = resolve_size(cfg.size, data)
     log.info(f"dgss-predict: images fitted into {where}")
     pipeline = TestPipeline(size)
-    out = Path(cfg.output).expanduser()
     inf = method.inference_options
     bar = tqdm(images, desc="dgss-predict", disable=not cfg.progress)
     for path in bar:
@@ -195,14 +248,8 @@ def predict(cfg: DictConfig) -> dict:
                 f"cannot read {path} ({e}); remove it from input= or convert it to PNG / JPEG"
             ) from None
         bar.set_postfix_str(f"{path.name} {rgb.shape[1]}×{rgb.shape[0]}")
-        if size is None and inf.mode == "slide":
-            n = len(windows(*rgb.shape[:2], (inf.crop,) * 2, (inf.stride,) * 2)) * len(inf.scales) * (
-                2 if inf.flip else 1)  # fmt: skip
-            if n > NATIVE_WINDOWS_WARN:
-                log.warning(f"dgss-predict: {path} is {rgb.shape[1]}×{rgb.shape[0]} at native size: {n} windows of "
-                            f"{inf.crop} for this image (slow, and the logits alone take "
-                            f"{method.num_classes * rgb.shape[0] * rgb.shape[1] * 4 / 2**30:.1f} GiB); size=auto "
-                            "predicts at the checkpoint's test size")  # fmt: skip
+        if size is None:
+            warn_native(path, rgb.shape[:2], inf, method.num_classes, cfg.size is None)
         x, _ = pipeline(torch.from_numpy(rgb).permute(2, 0, 1), torch.zeros(rgb.shape[:2]))
         scores = method.predict_logits(x[None].to(device), rgb.shape[:2])
         pred = scores[0].argmax(0).cpu().numpy()

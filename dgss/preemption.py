@@ -14,12 +14,15 @@ Ctrl-C (SIGINT) is handled the same way, without a requeue: the first one says o
 flight finishes and a checkpoint follows; a second one stops at once (KeyboardInterrupt), without a checkpoint.
 
 A checkpoint written during validation holds the training state of the last step (validation changes nothing of
-it); as for any checkpoint written at a validation step, Lightning's resumed run skips that validation (no partial
-one is logged) and validates again at the next interval.
+it) and the loops' state as they were at that step's end, so it is the file a signal at the step's end would have
+written: Lightning's resumed run skips that validation (no partial one is logged), validates again at the next
+interval, and does not replay the rest of a finished pass (with loader workers that replay drew a pass's order it
+never trained on, and the resumed run's data differed from a straight run's).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -92,6 +95,15 @@ class Preemption(pl.Callback):
         self.resume_hint = "resume=auto"  # what the stop message tells the user to add (dgss-train sets it)
         self.requeue_refused: str | None = None  # why a requeued job could not continue (dgss-train sets it)
         self._previous: dict[signal.Signals, Any] = {}
+        self._loops_at_step_end: dict | None = None  # the fit loop's state after the last optimizer step
+        self._saving_mid_validation = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the save happens after every other callback finished the step (EMA's update, a periodic checkpoint), so
+        # the checkpoint belongs to one step whatever the callbacks' order; Lightning's own reordering (checkpoint
+        # callbacks last) is done by now
+        # (a new list: the hook loop calling this goes on over the old one)
+        trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     # ------------------------------------------------------------------------------- signals
     def _note(self, signum: int, frame) -> None:
@@ -143,6 +155,8 @@ class Preemption(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if should_accumulate(trainer):  # mid-accumulation: gradients are not in checkpoints, so wait
             return
+        if trainer.world_size == 1:  # what a save during the validation that may follow writes as the loops
+            self._loops_at_step_end = copy.deepcopy(trainer.fit_loop.state_dict())
         # raised, not should_stop: Lightning would run a validation first, past the grace period
         if signame := self._agreed(trainer):
             raise self._save_and_requeue(trainer, signame)
@@ -153,7 +167,15 @@ class Preemption(pl.Callback):
         # one process only: under DDP the ranks' evaluation shares differ in length (no padded duplicates), so a
         # collective here could hang; the ranks agree at the next training batch instead
         if trainer.state.fn == "fit" and trainer.world_size == 1 and (signame := self._agreed(trainer)):
-            raise self._save_and_requeue(trainer, signame)
+            self._saving_mid_validation = True
+            try:
+                raise self._save_and_requeue(trainer, signame)
+            finally:
+                self._saving_mid_validation = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving_mid_validation and self._loops_at_step_end is not None:
+            checkpoint["loops"]["fit_loop"] = self._loops_at_step_end
 
     def _save_and_requeue(self, trainer: pl.Trainer, signame: str) -> Preempted:
         path = self.dirpath / CHECKPOINT_NAME

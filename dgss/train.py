@@ -12,10 +12,11 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.callbacks import StoreConfig
-from dgss.checkpoint import check_same_method, find_resume_checkpoint, load_checkpoint_dict
+from dgss.checkpoint import check_same_method, find_resume_checkpoint, is_training_state, load_checkpoint_dict
 from dgss.cli import entry_point, run_cli
 from dgss.compat import quiet_fit
 from dgss.config import (
@@ -29,6 +30,7 @@ from dgss.config import (
 )
 from dgss.errors import ConfigError
 from dgss.preemption import Preemption
+from dgss.runfolder import RunLock, check_fresh, check_run_name
 from dgss.trust import check_stored_config, command_line_config_dirs
 
 log = logging.getLogger("dgss.train")
@@ -98,7 +100,8 @@ def check_schedule(trainer_cfg: DictConfig) -> None:
 
 def check_resume(cfg: DictConfig, path: str) -> int:
     """Read the checkpoint to resume from before anything is built (memory-mapped: cheap): unreadable, unsafe, not
-    dgss-train's or another method's -> one line. Returns the step it was saved at."""
+    dgss-train's, a model-only file, another method's, or a run this command would silently change -> one line.
+    Returns the step it was saved at."""
     ckpt = load_checkpoint_dict(path, "ckpt_path", mmap=True)
     if "state_dict" not in ckpt or "global_step" not in ckpt:
         raise ConfigError(
@@ -108,8 +111,85 @@ def check_resume(cfg: DictConfig, path: str) -> int:
         )
     if "dgss_config" in ckpt:  # never built from here, but a crafted file is refused by every command alike
         check_stored_config(ckpt["dgss_config"], f"ckpt_path={path!r}", command_line_config_dirs())
+    if not is_training_state(ckpt):
+        raise ConfigError(
+            f"ckpt_path={path!r} is a model-only file ({'a dgss-merge output' if 'merged' in (ckpt.get('dgss') or {}) else 'no optimizer or loop state'}): "
+            "it evaluates (dgss-eval ckpt_path=<file>) but cannot resume a run; resume from a training checkpoint "
+            "(checkpoints/last.ckpt, step*.ckpt, preempted.ckpt)"
+        )  # fmt: skip
     check_same_method(ckpt, cfg.method._target_)
+    check_unchanged(cfg, ckpt, path)
     return int(ckpt["global_step"])
+
+
+# what a resumed run takes from the checkpoint, not from the command line: a changed value would be ignored (the
+# optimizer and schedule states are restored) or would change the run under the same name
+RESUME_FIXED = ("backbone", "head", "method", "data.sources", "data.batch_size", "data.train_pipeline",
+                "data.rare_class_sampling")  # fmt: skip
+RESUME_FREE = (
+    "backbone.weights",
+    "method.inference",
+    "method.max_nonfinite",
+)  # may change (checked elsewhere)
+
+
+def _flat(node, prefix: str) -> dict[str, object]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out |= _flat(v, f"{prefix}.{k}")
+        return out or {prefix: {}}
+    return {prefix: node}
+
+
+def check_unchanged(cfg: DictConfig, ckpt: dict, path: str) -> None:
+    """A resumed run continues the run it resumes, or is refused in one line: the same model, recipe and training
+    data (:data:`RESUME_FIXED`), the same ``trainer.max_steps`` (the schedule decays to 0 there; a raised one
+    would train every added step at learning rate 0, a lowered one stop mid-decay) and gradient accumulation, and
+    weight averaging as it was (the checkpoint's ``state_dict`` holds the averages)."""
+    stored, now = ckpt.get("dgss_config") or {}, model_config(cfg)
+    changed = []
+    for key in RESUME_FIXED:
+        head, *rest = key.split(".")
+        a = OmegaConf.select(OmegaConf.create({head: stored.get(head, {})}), key, default=None)
+        b = OmegaConf.select(OmegaConf.create({head: now.get(head, {})}), key, default=None)
+        if head not in stored:
+            continue
+        fa = _flat(OmegaConf.to_container(a) if isinstance(a, DictConfig) else a, key)
+        fb = _flat(OmegaConf.to_container(b) if isinstance(b, DictConfig) else b, key)
+        for k in sorted(set(fa) | set(fb)):
+            if not k.startswith(RESUME_FREE) and fa.get(k) != fb.get(k):
+                changed.append(f"{k}={fa.get(k)!r} (this command: {fb.get(k)!r})")
+    run = (ckpt.get("dgss") or {}).get("run") or {}
+    for key in ("max_steps", "accumulate_grad_batches"):
+        if key in run and cfg.trainer.get(key, 1) != run[key]:
+            changed.append(f"trainer.{key}={run[key]} (this command: {cfg.trainer.get(key)})")
+    if changed and "max_steps" in changed[0] and len(changed) == 1:
+        raise ConfigError(
+            f"ckpt_path={path!r} belongs to a run of trainer.max_steps={run['max_steps']}, whose learning rate decays "
+            f"to 0 at that step; resuming it with trainer.max_steps={cfg.trainer.get('max_steps')} would "
+            f"{'train every added step at learning rate 0' if cfg.trainer.get('max_steps', -1) > run['max_steps'] or cfg.trainer.get('max_steps', -1) < 0 else 'stop before the schedule ends'}: "
+            f"resume with trainer.max_steps={run['max_steps']}, or train a new run (another run_name) for longer"
+        )  # fmt: skip
+    if changed:
+        raise ConfigError(
+            f"ckpt_path={path!r} was trained with {'; '.join(changed[:3])}{f' (+{len(changed) - 3} more)' if len(changed) > 3 else ''}: "
+            "a resumed run continues with the checkpoint's optimizer and schedule, so the new value would be ignored "
+            "or change the run under the same name; resume with the values it was trained with, or train a new run "
+            "(another run_name) with the new ones"
+        )  # fmt: skip
+    wa, ema = ckpt.get("weight_averaging"), OmegaConf.select(cfg, "callbacks.ema")
+    if wa and (
+        ema is None
+        or (float(ema.get("momentum", 2e-4)), int(ema.get("begin", 0)))
+        != (float(wa["momentum"]), int(wa["begin"]))
+    ):
+        was = f"{{_target_: dgss.callbacks.EMA, momentum: {wa['momentum']}, begin: {wa['begin']}}}"
+        raise ConfigError(
+            f"ckpt_path={path!r} was trained with weight averaging (callbacks.ema={was}) and its state_dict holds the "
+            f"averages; {'without it' if ema is None else 'with other settings'} the run would go on from the wrong weights: resume "
+            f"with callbacks.ema='{was}' (or the experiment that set it)"
+        )  # fmt: skip
 
 
 def finished_metrics(output_dir: str | Path) -> dict[str, float]:
@@ -133,15 +213,27 @@ def resume_hint(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything from ``cfg`` and fit; returns the final callback metrics as floats."""
+    """Build everything from ``cfg`` and fit; returns the final callback metrics as floats. The run folder is
+    locked meanwhile (one run per folder, :mod:`dgss.runfolder`)."""
     check_types(cfg)
     check_schedule(cfg.trainer)
+    check_run_name(cfg.get("run_name"))
+    with RunLock(cfg.paths.output_dir, enabled=rank_zero_only.rank == 0):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resume_from(cfg)
+    if rank_zero_only.rank == 0:
+        check_fresh(
+            cfg.paths.output_dir, bool(cfg.get("overwrite")), bool(ckpt_path) or cfg.get("resume") == "auto"
+        )
     if ckpt_path:
         step, max_steps = check_resume(cfg, ckpt_path), cfg.trainer.get("max_steps", -1)
         if max_steps and max_steps > 0 and step >= max_steps:
             log.info(f"the run already finished: {ckpt_path} is at step {step} of trainer.max_steps={max_steps}; "
-                     "nothing to train (raise trainer.max_steps to train on)")  # fmt: skip
+                     "nothing to train (to train longer, start a new run with another run_name: the schedule of this "
+                     "one ended at 0)")  # fmt: skip
             return finished_metrics(cfg.paths.output_dir)
     if HydraConfig.initialized():
         hc = HydraConfig.get()

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dgss.errors import state_mismatch
-from dgss.io import atomic_path
+from dgss.errors import ConfigError, state_mismatch
+from dgss.io import atomic_path, check_output_file
 
 FAMILIES = {  # family -> (default timm model, native patch size)
     "dinov2": ("vit_large_patch14_dinov2.lvd142m", 14),
@@ -61,6 +61,14 @@ def read_release(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"{path} does not exist; download the official release first")
     if path.stat().st_size == 0:
         raise ConvertError(f"{path} is empty (0 bytes): an interrupted download? download it again")
+    if is_safetensors(path):  # whatever its name says (a .pth renamed from .safetensors)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConvertError(f"{path} is a damaged safetensors file ({e}); download it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - TorchScript archives (OpenAI CLIP) are not plain pickles
@@ -79,6 +87,15 @@ def read_release(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ConvertError(f"{path} holds no state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def is_safetensors(path: Path) -> bool:
+    """The safetensors layout: an 8-byte little-endian header length, then a JSON header starting with ``{``."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return (
+        len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < path.stat().st_size
+    )
 
 
 def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -143,7 +160,20 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
     if resample not in ("bicubic", "pi", "none"):
         raise ConvertError(f"--resample {resample!r}; choose bicubic, pi or none")
     name = model or FAMILIES[family][0]
+    if patch_size <= 0 or img_size < patch_size:
+        raise ConvertError(f"--patch-size {patch_size} / --img-size {img_size}: both must be positive and the image "
+                           "at least one patch (Rein's recipe: --patch-size 16 --img-size 512)")  # fmt: skip
+    if not timm.is_model(name.split(".")[0]):
+        import difflib
+
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+        raise ConvertError(f"--model {name!r} is not a timm model{f' (did you mean {close[0]}?)' if close else ''}; "
+                           f"the {family} default is {FAMILIES[family][0]}")  # fmt: skip
     src, out = Path(src), Path(out)
+    try:
+        check_output_file(out, "--out", {"the official file": src})
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
     state = read_release(src)
     patch = FAMILIES[family][1] if resample == "none" else patch_size
     kwargs = {"patch_size": patch, "img_size": img_size, **(model_kwargs or {})}
@@ -151,15 +181,14 @@ def convert(family: str, src: str | Path, out: str | Path, model: str | None = N
     grid = tuple(target.patch_embed.grid_size)
     if resample == "bicubic":
         state = rein_resample(state, patch, grid)
-    from dgss.models.backbone import dropped_dinov3_biases
+    from dgss.models.backbone import dropped_dinov3_biases, timm_filter
 
     biased = dropped_dinov3_biases(state, target)
     if biased:
         raise ConvertError(f"{src} has non-zero attention q/v biases ({biased[0]}, {len(biased)} blocks) that "
                            f"{name} has no place for; use --model {name.split('.')[0]}_qkvb")  # fmt: skip
-    filter_fn = sys.modules[type(target).__module__].checkpoint_filter_fn
     try:
-        state = filter_fn(state, target)
+        state = timm_filter(state, target)
     except Exception as e:  # noqa: BLE001
         raise ConvertError(
             f"{src} does not look like a {family} release: timm's filter failed with {e}"

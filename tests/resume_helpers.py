@@ -63,21 +63,49 @@ class SlowAfter(pl.Callback):
             time.sleep(self.seconds)
 
 
+def child_pids() -> list[int]:
+    """This process's children (the loader workers), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 class SignalAt(pl.Callback):
-    """Sends the process ``signal`` at the end of training step ``step`` or (``during=validation``) in the first
-    validation batch after it, as a scheduler would."""
+    """Sends the process ``signal`` while training step ``step + 1`` runs (from its batch start, before the step's
+    hooks) or (``during=validation``) in the first validation batch after step ``step``, as a scheduler would.
+    ``group``: to every loader worker as well (first), as SLURM, ``timeout`` and a terminal signal a job's process
+    group."""
 
-    def __init__(self, step: int, signal: str = "SIGTERM", during: str = "train"):
-        self.step, self.signal, self.during = step, getattr(signal_module, signal), during
+    def __init__(self, step: int, signal: str = "SIGTERM", during: str = "train", group: bool = False):
+        self.step, self.signal, self.during, self.group = step, getattr(signal_module, signal), during, group
+        self.workers_signalled, self.sent = 0, False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.during == "train" and trainer.global_step == self.step:
-            signal_module.raise_signal(self.signal)
+    def _send(self) -> None:
+        if self.group:
+            children = child_pids()
+            for pid in children:
+                os.kill(pid, self.signal)
+            self.workers_signalled += len(children)
+            time.sleep(0.5)  # a worker that dies of it is noticed by the main process meanwhile
+        signal_module.raise_signal(self.signal)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.during == "train" and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            self._send()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if (
             self.during == "validation"
             and trainer.global_step == self.step
             and batch_idx == dataloader_idx == 0
+            and not self.sent
         ):
-            signal_module.raise_signal(self.signal)
+            self.sent = True
+            self._send()

@@ -273,13 +273,16 @@ def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_pat
     dropped there ran its payload. Now it is skipped (with a warning) like any unreadable file."""
     folder = tmp_path / "run"
     cfg = [*DATA, *RUN, "backbone=toy", f"backbone.weights={made['weights']}", "method=frozen", "resume=auto",
-           f"paths.output_dir={folder}"]  # fmt: skip
-    train(compose_cfg(cfg))
+           f"paths.output_dir={folder}", "trainer.max_steps=2"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="crash after step 1"):
+        train(
+            compose_cfg([*cfg, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=1"])
+        )
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "MARKER")}, folder / "checkpoints" / "zzz.ckpt")
     with pytest.warns(
         UserWarning, match=r"zzz.ckpt is unreadable \(it holds Python objects .*could run code"
     ):
-        train(compose_cfg([*cfg, "trainer.max_steps=2", "trainer.val_check_interval=2"]))
+        train(compose_cfg(cfg))
     assert not (tmp_path / "MARKER").exists()
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 

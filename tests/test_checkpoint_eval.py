@@ -1,5 +1,7 @@
 """Train -> checkpoint (frozen backbone tensors dropped) -> dgss-eval re-attaches them and reproduces the metrics."""
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,13 +183,13 @@ def test_predict_writes_the_acdc_server_upload_and_refuses_what_it_cannot_score(
             assert z.read(n) == (out / "acdc" / n).read_bytes()
 
     # refused in one line before anything is written: each case in its own input folder
-    def refused(files: dict[str, tuple[int, int]], match: str) -> None:
+    def refused(files: dict[str, tuple[int, int]], match: str, under: str = "") -> None:
         src = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
         for rel, (w, h) in files.items():
             photo(src / rel, 0, w, h)
         with pytest.raises(ConfigError, match=match):
-            run(src, src / "out", "submission=acdc")
-        assert not (src / "out").exists()
+            run(src / under, tmp_path / f"{src.name}_out", "submission=acdc")
+        assert not (tmp_path / f"{src.name}_out").exists()
 
     full = (1920, 1080)
     refused({"street.png": full}, r"holds street.png, not an ACDC test image \(\*_rgb_anon.png\)")
@@ -195,6 +197,8 @@ def test_predict_writes_the_acdc_server_upload_and_refuses_what_it_cannot_score(
     refused(
         {"fog/val/s/a_rgb_anon.png": full}, r"a train / val image; the server scores the test images only"
     )
+    # issue 25 (8): input= naming the val folder itself (the check only looked below input=)
+    refused({"rgb_anon/fog/val/s/a_rgb_anon.png": full}, r"a train / val image", under="rgb_anon/fog/val")
     refused({"fog/test/s/a_rgb_anon.png": (960, 540)}, r"at 960×540; ACDC images are 1920×1080")
     refused({"fog/test/s/a_rgb_anon.png": full, "rain/test/s/a_rgb_anon.png": full}, "the same name twice")
     with pytest.raises(ConfigError, match="submission='kitti': use acdc"):
@@ -322,3 +326,61 @@ def test_predict_at_native_size_warns_before_a_slow_image(compose_cfg, tmp_path,
         predict(cfg)
     assert "images fitted into native resolution (size=null)" in caplog.text
     assert "big.png is 256×128 at native size: 32 windows of 32 for this image" in caplog.text
+    # issue 25 (8): a whole-image checkpoint on a large photo ran for minutes without the warning slide mode gives
+    caplog.clear()
+    cfg = compose_cfg([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", f"input={src}", "size=null",
+                       "inference={mode: whole, crop: 32}", f"output={tmp_path / 'p'}", "progress=false"],
+                      config_name="predict")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="dgss.predict"):
+        predict(cfg)
+    assert (
+        "big.png is 256×128 at native size: one whole-image forward of 256×128 (32× a 32² crop)"
+        in caplog.text
+    )
+
+
+def test_predict_refuses_outputs_that_would_overwrite_or_feed_its_inputs(compose_cfg, tmp_path):
+    """Issue 25 (4, 10): street.png and street.jpg were predicted into one mask; an output folder inside the input
+    folder was predicted on the next run; alpha > 1 wrapped colours, label_ids=no read as true, a missing CUDA
+    device or a zero size failed deep inside. Each is one line before anything is written."""
+    import numpy as np
+    from PIL import Image
+
+    from dgss.cli import user_error
+    from dgss.predict import predict
+
+    train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full"]))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("street.png", "street.jpg"):
+        Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(src / name)
+    out = tmp_path / "pred"
+
+    def refused(match, *more, input=src, output=out):
+        cfg = compose_cfg([f"ckpt_path={ckpt}", f"input={input}", f"output={output}", "progress=false", *more],
+                          config_name="predict")  # fmt: skip
+        with pytest.raises(Exception) as e:  # (the method's options are checked while Hydra builds it)
+            predict(cfg)
+        assert re.search(match, user_error(e.value)), user_error(e.value)
+        assert not Path(output).exists() or Path(output) == src
+
+    refused(r"holds street.jpg and street.png, whose predictions would share the name masks/street.png")
+    (src / "street.jpg").unlink()
+    refused(r"output='.*photos/out' is inside input .*write to a folder outside it", output=src / "out")
+    refused(r"output='.*photos' is input", output=src)
+    (out / "masks").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(out / "masks" / "old.png")
+    with pytest.raises(
+        ConfigError, match=r"input \(.*pred/masks\) is inside output=.*/masks, which this command"
+    ):
+        predict(compose_cfg([f"ckpt_path={ckpt}", f"input={out / 'masks'}", f"output={out}", "progress=false"],
+                            config_name="predict"))  # fmt: skip
+    assert [p.name for p in out.rglob("*")] == ["masks", "old.png"]
+    shutil.rmtree(out)
+    refused(r"alpha=1.5 must be in \[0, 1\]", "alpha=1.5")
+    refused(r"label_ids='no' must be true or false", "label_ids=no")
+    refused(r"size=\[0, 512\]: use \[long, short\] \(positive pixels\)", "size=[0,512]")
+    refused(r"device='cuda:7': this machine has \d+ CUDA device", "device=cuda:7")
+    refused(r"device='tpu': use auto, cpu, cuda", "device=tpu")
+    refused(r"method.inference.stride=0 must be >= 1", "inference={mode: slide, stride: 0}")

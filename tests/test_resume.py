@@ -46,16 +46,45 @@ def test_the_newest_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def test_resume_auto_continues_the_run_in_its_folder(compose_cfg, tmp_path):
     run = [*DATA, "trainer=cpu", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "~logger",
-           "callbacks=default", "~callbacks.progress_bar", "~callbacks.media", "resume=auto"]  # fmt: skip
-    first = train(compose_cfg([*run, "trainer.max_steps=2"]))
+           "callbacks=default", "~callbacks.progress_bar", "~callbacks.media", "resume=auto", "trainer.max_steps=4"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="crash after step 2"):
+        train(
+            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=2"])
+        )
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and "step000002.ckpt" in ckpts
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"corrupt")  # killed while writing, say
     with pytest.warns(UserWarning, match="last.ckpt is unreadable"):
-        second = train(compose_cfg([*run, "trainer.max_steps=4"]))
-    assert "val/mean_mIoU" in first and "val/mean_mIoU" in second
+        second = train(compose_cfg(run))
+    assert "val/mean_mIoU" in second
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4  # continued from step 2, not restarted
+
+
+def test_resuming_with_a_changed_recipe_or_schedule_length_is_refused(compose_cfg, tmp_path, capsys):
+    """Issue 25 (9): "raise trainer.max_steps to train on" resumed with learning rate 0.0 for every added step (the
+    poly schedule had ended), and a changed method.optimizer.lr was ignored (the optimizer state is restored) while
+    the new checkpoints recorded the new value. Both are refused in one line now, before anything is built."""
+    from dgss.cli import run_cli
+
+    run = [*DATA, "trainer=cpu", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "~logger",
+           "callbacks=default", "~callbacks.progress_bar", "~callbacks.media", "resume=auto", "trainer.max_steps=2"]  # fmt: skip
+    train(compose_cfg(run))
+    for override, want in [
+        ("trainer.max_steps=4", "belongs to a run of trainer.max_steps=2, whose learning rate decays to 0 at that "
+                                "step; resuming it with trainer.max_steps=4 would train every added step at learning "
+                                "rate 0: resume with trainer.max_steps=2, or train a new run"),
+        ("method.optimizer.lr=0.5", "was trained with method.optimizer.lr=0.0001 (this command: 0.5): a resumed run "
+                                    "continues with the checkpoint's optimizer and schedule"),
+        ("head.channels=32", "was trained with head.channels="),
+    ]:  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_cli(train, compose_cfg([*run, override]), "dgss-train")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and want in err, err
+    # what may change on resume: the inference setting, loader workers
+    assert train(compose_cfg([*run, "method.inference.mode=slide", "data.num_workers=1"]))
 
 
 def test_a_run_folder_keeps_one_wandb_run(compose_cfg, tmp_path):
@@ -215,8 +244,9 @@ def finish(proc, timeout=300):
 @pytest.mark.slow
 def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_path):
     """Real processes: (1) 6 steps straight; (2) kill -9 in the middle of writing the step-4 checkpoint, then the
-    same command (resume=auto) again; (3) SIGTERM from outside after step 3, then the same command again. Both
-    interrupted runs end with the straight run's weights, bit for bit."""
+    same command (resume=auto) again; (3) SIGTERM from outside after step 3, then the same command again; (4) the
+    same to the run's whole process group, with loader workers. Every interrupted run ends with the straight run's
+    weights, bit for bit."""
     rc, err = finish(dgss_train([f"hydra.run.dir={tmp_path / 'straight'}"]))
     assert rc == 0, err[-3000:]
 
@@ -257,8 +287,33 @@ def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_
     rc, err = finish(dgss_train(termed))
     assert rc == 0, err[-3000:]
 
+    # (4) SIGTERM to the whole process group (SLURM, scancel, timeout), two loader workers and a sanity validation's
+    # workers included: issue 25 (2) - the workers died and the run failed with "DataLoader worker ... exited" and
+    # a traceback, no checkpoint
+    grouped = [
+        f"hydra.run.dir={tmp_path / 'grouped'}",
+        "data.num_workers=2",
+        "trainer.num_sanity_val_steps=1",
+    ]
+    marker = tmp_path / "grouped_reached_step_3"
+    proc = dgss_train([*grouped, "+callbacks.slow._target_=resume_helpers.SlowAfter", "+callbacks.slow.step=3",
+                       f"+callbacks.slow.marker={marker}"], start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("dgss-train: stopped by SIGTERM at step ") and last.endswith(
+        "; rerun the same command to continue"
+    ), err[-3000:]
+    rc, err = finish(dgss_train(grouped))
+    assert rc == 0, err[-3000:]
+
     want = final_weights(tmp_path / "straight")
-    for run in ("killed", "termed"):
+    for run in ("killed", "termed", "grouped"):
         got = final_weights(tmp_path / run)
         assert not [k for k in want if not torch.equal(want[k], got[k])], run
 
@@ -414,3 +469,105 @@ def test_progress_bar_counts_steps_of_max_steps_also_after_a_resume(compose_cfg,
     assert not [
         w for w in recwarn if "not resumable" in str(w.message)
     ]  # Lightning's false alarm is filtered
+
+
+@pytest.fixture
+def toy_weights(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=(96, 192), patch_size=8, depth=4,
+                          embed_dim=96, num_heads=3)  # fmt: skip
+    path = tmp_path / "toy.pth"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+EMA_CB = "callbacks.ema={_target_: dgss.callbacks.EMA, momentum: 0.5, begin: 1}"
+GROUP_RUNS = {
+    "soma": [
+        "method=soma",
+        "method.soma.rank=2",
+        "method.soma.start_block=1",
+        "method.optimizer.lr=1e-2",
+        EMA_CB,
+    ],
+    "fishertune": ["method=fishertune", EMA_CB],
+}
+
+
+@pytest.mark.parametrize(
+    "method,during", [("soma", "train"), ("soma", "validation"), ("fishertune", "train")]
+)
+def test_a_group_signalled_run_with_loader_workers_saves_and_resumes_bit_identical(
+    compose_cfg, tmp_path, toy_weights, method, during
+):
+    """Issue 25 (2, 3): SIGTERM to the whole process group (the main process and its two loader workers, as SLURM's
+    preemption, scancel and timeout send it) killed the workers, and the run died with "DataLoader worker ... killed
+    by signal" before any checkpoint; SIGTERM during training saved before EMA's update of that step, and during
+    validation with the weights and the averages swapped. Now the workers ignore it, preempted.ckpt is written at
+    the next safe point (step 4), and resume=auto ends with the straight run's weights and averages, bit for bit;
+    FisherTune's averaged candidates are stored as their selected elements, not as whole tensors."""
+    from dgss.preemption import Preempted
+
+    # a sanity validation starts the evaluation workers before the fit installs its handlers, as a default run does
+    run = [*RESUMABLE, "backbone=toy", f"backbone.weights={toy_weights}", "data.num_workers=2",
+           "trainer.num_sanity_val_steps=1", *GROUP_RUNS[method]]  # fmt: skip
+    train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
+    resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
+    with pytest.raises(Preempted) as stop:
+        train(compose_cfg([*resumed, "+callbacks.signal._target_=resume_helpers.SignalAt", "+callbacks.signal.group=true",
+                           f"+callbacks.signal.step={4 if during == 'validation' else 3}",
+                           f"+callbacks.signal.during={during}"]))  # fmt: skip
+    assert stop.value.step == 4 and stop.value.signame == "SIGTERM"
+    saved = torch.load(stop.value.path, weights_only=True)
+    assert saved["global_step"] == 4
+    train(compose_cfg(resumed))
+    a, b = (
+        torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True)
+        for r in ("straight", "resumed")
+    )
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert not [
+        k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])
+    ]  # averages
+    raw_a, raw_b = a["weight_averaging"]["raw"], b["weight_averaging"]["raw"]
+    assert raw_a.keys() == raw_b.keys() and raw_a
+    for k in raw_a:  # the weights the run goes on from
+        assert torch.equal(
+            *(r[k] if isinstance(r[k], torch.Tensor) else r[k]["value"] for r in (raw_a, raw_b))
+        ), k
+    if method == "fishertune":
+        stored = sum(v.numel() if isinstance(v, torch.Tensor) else v["value"].numel() for k, v in raw_a.items()
+                     if k.startswith("backbone."))  # fmt: skip
+        selected = sum(d["index"].numel() for d in a["fishertune"]["delta"].values())
+        candidates = sum(v.numel() for k, v in torch.load(toy_weights).items() if k.startswith("blocks."))
+        assert 0 < stored <= selected < candidates / 4, (stored, selected, candidates)
+
+
+def test_resuming_an_averaged_run_without_its_averaging_is_refused(
+    compose_cfg, tmp_path, toy_weights, capsys
+):
+    """Issue 25 (3): an EMA checkpoint resumed with callbacks.ema off trained on from the averages as if they were
+    the weights, silently."""
+    from dgss.cli import run_cli
+
+    run = [*RESUMABLE, "backbone=toy", f"backbone.weights={toy_weights}", *GROUP_RUNS["soma"][:-1]]
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train(
+            compose_cfg(
+                [*run, EMA_CB, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
+            )
+        )
+    for extra, why in [([], "without it"), (["callbacks.ema={_target_: dgss.callbacks.EMA, momentum: 0.1, begin: 1}"],
+                                            "with other settings")]:  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run_cli(train, compose_cfg([*run, *extra]), "dgss-train")
+        err = capsys.readouterr().err.strip()
+        assert (
+            "was trained with weight averaging (callbacks.ema={_target_: dgss.callbacks.EMA, momentum: 0.5, "
+            in err
+        )
+        assert f"{why} the run would go on from the wrong weights" in err and "\n" not in err, err
+    assert train(compose_cfg([*run, EMA_CB]))  # with it, the run continues

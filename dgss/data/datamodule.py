@@ -35,6 +35,7 @@ from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_ind
 from dgss.data.resumable import Draw, SeededSampler, SkipSampler
 from dgss.data.samples import Samples
 from dgss.data.transforms import TestPipeline, TrainPipeline
+from dgss.data.workers import worker_init
 from dgss.errors import ConfigError
 
 log = logging.getLogger("dgss.data")
@@ -211,7 +212,7 @@ class DGSSDataModule(pl.LightningDataModule):
             self._resume_state = None
         return DataLoader(data, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True, collate_fn=collate_train,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, generator=self._loader_generator(),
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
+                          persistent_workers=self.num_workers > 0, worker_init_fn=worker_init)  # fmt: skip
 
     def _loader_generator(self) -> torch.Generator:
         """The loader's own generator (worker base seeds): creating an iterator leaves the global stream alone, so
@@ -252,7 +253,7 @@ class DGSSDataModule(pl.LightningDataModule):
                    if dist is not None else SequentialSampler(ds))  # fmt: skip
         return DataLoader(ds, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, generator=self._loader_generator(), collate_fn=collate_eval,
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
+                          persistent_workers=self.num_workers > 0, worker_init_fn=worker_init)  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(ds) for ds in self.eval_samples.values()]

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dgss.data.protocols import LabelsOnly
+from dgss.data.workers import worker_init
 from dgss.errors import ConfigError
 from dgss.io import atomic_path
 
@@ -53,7 +54,9 @@ def class_pixel_counts(
             counts = np.load(path)
             if counts.shape == (len(ds), num_classes):
                 return counts
-    loader = DataLoader(_Counts(ds, num_classes), batch_size=None, num_workers=num_workers)
+    loader = DataLoader(
+        _Counts(ds, num_classes), batch_size=None, num_workers=num_workers, worker_init_fn=worker_init
+    )
     log.info(f"rare-class sampling: counting class pixels in {len(ds)} labels")
     counts = np.stack([np.asarray(c) for c in loader]).astype(np.int64)
     if path is not None:

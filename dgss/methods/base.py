@@ -45,7 +45,7 @@ from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, SegmentationHead
-from dgss.options import Options
+from dgss.options import Options, option_path
 
 
 @dataclass
@@ -74,6 +74,15 @@ class InferenceOptions(Options):
     window_batch: int = 8  # slide: windows per forward pass
     flip: bool = False  # TTA: also the mirrored image
     scales: list[float] = field(default_factory=lambda: [1.0])  # TTA, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = option_path(self)
+        for name in ("crop", "stride", "window_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if not self.scales or min(self.scales) <= 0:
+            raise ConfigError(f"{where}.scales={self.scales} must be positive factors, e.g. [1.0]")
 
 
 @dataclass
@@ -494,6 +503,10 @@ class SegmentationMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         strip_reattachable(checkpoint, self)
         checkpoint["rng_states"] = rng_states()
+        if self._trainer is not None:  # what a resumed run must keep (dgss.train.check_unchanged)
+            t = self.trainer
+            checkpoint["dgss"]["run"] = {"max_steps": int(t.max_steps),
+                                         "accumulate_grad_batches": int(t.accumulate_grad_batches)}  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_same_method(checkpoint, method_target(self))

@@ -14,8 +14,10 @@ COBOT) the attention and MLP modules of a block, with their dotted paths for rep
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import io
 import os
 import sys
 from collections import OrderedDict
@@ -85,6 +87,17 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{key}={str(path)!r} holds no state dict of tensors; point it at a backbone's weights file "
                           "(scripts/convert_weights.py makes one from an official release)")  # fmt: skip
     return timm.models.clean_state_dict(checkpoint)
+
+
+def timm_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` through the ``checkpoint_filter_fn`` of ``model``'s timm module (official key names to timm's), if
+    it has one. timm's DINOv3 filter prints one "`q_bias` is not an nn.Parameter" line per block for models
+    without q/v biases (it probes for them): its console output is dropped."""
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    with contextlib.redirect_stdout(io.StringIO()):
+        return filter_fn(state, model)
 
 
 def dropped_dinov3_biases(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
@@ -368,14 +381,12 @@ class Backbone(nn.Module):
             raise ConfigError(f"backbone.weights={str(path)!r} has non-zero attention q/v biases ({biased[0]}, "
                               f"{len(biased)} blocks) that {self._arch} has no place for (timm would drop them); "
                               f"use backbone.name={self._arch}_qkvb")  # fmt: skip
-        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            try:
-                state = filter_fn(state, model)
-            except Exception as e:  # noqa: BLE001
-                raise ConfigError(
-                    f"backbone.weights={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
-                ) from None
+        try:
+            state = timm_filter(state, model)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"backbone.weights={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
+            ) from None
         own = model.state_dict()
         classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
         return {k: v for k, v in state.items() if k in own or not k.startswith(classifier)}

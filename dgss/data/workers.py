@@ -1,0 +1,28 @@
+"""What every DataLoader worker dgss starts does first: leave preemption to the main process.
+
+Schedulers signal a whole job, not one process: SLURM's preemption and ``scancel``, ``timeout``, container runtimes
+and a terminal's Ctrl-C send SIGTERM / SIGINT to every process of the job's process group, loader workers included.
+A worker that dies of it makes the main process fail with "DataLoader worker ... killed by signal" before it reaches
+its safe point, and the checkpoint is never written. Workers therefore ignore the signals the main process acts on
+(:class:`dgss.preemption.Preemption`); they still exit with the main process (PyTorch's workers watch their parent)
+and SIGKILL still ends them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+#: the signals the main process owns (dgss.preemption acts on them)
+OWNED_BY_MAIN = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every dgss DataLoader: ignore :data:`OWNED_BY_MAIN`; Lightning's worker seeding
+    (``seed_everything(workers=True)``) still runs, as it would without a ``worker_init_fn``."""
+    for sig in OWNED_BY_MAIN:
+        signal.signal(sig, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
