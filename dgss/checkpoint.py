@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dgss.compat import should_accumulate
-from dgss.errors import ConfigError
+from dgss.errors import ConfigError, TrainingAborted
 from dgss.io import atomic_path, check_output_file, remove_cut_off
 from dgss.trust import check_stored_config, command_line_config_dirs
 
@@ -88,6 +89,23 @@ def load_checkpoint_dict(path: str | os.PathLike, key: str = "ckpt_path", mmap: 
     return obj
 
 
+def write_failure(e: BaseException, path) -> str:
+    """Why a write failed, in words: the errno's (a full disk, a read-only folder), else the error's first line."""
+    err = (
+        e
+        if isinstance(e, OSError)
+        else next((c for c in (e.__cause__, e.__context__) if isinstance(c, OSError)), None)
+    )
+    if err is not None and err.errno is not None:
+        return os.strerror(err.errno).lower()
+    try:
+        if shutil.disk_usage(Path(path).parent).free < 1 << 20:
+            return "no space left on device"
+    except OSError:
+        pass
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Local checkpoints written atomically (temporary in the same folder + fsync + ``os.replace``), read back with
     :func:`load_file` (``weights_only``; one-line errors)."""
@@ -106,10 +124,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+                raise  # not a failed write: a bug
+            raise TrainingAborted(f"writing the checkpoint {path} failed ({write_failure(e, path)}); the checkpoints "
+                                  "written before are intact: free space or fix the folder, then rerun with "
+                                  "resume=auto") from e  # fmt: skip
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -78,7 +78,7 @@ def sweep_job() -> str | None:
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> Any:
     """Run ``task``; user errors exit with one line (DGSS_DEBUG=1 shows the traceback), work is never lost:
     loggers are closed in every case. In a sweep a job's user error is its own: one line naming the job, the job
-    returns NaN (Optuna records the trial as failed) and the sweep goes on; the command exits 1 at its end
+    returns None (Optuna records the trial as failed) and the sweep goes on; the command exits 1 at its end
     (:func:`entry_point`)."""
     try:
         return task(cfg)
@@ -94,7 +94,9 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, prog: str) -> An
         if job is not None:
             FAILED_JOBS.append(f"{job}: {msg}")
             print(f"{prog}: error in sweep {job}: {msg}; the sweep goes on", file=sys.stderr)
-            return float("nan")
+            return (
+                None  # Optuna's sweeper records the trial as failed (a NaN would make it raise) and goes on
+            )
         print(f"{prog}: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -199,6 +201,14 @@ def compose_error(e: BaseException) -> str:
     err = next(
         (x for x in chain if isinstance(x, OmegaConfBaseException) and getattr(x, "full_key", None)), None
     )
+    parse = next((x for x in chain if type(x).__name__ == "OverrideParseException"), None)
+    if parse is not None:  # Hydra's override grammar: "LexerNoViableAltException: run_name=straße"
+        line = first_line(parse).split(": ", 1)[-1]
+        key, _, value = line.partition("=")
+        if any(ord(c) > 127 for c in line) and value and value[0] not in "'\"":
+            return (f"{line} cannot be read: Hydra's override syntax takes non-ASCII characters only quoted; write "
+                    f"\"{key}='{value}'\" (the double quotes for the shell)")  # fmt: skip
+        return f"{line} is not a valid override ({first_line(parse).split(':', 1)[0]}); quote a value with special characters: \"{key}='...'\""
     if err is None:
         return first_line(chain[0]).rstrip(".")
     key, msg = err.full_key, str(err).splitlines()[0]
@@ -258,9 +268,26 @@ def check_compose(config_name: str, argv: list[str]) -> None:
                           "multirun (hparams_search=...)")  # fmt: skip
     if multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")):
         check_search_space(cfg, sweeps)
+    from dgss.config import check_types
+    from dgss.io import writable_folder
     from dgss.runfolder import check_run_name
 
     check_run_name(cfg.get("run_name"))
+    check_types(cfg)
+    # where Hydra creates the run folder before dgss runs (its OSError would be a traceback)
+    try:
+        log_dir = OmegaConf.select(cfg, "paths.log_dir")
+    except Exception:  # noqa: BLE001 - an interpolation the run itself reports
+        log_dir = None
+    if log_dir:
+        writable_folder(log_dir, "paths.log_dir (DGSS_LOG_DIR)")
+    for line in overrides:
+        key, _, value = line.partition("=")
+        if (
+            key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir", "paths.output_dir")
+            and value
+        ):
+            writable_folder(value, key.lstrip("+"))
     method = cfg.get("method")
     node = schema_for(method) if method is not None else None
     if node is None:
@@ -317,7 +344,15 @@ def entry_point(hydra_main: Callable[[], Any], prog: str, config_name: str) -> C
                 raise
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
-        result = hydra_main()
+        try:
+            result = hydra_main()
+        except (
+            Exception,
+            SystemExit,
+        ):  # e.g. Optuna's "no trials completed" when every job failed: they are why
+            if not FAILED_JOBS or os.environ.get("DGSS_DEBUG"):
+                raise
+            result = None
         if FAILED_JOBS:  # a sweep whose every other job ran
             print(f"{prog}: {len(FAILED_JOBS)} sweep job(s) failed: " + "; ".join(FAILED_JOBS[:3])
                   + (f" (+{len(FAILED_JOBS) - 3} more)" if len(FAILED_JOBS) > 3 else ""), file=sys.stderr)  # fmt: skip

@@ -4,6 +4,7 @@ and says what to do, a non-zero exit, no traceback, no code run and nothing writ
 
 import os
 import pathlib
+import re
 import sys
 from pathlib import Path
 
@@ -355,3 +356,212 @@ def test_hydra_experimental_rerun_is_refused():
     """--experimental-rerun unpickles the file it names (code runs): refused before Hydra sees it."""
     with pytest.raises(ConfigError, match="--experimental-rerun is refused: it unpickles"):
         check_argv(["--experimental-rerun", "outputs/x/.hydra/config.pickle"])
+
+
+# ------------------------------------------------------------------ an output never destroys an input (issue 25)
+READ_ONLY = Path("/proc/1/dgss-out")  # a folder no process may create files in (as root too)
+OUT_CASES = ["the_input", "a_link_to_the_input", "a_folder", "under_a_file", "read_only"]
+FILE_WRITERS = ["dgss-merge --out", "dgss-merge --backbone-out", "convert_weights.py --out"]
+OUT_WORDS = {
+    "the_input": r"is (the checkpoint to merge|its backbone weights file|the official file) .*writing it would "
+    r"replace its input",
+    "a_link_to_the_input": r"is (the checkpoint to merge|its backbone weights file|the official file) .*would "
+    r"replace its input",
+    "a_folder": r"is a folder; name the file to write",
+    "under_a_file": r"afile is a file, not a folder",
+    "read_only": r"is not writable \(read-only or no permission\)",
+}
+
+
+def out_path(case: str, target: Path, tmp: Path) -> Path:
+    if case == "the_input":
+        return target
+    if case == "a_link_to_the_input":
+        link = tmp / f"alias{target.suffix}"
+        link.symlink_to(target)
+        return link
+    if case == "a_folder":
+        (tmp / "folder").mkdir()
+        return tmp / "folder"
+    if case == "under_a_file":
+        (tmp / "afile").write_text("x")
+        return tmp / "afile" / "out.bin"
+    if os.access(READ_ONLY.parent, os.W_OK):
+        pytest.skip(f"{READ_ONLY.parent} is writable here")
+    return READ_ONLY / "out.bin"
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+@pytest.mark.parametrize("command", FILE_WRITERS)
+def test_an_output_file_never_replaces_an_input_and_a_bad_place_is_one_line(
+    command, case, made, tmp_path, capsys
+):
+    """Issue 25 (4, 7): dgss-merge --out <the checkpoint> replaced the training checkpoint with a model-only file,
+    --backbone-out <the weights> the backbone every checkpoint was trained from, convert_weights.py --out <src> the
+    official release; a folder, a path under a file or a read-only place gave a traceback. Now: one line, exit 2,
+    every input byte for byte as before."""
+    ckpt, weights = tmp_path / "run.ckpt", tmp_path / "weights.pth"
+    ckpt.write_bytes(made["ckpt"].read_bytes())
+    weights.write_bytes(made["weights"].read_bytes())
+    before = {p: p.read_bytes() for p in (ckpt, weights)}
+    target = ckpt if command == "dgss-merge --out" else weights
+    out = out_path(case, target, tmp_path)
+    if command.startswith("dgss-merge"):
+        rc = merge.main([str(ckpt), "--backbone-weights", str(weights), command.split()[1], str(out)])
+    else:
+        rc = convert_weights.main(["dinov2", str(weights), "--out", str(out), "--model", "vit_small_patch14_dinov2",
+                                   "--img-size", "64"])  # fmt: skip
+    assert rc == 2
+    assert re.search(OUT_WORDS[case], one_line(capsys))
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("case", ["a_file", "under_a_file", "read_only"])
+@pytest.mark.parametrize("key", ["DGSS_LOG_DIR", "predict output="])
+def test_a_log_or_output_folder_that_cannot_be_written_is_one_line(
+    key, case, made, tmp_path, monkeypatch, capsys
+):
+    """Issue 25 (7): a file, a path under a file or a read-only place as DGSS_LOG_DIR (where Hydra makes the run
+    folder before dgss runs) or as dgss-predict's output= gave a traceback."""
+    from dgss.cli import entry_point
+
+    folder = {"a_file": tmp_path / "afile", "under_a_file": tmp_path / "afile" / "logs",
+              "read_only": READ_ONLY}[case]  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    if case == "read_only" and os.access(READ_ONLY.parent, os.W_OK):
+        pytest.skip(f"{READ_ONLY.parent} is writable here")
+    if key == "DGSS_LOG_DIR":
+        monkeypatch.setenv("DGSS_LOG_DIR", str(folder))
+        monkeypatch.setattr(sys, "argv", ["dgss-train", *DATA])
+        with pytest.raises(SystemExit) as e:
+            entry_point(lambda: pytest.fail("Hydra ran"), "dgss-train", "train")()
+        assert e.value.code == 2
+        line = one_line(capsys)
+        assert line.startswith("dgss-train: error: paths.log_dir (DGSS_LOG_DIR)=")
+    else:
+        images = tmp_path / "images"
+        images.mkdir()
+        Image.open(made["image"]).save(images / "a.png")
+        cfg = [f"ckpt_path={made['ckpt']}", f"input={images}", f"output={folder}", "progress=false"]
+        assert cli(predict, compose_cfg_for(cfg, "predict", tmp_path), "dgss-predict") == 2
+        line = one_line(capsys)
+        assert line.startswith("dgss-predict: error: output=")
+    assert re.search(r"is a file, not a folder|is not writable", line), line
+
+
+def compose_cfg_for(overrides, config_name, tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dgss.conf", version_base="1.3"):
+        cfg = compose(
+            config_name, overrides=[*overrides, f"paths.log_dir={tmp_path}"], return_hydra_config=True
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_older_ones(made, tmp_path, monkeypatch,
+                                                                                      compose_cfg, capsys):  # fmt: skip
+    """Issue 25 (7): ENOSPC while writing a checkpoint left the data safe but ended in a traceback."""
+    import errno
+
+    from dgss.checkpoint import AtomicCheckpointIO
+
+    real = AtomicCheckpointIO.save_checkpoint
+    calls = []
+
+    def full_after_first(self, checkpoint, path, storage_options=None):
+        calls.append(path)
+        if len(calls) > 1:
+            monkeypatch.setattr(
+                torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+            )
+        return real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_after_first)
+    cfg = compose_cfg([*DATA, *RUN, "backbone=toy", "method=full", "trainer.max_steps=2"])
+    assert cli(train, cfg, "dgss-train") == 2
+    line = one_line(capsys)
+    assert re.match(r"dgss-train: error: writing the checkpoint .* failed \(no space left on device\); the "
+                    r"checkpoints written before are intact: free space", line), line  # fmt: skip
+    saved = [p for p in (tmp_path / "checkpoints").glob("*.ckpt")]
+    assert saved and all(torch.load(p, weights_only=True)["global_step"] == 1 for p in saved)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--model", "vit_bogus_patch14"], r"--model 'vit_bogus_patch14' is not a timm model"),
+        (["--img-size", "0"], r"--patch-size 16 / --img-size 0: both must be positive"),
+        (["--patch-size", "0"], r"--patch-size 0 / --img-size 64: both must be positive"),
+    ],
+)
+def test_convert_weights_options_are_one_line(args, words, made, tmp_path, capsys):
+    """Issue 25 (7): a bogus --model or a zero --img-size / --patch-size gave a traceback."""
+    out = tmp_path / "w.safetensors"
+    rc = convert_weights.main(["dinov2", str(made["weights"]), "--out", str(out), "--model", "vit_small_patch14_dinov2",
+                               "--img-size", "64", *args])  # fmt: skip
+    assert rc == 2 and re.search(words, one_line(capsys)) and not out.exists()
+
+
+def test_convert_weights_reads_a_release_whatever_its_name_says(made, tmp_path):
+    """Issue 25 (7): a .pth file holding safetensors bytes (a renamed download) gave a traceback; it is read as
+    what it is."""
+    from safetensors.torch import save_file
+
+    kwargs = {k: v for k, v in TINY.items() if k != "patch_size"}
+    state = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=96, patch_size=8,
+                              **kwargs).state_dict()  # fmt: skip
+    src = tmp_path / "release.pth"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src))
+    out = tmp_path / "w.safetensors"
+    convert_weights.convert(
+        "dinov2", src, out, "vit_small_patch14_reg4_dinov2", 8, 96, "pi", model_kwargs=kwargs
+    )
+    from safetensors.torch import load_file
+
+    assert load_file(str(out))["blocks.0.attn.qkv.weight"].equal(state["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("run_name=..", r"run_name='\.\.' is not a folder name"),
+        ("run_name=a/b", r"run_name='a/b' is not a folder name \(it holds '/'\)"),
+        ("run_name=straße", r"run_name=straße cannot be read: .*only quoted; write \"run_name='straße'\""),
+        ("method.optimizer.lr=-1", r"method.optimizer.lr=-1(\.0)? must be >= 0"),
+        ("data.num_workers=-1", r"data.num_workers=-1 must be >= 0"),
+        ("trainer.val_check_interval=0", r"trainer.val_check_interval=0 must be > 0"),
+        ("trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0 must be >= 1"),
+        ("head.channels=0", r"head.channels=0 must be >= 1"),
+        ("method.inference.crop=0", r"method.inference.crop=0 must be >= 1"),
+        ("method.inference.stride=0", r"method.inference.stride=0 must be >= 1"),
+    ],
+)
+def test_values_out_of_range_are_one_line_before_anything_runs(
+    override, words, tmp_path, monkeypatch, capsys
+):
+    """Issue 25 (5, 7, 10): run_name=.. wrote into the parent folder; zero strides, crops, intervals, channels,
+    accumulation, a negative worker count or learning rate were accepted or failed deep inside PyTorch; an unquoted
+    non-ASCII run_name got no hint to quote it. One line each, before Hydra makes a folder."""
+    from dgss.cli import entry_point
+
+    monkeypatch.setenv("DGSS_LOG_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["dgss-train", *DATA, override])
+    hydra_ran = []
+    with pytest.raises(SystemExit) as e:
+        entry_point(lambda: hydra_ran.append(1), "dgss-train", "train")()
+    if not hydra_ran:  # refused while composing
+        assert e.value.code == 2 and re.search(words, one_line(capsys))
+        assert not list(tmp_path.iterdir())
+        return
+    pytest.fail(f"{override} reached Hydra")

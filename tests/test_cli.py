@@ -65,6 +65,19 @@ def test_multirun_over_methods(tmp_path):
         assert (tmp_path / "sweep" / job / "metrics.json").exists()
 
 
+def test_a_sweep_job_with_a_config_error_does_not_end_the_sweep(tmp_path):
+    """Issue 25 (6): a job's one-line error (exit 2 inside the job) ended the whole sweep. Now it is that job's
+    line, the other jobs run, and the command exits 1 naming the failed jobs."""
+    r = run(["-m", "data.num_workers=-1,0", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert (
+        "dgss-train: error in sweep job 0 (data.num_workers=-1 " in r.stderr and "Traceback" not in r.stderr
+    )
+    assert "data.num_workers=-1 must be >= 0; the sweep goes on" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("dgss-train: 1 sweep job(s) failed: job 0 (")
+    assert (tmp_path / "sweep" / "1" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_optuna_study_optimizes_mean_miou(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -82,6 +95,18 @@ def test_optuna_study_optimizes_mean_miou(tmp_path):
 
     study = optuna.load_study(study_name="dgss", storage=f"sqlite:///{db}")
     assert len(study.trials) == 3 and all(t.value is not None for t in study.trials)
+    # issue 25 (6, 10): a trial's config error stopped the study and left the trial RUNNING in its storage; now it
+    # is recorded as failed and the next trial runs
+    db = tmp_path / "failing.db"
+    r = run(["hparams_search=optuna", *TINY, "hydra.sweeper.sampler.seed=2", "hydra.sweeper.n_trials=2",
+             "head.channels=choice(0,8)", f"hydra.sweeper.storage=sqlite:///{db}",
+             f"hydra.sweep.dir={tmp_path}/sweep3"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1 and "head.channels=0 must be >= 1; the sweep goes on" in r.stderr, r.stderr[
+        -3000:
+    ]
+    study = optuna.load_study(study_name="dgss", storage=f"sqlite:///{db}")
+    states = {(t.params["head.channels"], t.state.name) for t in study.trials}  # (seed 2 draws 0 first)
+    assert len(study.trials) == 2 and (0, "FAIL") in states and states <= {(0, "FAIL"), (8, "COMPLETE")}
 
 
 @pytest.mark.slow

@@ -571,3 +571,85 @@ def test_resuming_an_averaged_run_without_its_averaging_is_refused(
         )
         assert f"{why} the run would go on from the wrong weights" in err and "\n" not in err, err
     assert train(compose_cfg([*run, EMA_CB]))  # with it, the run continues
+
+
+# ------------------------------------------------------------------------------- one run per folder (issue 25, 5)
+def test_a_run_folder_holds_one_run_at_a_time(compose_cfg, tmp_path, monkeypatch):
+    """Two dgss-train run_name=X at once wrote into one folder, interleaved. Now the training process holds
+    <run>/.lock (pid, host, SLURM job): a live holder is refused in one line naming it; a lock whose process is
+    gone, or left by this SLURM job before its requeue, is taken over; the lock is gone after the run."""
+    import json as json_module
+    import socket
+
+    from dgss.errors import ConfigError
+
+    folder = tmp_path / "run"
+    run = [*RESUMABLE, "trainer.max_steps=2", f"paths.output_dir={folder}"]
+    folder.mkdir()
+    lock = folder / ".lock"
+    live = subprocess.Popen(["sleep", "60"])  # another process of this host, alive
+    try:
+        lock.write_text(json_module.dumps({"pid": live.pid, "host": socket.gethostname(), "slurm_job": None}))
+        with pytest.raises(ConfigError, match=rf"the run folder .*run is in use by process {live.pid} on "
+                           rf"{socket.gethostname()} since .*: one run per folder; use another run_name"):  # fmt: skip
+            train(compose_cfg(run))
+        assert not (folder / "checkpoints").exists() and lock.exists()
+        lock.write_text(json_module.dumps({"pid": 1, "host": "node-b", "slurm_job": "77", "since": "x"}))
+        with pytest.raises(
+            ConfigError, match=rf"in use by process 1 on node-b, SLURM job 77 .*remove {lock}"
+        ):
+            train(compose_cfg(run))
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(json_module.dumps({"pid": live.pid, "host": socket.gethostname()}))  # its process is gone
+    with _logs_warning("taking over a stale lock (process"):
+        train(compose_cfg(run))
+    assert not lock.exists() and (folder / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job finds its own lock from before
+    lock.write_text(json_module.dumps({"pid": 1, "host": "node-b", "slurm_job": "4242"}))
+    train(compose_cfg([*run, "trainer.max_steps=2"]))
+    assert not lock.exists()
+
+
+class _logs_warning:
+    """Asserts a dgss.train warning containing ``text`` is logged inside the block."""
+
+    def __init__(self, text):
+        self.text, self.records = text, []
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        logging.getLogger("dgss.train").addHandler(self.handler)
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("dgss.train").removeHandler(self.handler)
+        if exc[0] is None:
+            assert any(self.text in r.getMessage() for r in self.records), [
+                r.getMessage() for r in self.records
+            ]
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite_true(compose_cfg, tmp_path):
+    """Re-running a run_name without resume=auto overwrote its checkpoints and metrics. Now refused in one line;
+    overwrite=true starts over (the old results removed, none of them mixed into the new ones)."""
+    from dgss.errors import ConfigError
+
+    folder = tmp_path / "run"
+    run = [a for a in RESUMABLE if a != "resume=auto"] + ["trainer.max_steps=2", f"paths.output_dir={folder}"]
+    train(compose_cfg(run))
+    first = (folder / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoints/last.ckpt, .*\): continue it with "
+                       r"resume=auto, start it over with overwrite=true"):  # fmt: skip
+        train(compose_cfg([*run, "seed=7"]))
+    assert (folder / "metrics.json").read_text() == first
+    (folder / "checkpoints" / "step000099.ckpt").write_bytes(b"an old file")
+    train(compose_cfg([*run, "seed=7", "overwrite=true"]))
+    assert not (folder / "checkpoints" / "step000099.ckpt").exists()
+    assert (folder / "metrics.json").read_text() != first
+    assert len(json.loads((folder / "metrics.json").read_text())) == 1
