@@ -51,16 +51,46 @@ def load_file(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = Fals
     where = f"{key}={str(path)!r}"
     if not path.exists():
         raise UnreadableFile(where, "does not exist")
-    if not path.is_file():
+    if path.is_dir():
         raise UnreadableFile(where, "is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise UnreadableFile(
+            where, "is not a regular file (a pipe, socket or device); point at a checkpoint file"
+        )
     if path.stat().st_size == 0:
         raise UnreadableFile(where, "is empty (0 bytes): an interrupted copy or download? copy it again")
+    check_archive(path, where)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one line
         if mmap and "mmap" in str(e):  # an old (non-zip) torch.save format: readable, just not memory-mapped
             return load_file(path, key, mmap=False)
         raise UnreadableFile(where, unreadable_reason(e)) from None
+
+
+def check_archive(path: Path, where: str) -> None:
+    """A zip archive (``torch.save``'s format) is read only if it is what ``torch.save`` writes: stored records
+    (it never compresses) whose sizes fit in the file. A crafted archive with a compressed record would make
+    ``torch.load`` allocate the declared size (GBs from a few MB) before it fails."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy pickle format, or not an archive at all: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UnreadableFile(
+            where, f"is a damaged zip archive ({e}); copy it again or point at the right file"
+        ) from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    declared, size = sum(i.file_size for i in infos), path.stat().st_size
+    if packed:
+        raise UnreadableFile(where, f"holds compressed records ({packed[0]}), which torch.save never writes; refused "
+                                    "unread (a crafted file could claim any size): re-save it with torch.save")  # fmt: skip
+    if declared > size:
+        raise UnreadableFile(where, f"declares {declared} bytes of records in a {size}-byte file; refused unread: "
+                                    "copy it again or point at the right file")  # fmt: skip
 
 
 def unreadable_reason(e: Exception) -> str:
@@ -216,11 +246,14 @@ def check_reattach(checkpoint: dict, method) -> bool:
     missing = set(method.state_dict()) - set(checkpoint["state_dict"])
     if not missing:
         return False
+    from dgss.models.backbone import WEIGHTS_OPTION
+
     saved = checkpoint.get("dgss", {}).get("backbone", {})
+    key = WEIGHTS_OPTION.get()
     if not method.backbone.weights:
         raise ConfigError(
             f"the checkpoint holds no frozen backbone tensors ({len(missing)} keys); set "
-            f"backbone.weights to the file it was trained from ({saved.get('weights')})"
+            f"{key} to the file it was trained from ({saved.get('weights')})"
         )
     unexpected = missing - method.reattachable_keys()
     if unexpected:
@@ -228,7 +261,7 @@ def check_reattach(checkpoint: dict, method) -> bool:
     want, have = saved.get("weights_sha256"), method.backbone.identity["weights_sha256"]
     if want and want != have:
         raise ConfigError(
-            f"backbone.weights={method.backbone.weights!r} (sha256 {have[:12]}) is not the file this checkpoint "
+            f"{key}={method.backbone.weights!r} (sha256 {have[:12]}) is not the file this checkpoint "
             f"was trained with ({saved.get('weights')}, sha256 {want[:12]})"
         )
     return True
@@ -261,7 +294,7 @@ class TakesOfficialRelease(Protocol):
 
 
 def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = None, inference: dict | None = None,
-                recipe=None, config_dirs=None):  # fmt: skip
+                recipe=None, config_dirs=None, weights_option: str = "backbone_weights"):  # fmt: skip
     """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
 
     A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
@@ -269,7 +302,18 @@ def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = Non
     (``experiment=rein``; SoMA: its recipe with ``method.soma.init=official``): the method is built from it and the
     release's tensors imported. The stored config is checked first (:func:`dgss.trust.check_stored_config`: only
     classes of the config tree, ``config_dirs`` or this run's ``--config-dir`` included); nothing is built before.
+    ``weights_option``: how the command takes the weights file, named in its messages (``--backbone-weights``).
     """
+    from dgss.models.backbone import WEIGHTS_OPTION
+
+    token = WEIGHTS_OPTION.set(weights_option)
+    try:
+        return _load_method(ckpt_path, backbone_weights, inference, recipe, config_dirs)
+    finally:
+        WEIGHTS_OPTION.reset(token)
+
+
+def _load_method(ckpt_path, backbone_weights, inference, recipe, config_dirs):
     from omegaconf import OmegaConf
 
     from dgss.config import build_method
@@ -329,7 +373,9 @@ def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_
 
     from omegaconf import OmegaConf
 
-    method, saved = load_method(ckpt_path, backbone_weights, config_dirs=config_dirs)
+    method, saved = load_method(
+        ckpt_path, backbone_weights, config_dirs=config_dirs, weights_option="--backbone-weights"
+    )
     identity = method.backbone.identity
     inputs = {"the checkpoint to merge": ckpt_path, "its backbone weights file": identity.get("weights")}
     if out is not None:

@@ -55,12 +55,23 @@ class ConvertError(Exception):
 def read_release(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an official file: a state dict (possibly under model / module / state_dict), or a TorchScript
     archive (OpenAI CLIP)."""
-    from dgss.checkpoint import unreadable_reason
+    from dgss.checkpoint import UnreadableFile, unreadable_reason
+    from dgss.checkpoint import check_archive as check_zip
 
+    def check_archive(p: Path, where: str) -> None:
+        try:
+            check_zip(p, where)
+        except UnreadableFile as e:
+            raise ConvertError(str(e)) from None
+
+    if path.exists() and not path.is_file():
+        raise ConvertError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}; point at the "
+                           "official release file")  # fmt: skip
     if not path.is_file():
         raise ConvertError(f"{path} does not exist; download the official release first")
     if path.stat().st_size == 0:
         raise ConvertError(f"{path} is empty (0 bytes): an interrupted download? download it again")
+    check_archive(path, str(path))  # (a crafted zip would make torch.load allocate its declared size)
     if is_safetensors(path):  # whatever its name says (a .pth renamed from .safetensors)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -86,7 +97,11 @@ def read_release(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not obj:
         raise ConvertError(f"{path} holds no state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state and not any(v.is_floating_point() for v in state.values()):
+        raise ConvertError(f"{path} holds integer tensors only ({next(iter(state.values())).dtype}), not floating "
+                           "point weights: not a release; pass the official file")  # fmt: skip
+    return state
 
 
 def is_safetensors(path: Path) -> bool:

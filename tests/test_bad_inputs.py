@@ -86,6 +86,19 @@ def hostile(kind: str, good: Path, wrong: Path, where: Path, suffix: str) -> Pat
         f.write_bytes(wrong.read_bytes())
     elif kind == "payload":
         torch.save({"state_dict": {"w": torch.ones(1)}, "extra": Payload(where / "MARKER")}, f)
+    elif kind == "fifo":  # reading it would block for ever
+        os.mkfifo(f)
+    elif (
+        kind == "zip_bomb"
+    ):  # a few hundred KB declaring 200 MB, in a deflated record torch.load would inflate
+        import zipfile
+
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("archive/data.pkl", b"\0" * (200 << 20))
+    elif kind == "int64":  # the right names and shapes, integer values (a dump of the wrong thing)
+        state = torch.load(good, weights_only=True)
+        state = state.get("state_dict", state)
+        torch.save({k: v.to(torch.int64) for k, v in state.items()}, f)
     return f
 
 
@@ -96,7 +109,7 @@ def one_line(capsys) -> str:
     return err[0]
 
 
-KINDS = ["missing", "empty", "truncated", "random", "wrong_kind", "payload"]
+KINDS = ["missing", "empty", "truncated", "random", "wrong_kind", "payload", "fifo", "zip_bomb", "int64"]
 CKPT_USERS = [
     "dgss-train ckpt_path",
     "dgss-eval ckpt_path",
@@ -159,6 +172,8 @@ def cli(task, cfg, prog) -> int:
 @pytest.mark.parametrize("command", CKPT_USERS + WEIGHT_USERS)
 def test_checkpoint_and_weights_arguments(command, kind, made, tmp_path, compose_cfg, capsys):
     ckpt_arg = command in CKPT_USERS
+    if kind == "int64" and ckpt_arg:
+        pytest.skip("a checkpoint's tensors are checked against the method it builds (test_checkpoint_eval)")
     good = made["ckpt"] if ckpt_arg else made["weights"]
     wrong = made["image"]  # an image where a checkpoint or weights file belongs
     f = hostile(kind, good, wrong, tmp_path, ".ckpt" if ckpt_arg else ".pth")
@@ -173,6 +188,18 @@ def test_checkpoint_and_weights_arguments(command, kind, made, tmp_path, compose
         assert out.read_bytes() == b"the user's earlier file"  # nothing written over
     if kind == "payload":
         assert "could run code" in line
+    # issue 25 (10): each command names the file as it takes it (dgss-eval's is backbone_weights=, not backbone.weights=)
+    option = {"dgss-eval backbone_weights": "backbone_weights=", "dgss-predict backbone_weights": "backbone_weights=",
+              "dgss-merge --backbone-weights": "--backbone-weights=", "dgss-train backbone.weights": "backbone.weights="}  # fmt: skip
+    if command in option:
+        assert f"{option[command]}{str(f)!r}" in line, line
+    expected = {
+        "fifo": "not a regular file",
+        "zip_bomb": "holds compressed records",
+        "int64": "not floating point",
+    }
+    if kind in expected:  # (FIFO: "a folder" before; zip: 4 GB allocated first; int64: loaded silently)
+        assert expected[kind] in line, line
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "random", "wrong_kind"])

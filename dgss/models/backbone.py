@@ -15,6 +15,7 @@ COBOT) the attention and MLP modules of a block, with their dotted paths for rep
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import hashlib
 import io
@@ -52,6 +53,13 @@ TINY_KWARGS = {
     "sam": dict(depth=4, embed_dim=64, num_heads=2, global_attn_indexes=(1, 3), window_size=4, neck_chans=32),
 }
 DEFAULT_OUT_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1)  # 24 blocks -> [7, 11, 15, 23]; 12 -> [3, 5, 7, 11]
+
+
+#: how the command being run names the backbone's weights file in its messages: ``backbone.weights`` (dgss-train),
+#: ``backbone_weights`` (dgss-eval, dgss-predict), ``--backbone-weights`` (dgss-merge); set by ``load_method``
+WEIGHTS_OPTION: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "WEIGHTS_OPTION", default="backbone.weights"
+)
 
 
 def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
@@ -354,20 +362,23 @@ class Backbone(nn.Module):
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a local checkpoint through the model's timm filter; one-line errors for bad files."""
         path = Path(path).expanduser()
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{WEIGHTS_OPTION.get()}={str(path)!r} is {'a folder' if path.is_dir() else 'not a regular file'}; "
+                              "point it at a .pth/.safetensors weights file")  # fmt: skip
         if not path.is_file():
             raise ConfigError(
-                f"backbone.weights={str(path)!r} does not exist; point it at a local .pth/.safetensors file "
+                f"{WEIGHTS_OPTION.get()}={str(path)!r} does not exist; point it at a local .pth/.safetensors file "
                 "(dgss never downloads weights)"
             )
         state = self._filtered_state(path, self.model)
         own = self.model.state_dict()
         if any(k.startswith("backbone.model.") for k in state):
-            raise ConfigError(f"backbone.weights={str(path)!r} is a dgss-train checkpoint, not backbone weights: pass it "
+            raise ConfigError(f"{WEIGHTS_OPTION.get()}={str(path)!r} is a dgss-train checkpoint, not backbone weights: pass it "
                               "as ckpt_path=, and the backbone's own weights file as backbone.weights")  # fmt: skip
         problem = state_mismatch(own, state)
         if problem:
             raise ConfigError(
-                f"backbone.weights={str(path)!r} does not fit backbone.name={self.name!r} ({problem}); point it at "
+                f"{WEIGHTS_OPTION.get()}={str(path)!r} does not fit backbone.name={self.name!r} ({problem}); point it at "
                 "this model's weights (scripts/convert_weights.py makes them from an official release)"
             )
         self.model.load_state_dict(state, strict=True)
@@ -375,17 +386,17 @@ class Backbone(nn.Module):
 
     def _filtered_state(self, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         """The weights file's state dict through ``model``'s timm filter, classifier keys the model lacks left out."""
-        state = read_weights(path, "backbone.weights")
+        state = read_weights(path, WEIGHTS_OPTION.get())
         biased = dropped_dinov3_biases(state, model)
         if biased:
-            raise ConfigError(f"backbone.weights={str(path)!r} has non-zero attention q/v biases ({biased[0]}, "
+            raise ConfigError(f"{WEIGHTS_OPTION.get()}={str(path)!r} has non-zero attention q/v biases ({biased[0]}, "
                               f"{len(biased)} blocks) that {self._arch} has no place for (timm would drop them); "
                               f"use backbone.name={self._arch}_qkvb")  # fmt: skip
         try:
             state = timm_filter(state, model)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(
-                f"backbone.weights={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
+                f"{WEIGHTS_OPTION.get()}={str(path)!r} does not fit {self.name}: timm's filter failed with {e}"
             ) from None
         own = model.state_dict()
         classifier = ("head.", "fc_norm.") if not any(k.startswith("head.") for k in own) else ()
