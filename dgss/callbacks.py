@@ -19,6 +19,7 @@ from dgss import console
 from dgss.compat import StepProgressBar  # noqa: F401  (the progress bar of callbacks=default)
 from dgss.console import show
 from dgss.data.classes import IGNORE_INDEX
+from dgss.io import atomic_path
 from dgss.metrics import summarize
 
 
@@ -77,6 +78,27 @@ class IoUTables(pl.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.history = state.get("history", [])
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed_at = int(checkpoint.get("global_step", 0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run keeps the validations the run logged up to its checkpoint's step that the checkpoint
+        does not hold (one that ran after the checkpoint was written, before a kill): the history continues from
+        the file on disk, not only from the checkpoint; later ones are dropped (they will be redone)."""
+        step = getattr(self, "_resumed_at", None)
+        path = self.output_dir / "metrics.json" if self.output_dir is not None else None
+        if step is None or path is None or not path.is_file():
+            return
+        try:
+            on_disk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        have = {(e.get("stage"), e.get("step")) for e in self.history}
+        kept = [e for e in on_disk if isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] <= step
+                and (e.get("stage"), e["step"]) not in have and "domains" in e]  # fmt: skip
+        if kept:
+            self.history = sorted([*self.history, *kept], key=lambda e: (e["step"], e.get("stage") != "val"))
+
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         per_class = getattr(pl_module, "last_val", None)
         if not per_class or trainer.sanity_checking:
@@ -84,12 +106,19 @@ class IoUTables(pl.Callback):
         names = _class_names(trainer, len(next(iter(per_class.values()))))
         mean_over = getattr(pl_module, "mean_domains", None)
         scores = summarize(per_class, mean_over)
+        unscored = [d for d in (mean_over if mean_over is not None else per_class)
+                    if math.isnan(scores.get(f"{d}/mIoU", math.nan))]  # fmt: skip
+        if unscored:  # e.g. every image of a target skipped: the mean is over the others, and says so
+            console.warning(f"{stage} at step {trainer.global_step}: {', '.join(unscored)} scored no pixel (mIoU NaN: "
+                            "were all its images skipped?); the mean over targets leaves it out")  # fmt: skip
+            mean_over = [d for d in (mean_over if mean_over is not None else per_class) if d not in unscored]
         nan_none = lambda v: None if math.isnan(v) else round(100 * v, 4)  # noqa: E731
         entry = {
             "stage": stage,
             "step": trainer.global_step,
             "mean_mIoU": scores["mean_mIoU"],
             "mean_over": mean_over,
+            **({"not_scored": unscored} if unscored else {}),
             "domains": {
                 d: {
                     "mIoU": scores[f"{d}/mIoU"],
@@ -107,23 +136,19 @@ class IoUTables(pl.Callback):
         if self.console:  # the console and the run's log file
             title = self.title or f"{entry['stage']} IoU (%) at step {entry['step']}"
             show(iou_table(per_class, names, mean_over, title))
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
-            path = self.output_dir / "iou.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as f:
+        if (
+            self.output_dir is not None
+        ):  # both files from the whole history, atomically (a resume rewrites them)
+            with atomic_path(self.output_dir / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(self.history, indent=1))
+            with atomic_path(self.output_dir / "iou.csv") as tmp, tmp.open("w", newline="") as f:
                 w = csv.writer(f)
-                if new:
-                    w.writerow(["stage", "step", "domain", "class", "iou"])
-                for d, iou in per_class.items():
-                    for n, v in zip(names, iou.tolist()):
-                        w.writerow(
-                            [entry["stage"], entry["step"], d, n, "" if math.isnan(v) else f"{100 * v:.4f}"]
-                        )
-                    w.writerow(
-                        [entry["stage"], entry["step"], d, "mIoU", f"{entry['domains'][d]['mIoU']:.4f}"]
-                    )
+                w.writerow(["stage", "step", "domain", "class", "iou"])
+                for e in self.history:
+                    for d, dom in e["domains"].items():
+                        for n, v in dom["per_class"].items():
+                            w.writerow([e["stage"], e["step"], d, n, "" if v is None else f"{v:.4f}"])
+                        w.writerow([e["stage"], e["step"], d, "mIoU", f"{dom['mIoU']:.4f}"])
         wb = _wandb(trainer)
         if wb is not None:
             rows = [[n, *(None if math.isnan(float(iou[c])) else 100 * float(iou[c]) for iou in per_class.values())]

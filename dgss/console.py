@@ -18,6 +18,11 @@ def info(message: str) -> None:
         log.info(message)
 
 
+def warning(message: str) -> None:
+    if rank_zero_only.rank == 0:
+        log.warning(message)
+
+
 def show(renderable, width: int | None = None) -> None:
     """A rich table (or any renderable) as plain text, logged like :func:`info`."""
     if rank_zero_only.rank != 0:

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -66,7 +67,9 @@ class Task:
     dst: Path
 
     def done(self) -> bool:
-        return self.dst.is_file() and self.dst.stat().st_mtime >= self.src.stat().st_mtime
+        """``dst`` was made from ``src`` as it is now: ``run_task`` stamps ``dst`` with ``src``'s modification time,
+        so any replaced ``src`` (newer, or older as unzip and tar restore it) differs and is converted again."""
+        return self.dst.is_file() and self.dst.stat().st_mtime_ns == self.src.stat().st_mtime_ns
 
 
 # ------------------------------------------------------------------------------------------------- file work
@@ -120,7 +123,11 @@ WORK: dict[str, Callable[[Path, Path], None]] = {
 
 
 def run_task(task: Task) -> str:
+    stamp = (
+        task.src.stat().st_mtime_ns
+    )  # before reading: a src replaced meanwhile is converted again next time
     WORK[task.kind](task.src, task.dst)
+    os.utime(task.dst, ns=(time.time_ns(), stamp))
     return str(task.dst)
 
 

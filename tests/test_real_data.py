@@ -254,3 +254,72 @@ def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
         list(loader)
     msg = user_error(e.value)
     assert msg.startswith("cannot read ") and "3_labelTrainIds.png" in msg and "\n" not in msg, msg
+
+
+def test_a_target_with_every_image_skipped_is_named_and_left_out_of_mean_over(tmp_path, caplog):
+    """Issue 25 (9): a target whose images were all skipped got mIoU NaN and was silently left out of the mean
+    over targets, while metrics.json listed it in mean_over. Now a warning names it and metrics.json records the
+    targets the mean really is over."""
+    import json
+    import logging
+
+    import lightning.pytorch as pl
+    import torch
+    from test_methods import make_method
+
+    from dgss.callbacks import IoUTables
+    from dgss.data.datamodule import DGSSDataModule
+    from dgss.data.synthetic import SyntheticDomain
+    from dgss.data.transforms import TestPipeline
+    from dgss.methods.frozen import FrozenBackbone
+
+    _write_pair(tmp_path, "gta/images/0.png", "gta/labels/0_labelTrainIds.png", size=(64, 32))
+    _write_pair(tmp_path, "synthia/RGB/0.png", "synthia/GT/LABELS/0_labelTrainIds.png", size=(64, 32))
+    (tmp_path / "synthia/GT/LABELS/0_labelTrainIds.png").write_bytes(b"broken")
+    targets = {"ok": RealDataset("gta", "all", tmp_path, on_bad="skip"),
+               "lost": RealDataset("synthia", "all", tmp_path, on_bad="skip")}  # fmt: skip
+    dm = DGSSDataModule(sources={"s": SyntheticDomain("game", "train", 4, 32, 64)}, targets=targets,
+                        test_pipeline=TestPipeline(), val_batch_size=1, num_workers=0, pin_memory=False)  # fmt: skip
+    torch.manual_seed(0)
+    m = make_method(FrozenBackbone)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="dgss"):
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[IoUTables(out, console=False)]).validate(m, datamodule=dm)  # fmt: skip
+    assert "lost scored no pixel (mIoU NaN: were all its images skipped?)" in caplog.text
+    saved = json.loads((out / "metrics.json").read_text())[-1]
+    assert saved["mean_over"] == ["ok"] and saved["not_scored"] == ["lost"]
+    assert saved["mean_mIoU"] == pytest.approx(saved["domains"]["ok"]["mIoU"])
+
+
+def test_the_class_count_cache_follows_relabelled_files_and_survives_a_bad_cache(tmp_path, caplog):
+    """Issue 25 (9): the rare-class cache was keyed by label names only (labels re-converted in place were sampled
+    from stale counts) and a pickled or truncated cache file gave a traceback. Now the key holds each label's size
+    and mtime, and an unreadable cache is counted again with a warning (never unpickled)."""
+    import logging
+    import os
+
+    from dgss.data.rare_class import class_pixel_counts
+
+    for n in range(2):
+        _write_pair(
+            tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png", size=(8, 6), values=(1, 2)
+        )
+    ds = RealDataset("gta", "all", tmp_path)
+    cache = tmp_path / "cache"
+    first = class_pixel_counts(ds, 19, cache)
+    assert first[:, 1:3].sum() == 2 * 8 * 6 and first[:, 5].sum() == 0
+    label = tmp_path / "gta/labels/0_labelTrainIds.png"
+    stamp = label.stat()
+    Image.fromarray(np.full((6, 8), 5, np.uint8)).save(label)  # re-converted in place ...
+    os.utime(label, ns=(stamp.st_atime_ns, stamp.st_mtime_ns - 10**9))  # ... with an older mtime (unzip)
+    again = class_pixel_counts(RealDataset("gta", "all", tmp_path), 19, cache)
+    assert again[0, 5] == 8 * 6 and again[1].tolist() == first[1].tolist()
+    for f in cache.glob("class_pixels_*.npy"):  # a crafted (pickled) and a truncated cache file
+        np.save(f, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with caplog.at_level(logging.WARNING, logger="dgss.data"):
+        assert np.array_equal(class_pixel_counts(RealDataset("gta", "all", tmp_path), 19, cache), again)
+    assert "is unreadable (ValueError); counting again" in caplog.text
+    for f in cache.glob("class_pixels_*.npy"):
+        f.write_bytes(f.read_bytes()[:40])
+    assert np.array_equal(class_pixel_counts(RealDataset("gta", "all", tmp_path), 19, cache), again)

@@ -653,3 +653,23 @@ def test_a_finished_run_is_not_overwritten_without_overwrite_true(compose_cfg, t
     assert not (folder / "checkpoints" / "step000099.ckpt").exists()
     assert (folder / "metrics.json").read_text() != first
     assert len(json.loads((folder / "metrics.json").read_text())) == 1
+
+
+def test_a_validation_logged_after_the_last_checkpoint_is_kept_on_resume(compose_cfg, tmp_path):
+    """Issue 25 (9): the periodic checkpoint of step 2 is written before that step's validation; a crash after
+    the validation left metrics.json with it, and resume=auto rewrote metrics.json from the checkpoint, without
+    it. Now the resumed run keeps it: metrics.json and iou.csv end as a straight run's."""
+    run = [*RESUMABLE, "~callbacks.model_checkpoint"]  # only the checkpoints written before each validation
+    train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
+    resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train(
+            compose_cfg(
+                [*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
+            )
+        )
+    assert [h["step"] for h in json.loads((tmp_path / "resumed" / "metrics.json").read_text())] == [2]
+    train(compose_cfg(resumed))
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("straight", "resumed"))
+    assert [h["step"] for h in b] == [2, 4, 6] and a == b
+    assert (tmp_path / "straight" / "iou.csv").read_text() == (tmp_path / "resumed" / "iou.csv").read_text()

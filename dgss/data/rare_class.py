@@ -51,8 +51,13 @@ def class_pixel_counts(
         digest = hashlib.sha256(f"{key}|{num_classes}".encode()).hexdigest()[:16]
         path = Path(cache_dir).expanduser() / f"class_pixels_{digest}.npy"
         if path.is_file():
-            counts = np.load(path)
-            if counts.shape == (len(ds), num_classes):
+            try:  # no pickles (a crafted cache file), and a truncated one is counted again
+                counts = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                log.warning(f"rare-class sampling: the class-count cache {path} is unreadable ({type(e).__name__}); "
+                            "counting again")  # fmt: skip
+                counts = None
+            if counts is not None and counts.shape == (len(ds), num_classes) and counts.dtype == np.int64:
                 return counts
     loader = DataLoader(
         _Counts(ds, num_classes), batch_size=None, num_workers=num_workers, worker_init_fn=worker_init

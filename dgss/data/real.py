@@ -243,5 +243,14 @@ class RealDataset:
 
     @property
     def cache_key(self) -> str:
-        files = "\n".join(str(p[1].relative_to(self.root)) for p in self.pairs)
+        # names, sizes and modification times: labels re-converted in place give other counts, so another key
+        files = "\n".join(f"{p[1].relative_to(self.root)}|{_stamp(p[1])}" for p in self.pairs)
         return f"{self.dataset}/{self.split}/{len(self.pairs)}/{hashlib.sha256(files.encode()).hexdigest()}"
+
+
+def _stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
