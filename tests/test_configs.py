@@ -398,3 +398,15 @@ def test_every_run_gets_its_own_folder_unless_run_name_pins_one(compose_cfg):
     assert pinned.hydra.run.dir.endswith("/train/runs/seed42") and pinned.hydra.sweep.dir.endswith(
         "/multiruns/seed42"
     )
+
+
+@pytest.mark.parametrize("experiment", [e for e in config_names("experiment") if "/" in e])
+def test_every_paper_experiment_shrinks_to_the_embedded_data(compose_cfg, experiment, caplog):
+    """Issue 25 (8): `experiment=<x>/soma_* debug=tiny` failed ("dict is not a dgss data set"): the recipe's test
+    sizes for its real targets landed on the synthetic data as targets without a data set. Every paper recipe's
+    data builds under debug=tiny; such settings are dropped with a warning naming them."""
+    cfg = compose_cfg([f"experiment={experiment}", "debug=tiny"])
+    dm = hydra.utils.instantiate(cfg.data)
+    assert set(dm.targets) == set(cfg.data.targets) - {
+        n for n, t in cfg.data.targets.items() if "_target_" not in t
+    } and all(type(t).__name__ == "SyntheticDomain" for t in dm.targets.values())

@@ -73,6 +73,22 @@ def collate_eval(samples: list[dict]) -> dict:
     return batch
 
 
+def drop_settings_only(targets: Mapping[str, Any]) -> dict[str, Any]:
+    """The targets that are data sets. An entry that is only settings (a mapping without ``_target_``, e.g. a
+    recipe's ``cityscapes: {test_size: [2048, 1024]}`` meant for its real target) names a target this data config
+    does not have (``debug=tiny`` swaps in the embedded data): left out with a warning naming it."""
+    kept = {}
+    for name, ds in targets.items():
+        if isinstance(ds, Mapping) and "_target_" not in ds:
+            log.warning(f"data.targets.{name} sets {', '.join(map(str, ds)) or 'nothing'} but this data config has no "
+                        f"target {name!r} (a recipe's setting for its real data): ignored")  # fmt: skip
+            continue
+        kept[name] = ds
+    if not kept:
+        raise ConfigError("data.targets holds no data set (only settings for targets this data config lacks)")
+    return kept
+
+
 class DGSSDataModule(pl.LightningDataModule):
     """
     Args:
@@ -115,7 +131,7 @@ class DGSSDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.batch_size={batch_size} and data.val_batch_size={val_batch_size} must be > 0"
             )
-        self.sources, self.targets = dict(sources), dict(targets)
+        self.sources, self.targets = dict(sources), drop_settings_only(targets)
         unknown = set(source_weights or {}) - set(self.sources)
         if unknown:
             raise ConfigError(
