@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
