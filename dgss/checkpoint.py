@@ -69,9 +69,9 @@ def load_file(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = Fals
 
 
 def check_archive(path: Path, where: str) -> None:
-    """A zip archive (``torch.save``'s format) is read only if it is what ``torch.save`` writes: stored records
-    (it never compresses) whose sizes fit in the file. A crafted archive with a compressed record would make
-    ``torch.load`` allocate the declared size (GBs from a few MB) before it fails."""
+    """A zip archive (``torch.save``'s format) is read only if its records' declared sizes fit the file (records
+    are stored uncompressed; a TorchScript archive's small code records aside): a crafted archive with a
+    compressed record would make ``torch.load`` allocate its declared size (GBs from a few MB) before failing."""
     import zipfile
 
     if not zipfile.is_zipfile(path):
@@ -83,14 +83,17 @@ def check_archive(path: Path, where: str) -> None:
         raise UnreadableFile(
             where, f"is a damaged zip archive ({e}); copy it again or point at the right file"
         ) from None
-    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
     declared, size = sum(i.file_size for i in infos), path.stat().st_size
-    if packed:
-        raise UnreadableFile(where, f"holds compressed records ({packed[0]}), which torch.save never writes; refused "
-                                    "unread (a crafted file could claim any size): re-save it with torch.save")  # fmt: skip
-    if declared > size:
-        raise UnreadableFile(where, f"declares {declared} bytes of records in a {size}-byte file; refused unread: "
-                                    "copy it again or point at the right file")  # fmt: skip
+    if declared > size + ARCHIVE_SLACK:
+        packed = next((i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+        why = f", in compressed records ({packed}) torch.save never writes" if packed else ""
+        raise UnreadableFile(where, f"declares {declared} bytes of records in a {size}-byte file{why}; refused "
+                                    "unread (a crafted file can claim any size): copy it again, or re-save it")  # fmt: skip
+
+
+ARCHIVE_SLACK = (
+    64 << 20
+)  # bytes an archive may declare beyond its size (TorchScript compresses its code records)
 
 
 def unreadable_reason(e: Exception) -> str:

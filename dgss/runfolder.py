@@ -90,6 +90,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
+        self.created = not self.path.parent.exists()  # removed again if the run leaves nothing in it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -132,6 +133,11 @@ class RunLock:
             mine = False
         if mine:
             self.path.unlink(missing_ok=True)
+        if getattr(self, "created", False):
+            try:
+                self.path.parent.rmdir()  # only if empty: a run refused before it wrote anything leaves no folder
+            except OSError:
+                pass
 
 
 def previous_results(folder: str | os.PathLike) -> list[str]:

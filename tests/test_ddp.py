@@ -114,13 +114,14 @@ class _SignalOnRank1(pl.Callback):
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_one_checkpoint(tmp_path):
-    """SIGUSR1 reaches rank 1 only: the ranks agree at the next step's end, write one preempted.ckpt and stop."""
+    """SIGUSR1 reaches rank 1 only (from a callback's end-of-step hook): the ranks agree at that step's end
+    (Preemption acts after every other callback), write one preempted.ckpt and stop."""
     from dgss.preemption import Preemption
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=20, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
                          callbacks=[Preemption(tmp_path / "ckpt"), _SignalOnRank1()])  # fmt: skip
-    with pytest.raises(Exception, match="stopped by SIGUSR1 at step 3"):
+    with pytest.raises(Exception, match="stopped by SIGUSR1 at step 2"):
         trainer.fit(_method(), datamodule=_dm())
-    assert torch.load(tmp_path / "ckpt" / "preempted.ckpt", weights_only=True)["global_step"] == 3
+    assert torch.load(tmp_path / "ckpt" / "preempted.ckpt", weights_only=True)["global_step"] == 2

@@ -37,7 +37,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
 def test_the_newest_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none") is None
     old, new = tmp_path / "step000002.ckpt", tmp_path / "last.ckpt"
-    torch.save({"state_dict": {}}, old)
+    torch.save({"state_dict": {}, "loops": {}, "optimizer_states": []}, old)
     new.write_bytes(b"PK\x03\x04 truncated")
     os.utime(old, ns=(1, 1))
     with pytest.warns(UserWarning, match=r"last.ckpt is unreadable .*trying the previous checkpoint"):
@@ -673,3 +673,31 @@ def test_a_validation_logged_after_the_last_checkpoint_is_kept_on_resume(compose
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("straight", "resumed"))
     assert [h["step"] for h in b] == [2, 4, 6] and a == b
     assert (tmp_path / "straight" / "iou.csv").read_text() == (tmp_path / "resumed" / "iou.csv").read_text()
+
+
+def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(compose_cfg, tmp_path, capsys):
+    """Issue 25 (4, 7): `dgss-merge step.ckpt --out checkpoints/merged.ckpt` put a model-only file in the run
+    folder; resume=auto picked it (the newest) and died with Lightning's KeyError, as ckpt_path=<it> did. Now
+    resume=auto skips it with a warning and continues from the newest training checkpoint, and ckpt_path=<it> is
+    one line saying what the file is for."""
+    from dgss.checkpoint import merge
+    from dgss.cli import run_cli
+
+    folder = tmp_path / "run"
+    run = [*RESUMABLE, f"paths.output_dir={folder}"]
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        train(
+            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"])
+        )
+    merged = folder / "checkpoints" / "zz_merged.ckpt"
+    merge(folder / "checkpoints" / "step000002.ckpt", merged)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(train, compose_cfg([*run, "resume=null", f"ckpt_path={merged}"]), "dgss-train")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "is a model-only file (a dgss-merge output): it evaluates" in err, err
+    with pytest.warns(
+        UserWarning, match=r"zz_merged.ckpt is a model-only file .*trying the previous checkpoint"
+    ):
+        train(compose_cfg(run))
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
