@@ -401,7 +401,7 @@ def test_every_run_gets_its_own_folder_unless_run_name_pins_one(compose_cfg):
 
 
 @pytest.mark.parametrize("experiment", [e for e in config_names("experiment") if "/" in e])
-def test_every_paper_experiment_shrinks_to_the_embedded_data(compose_cfg, experiment, caplog):
+def test_every_paper_experiment_shrinks_to_the_embedded_data(compose_cfg, experiment):
     """Issue 25 (8): `experiment=<x>/soma_* debug=tiny` failed ("dict is not a dgss data set"): the recipe's test
     sizes for its real targets landed on the synthetic data as targets without a data set. Every paper recipe's
     data builds under debug=tiny; such settings are dropped with a warning naming them."""
