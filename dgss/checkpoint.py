@@ -196,6 +196,13 @@ def readable(path: Path) -> bool:
     return True
 
 
+def _is_training_checkpoint(path: Path) -> bool:
+    try:
+        return is_training_state(load_checkpoint_dict(path, "--out", mmap=True))
+    except UnreadableFile:
+        return False
+
+
 def is_training_state(ckpt: dict) -> bool:
     """A checkpoint a run can resume from: Lightning's loops and the optimizer states, not a merged model file."""
     return "loops" in ckpt and "optimizer_states" in ckpt and "merged" not in (ckpt.get("dgss") or {})
@@ -383,6 +390,9 @@ def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_
     inputs = {"the checkpoint to merge": ckpt_path, "its backbone weights file": identity.get("weights")}
     if out is not None:
         check_output_file(out, "--out", inputs)
+        if Path(out).is_file() and _is_training_checkpoint(Path(out)):
+            raise ConfigError(f"--out={str(out)!r} is a training checkpoint (a run resumes from it); a merged model "
+                              "file would replace it: write the merged file to another name")  # fmt: skip
     if backbone_out is not None:
         check_output_file(backbone_out, "--backbone-out", {**inputs, "--out": out})
     written = {}

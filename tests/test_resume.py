@@ -682,6 +682,7 @@ def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(com
     one line saying what the file is for."""
     from dgss.checkpoint import merge
     from dgss.cli import run_cli
+    from dgss.errors import ConfigError
 
     folder = tmp_path / "run"
     run = [*RESUMABLE, f"paths.output_dir={folder}"]
@@ -690,6 +691,10 @@ def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(com
             compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"])
         )
     merged = folder / "checkpoints" / "zz_merged.ckpt"
+    last = (folder / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"last.ckpt' is a training checkpoint \(a run resumes from it\)"):
+        merge(folder / "checkpoints" / "step000002.ckpt", folder / "checkpoints" / "last.ckpt")
+    assert (folder / "checkpoints" / "last.ckpt").read_bytes() == last
     merge(folder / "checkpoints" / "step000002.ckpt", merged)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
