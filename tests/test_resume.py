@@ -706,3 +706,19 @@ def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(com
     ):
         train(compose_cfg(run))
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_process_with_live_loader_workers_exits_without_waiting_for_them(tmp_path):
+    """The workers ignore SIGTERM (issue 25, 2); Python's exit handler terminates daemonic children with SIGTERM and
+    waits for them, so a process leaving with live workers (an exception, a preemption) hung for ever. dgss kills
+    them at exit instead."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "from torch.utils.data import DataLoader\n"
+        "from dgss.data.workers import worker_init\n"
+        "dl = DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=worker_init, "
+        "persistent_workers=True)\n"
+        "it = iter(dl)\nnext(it)\nraise SystemExit(3)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
