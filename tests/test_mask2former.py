@@ -583,3 +583,33 @@ def test_a_new_head_starts_where_mmdet_init_weights_puts_it():
     assert not torch.equal(
         ours["pixel_decoder.layers.0.ffn.0.weight"], before["pixel_decoder.layers.0.ffn.0.weight"]
     )
+
+
+def test_matching_costs_are_float32_with_autocast_off():
+    """Issue 26 (2): under bf16 autocast the cost matmuls ran in bf16, so the matches could differ from the official
+    matcher's (float32). The costs under CPU bf16 autocast equal a float32 computation of the same inputs and
+    points, bit for bit, and differ from the same formula evaluated in bf16."""
+    from dgss.models.heads.mask2former.criterion import SetCriterion, bce_cost, dice_cost, point_sample
+
+    torch.manual_seed(0)
+    crit = SetCriterion(19, num_points=256)
+    cls_logits, mask_logits = torch.randn(10, 20), torch.randn(10, 16, 16) * 3
+    classes = torch.tensor([1, 4, 7])
+    masks = (torch.rand(3, 16, 16) > 0.5).float()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = crit.cost(cls_logits, mask_logits, classes, masks)
+    torch.manual_seed(1)
+    want = crit.cost(cls_logits, mask_logits, classes, masks)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    torch.manual_seed(
+        1
+    )  # the same formula with its matmuls in bf16 (what autocast did before) is not the same
+    points = torch.rand(1, 256, 2)
+    pred = point_sample(mask_logits, points.expand(10, -1, -1))
+    tgt = point_sample(masks, points.expand(3, -1, -1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = (
+            -2.0 * cls_logits.softmax(-1)[:, classes] + 5.0 * bce_cost(pred, tgt) + 5.0 * dice_cost(pred, tgt)
+        )
+    assert not torch.equal(low.float(), want)

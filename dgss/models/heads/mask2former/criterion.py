@@ -120,12 +120,16 @@ class SetCriterion:
     @torch.no_grad()
     def cost(self, cls_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor,
              masks: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """One image's matching cost (Q, M): class 2.0 / mask BCE 5.0 / Dice 5.0 over shared random points."""
+        """One image's matching cost (Q, M): class 2.0 / mask BCE 5.0 / Dice 5.0 over shared random points, in
+        float32 with autocast off, as the official matcher computes it (under ``bf16-mixed`` the cost matmuls would
+        otherwise run in bf16 and the matches could differ from the paper's)."""
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
-        pred = point_sample(mask_logits, points.expand(mask_logits.shape[0], -1, -1))
-        tgt = point_sample(masks, points.expand(masks.shape[0], -1, -1))
-        return (-self.w_cls * cls_logits.softmax(-1)[:, classes] + self.w_mask * bce_cost(pred, tgt)
-                + self.w_dice * dice_cost(pred, tgt))  # fmt: skip
+        with torch.autocast(mask_logits.device.type, enabled=False):
+            cls_logits, mask_logits, masks = cls_logits.float(), mask_logits.float(), masks.float()
+            pred = point_sample(mask_logits, points.expand(mask_logits.shape[0], -1, -1))
+            tgt = point_sample(masks, points.expand(masks.shape[0], -1, -1))
+            return (-self.w_cls * cls_logits.softmax(-1)[:, classes] + self.w_mask * bce_cost(pred, tgt)
+                    + self.w_dice * dice_cost(pred, tgt))  # fmt: skip
 
     def targets(self, labels: torch.Tensor) -> BatchTargets:
         """The batch's targets (one ``torch.unique`` per image), shared by every layer's call."""
