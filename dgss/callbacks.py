@@ -369,6 +369,7 @@ class EMA(pl.Callback):
             return
         self._step = n
         copy = n <= max(self.begin, 1)
+        avgs, params = [], []
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
@@ -376,10 +377,14 @@ class EMA(pl.Callback):
             # a parameter that starts training now (FisherTune's candidates) was constant: its average is θ
             if a is None:
                 self.avg[name] = p.detach().clone()
-            elif copy:
-                a.copy_(p.detach())
             else:
-                a.lerp_(p.detach(), self.momentum)
+                avgs.append(a)
+                params.append(p.detach())
+        if avgs:  # one multi-tensor kernel per step, not one per parameter (the same lerp / copy per element)
+            if copy:
+                torch._foreach_copy_(avgs, params)
+            else:
+                torch._foreach_lerp_(avgs, params, self.momentum)
 
     @torch.no_grad()
     def _swap(self, pl_module) -> None:
