@@ -38,6 +38,11 @@ def _end_workers() -> None:
     children with SIGTERM and then waits for them: these workers ignore SIGTERM (or are just starting and will), so
     it would wait for ever. Each daemonic child gets SIGTERM as there, a second to go, then SIGKILL."""
     children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    # PyTorch's SIGCHLD handler raises in the main process for a worker killed by a signal: at exit that is
+    # expected, and an error raised inside this loop would leave the other workers to the waiting handler
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in children:
         p.terminate()
     deadline = time.monotonic() + 1.0
