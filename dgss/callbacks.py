@@ -455,8 +455,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def undo_sparse_difference(stored: torch.Tensor | dict, reference: torch.Tensor) -> torch.Tensor:
-    if isinstance(stored, torch.Tensor):
-        return stored
-    full = reference.detach().clone()
-    full.view(-1)[stored["index"].to(full.device)] = stored["value"].to(full.device, full.dtype)
-    return full
+    from dgss.checkpoint import with_elements
+
+    return stored if isinstance(stored, torch.Tensor) else with_elements(reference, stored)

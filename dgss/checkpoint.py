@@ -290,9 +290,14 @@ def apply_sparse_delta(
     for name, d in delta.items():
         if prefix + name in state:
             continue
-        full = pretrained[name].detach().clone()
-        full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
-        state[prefix + name] = full
+        state[prefix + name] = with_elements(pretrained[name], d)
+
+
+def with_elements(base: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A copy of ``base`` with the elements ``d["index"]`` (of its flat view) set to ``d["value"]``."""
+    full = base.detach().clone()
+    full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
+    return full
 
 
 # --------------------------------------------------------------------------------------------- rebuilding

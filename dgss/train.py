@@ -134,6 +134,9 @@ RESUME_FREE = (
 
 
 def _flat(node, prefix: str) -> dict[str, object]:
+    """``{dotted key: leaf value}`` of a (Dict)Config subtree."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node)
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
@@ -150,13 +153,9 @@ def check_unchanged(cfg: DictConfig, ckpt: dict, path: str) -> None:
     stored, now = ckpt.get("dgss_config") or {}, model_config(cfg)
     changed = []
     for key in RESUME_FIXED:
-        head, *rest = key.split(".")
-        a = OmegaConf.select(OmegaConf.create({head: stored.get(head, {})}), key, default=None)
-        b = OmegaConf.select(OmegaConf.create({head: now.get(head, {})}), key, default=None)
-        if head not in stored:
+        if key.split(".")[0] not in stored:
             continue
-        fa = _flat(OmegaConf.to_container(a) if isinstance(a, DictConfig) else a, key)
-        fb = _flat(OmegaConf.to_container(b) if isinstance(b, DictConfig) else b, key)
+        fa, fb = (_flat(OmegaConf.select(OmegaConf.create(c), key, default=None), key) for c in (stored, now))
         for k in sorted(set(fa) | set(fb)):
             if not k.startswith(RESUME_FREE) and fa.get(k) != fb.get(k):
                 changed.append(f"{k}={fa.get(k)!r} (this command: {fb.get(k)!r})")

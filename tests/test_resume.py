@@ -47,10 +47,7 @@ def test_the_newest_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
 def test_resume_auto_continues_the_run_in_its_folder(compose_cfg, tmp_path):
     run = [*DATA, "trainer=cpu", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "~logger",
            "callbacks=default", "~callbacks.progress_bar", "~callbacks.media", "resume=auto", "trainer.max_steps=4"]  # fmt: skip
-    with pytest.raises(RuntimeError, match="crash after step 2"):
-        train(
-            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=2"])
-        )
+    crash_after(compose_cfg, run, 2)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and "step000002.ckpt" in ckpts
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"corrupt")  # killed while writing, say
@@ -108,7 +105,16 @@ def test_compiled_training_writes_the_same_checkpoint_keys(compose_cfg, tmp_path
     keys = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
-        train(compose_cfg([*base, f"compile={str(compiled).lower()}", f"+callbacks.last.dirpath={out}"]))
+        train(
+            compose_cfg(
+                [
+                    *base,
+                    f"compile={str(compiled).lower()}",
+                    f"+callbacks.last.dirpath={out}",
+                    f"paths.output_dir={out}",
+                ]
+            )
+        )  # one run folder each
         keys[compiled] = sorted(torch.load(out / "last.ckpt", weights_only=False)["state_dict"])
     assert keys[True] == keys[False] and not any("_orig_mod" in k for k in keys[True])
 
@@ -116,6 +122,16 @@ def test_compiled_training_writes_the_same_checkpoint_keys(compose_cfg, tmp_path
 RESUMABLE = [*DATA, "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=2", "~logger",
              "trainer.num_sanity_val_steps=0", "callbacks=default", "~callbacks.progress_bar", "~callbacks.media",
              "resume=auto"]  # fmt: skip
+
+
+def crash_after(compose_cfg, run, step):
+    """Train ``run`` until it crashes before step ``step + 1`` (resume_helpers.CrashAt)."""
+    with pytest.raises(RuntimeError, match=f"crash after step {step}"):
+        train(
+            compose_cfg(
+                [*run, "+callbacks.crash._target_=resume_helpers.CrashAt", f"+callbacks.crash.step={step}"]
+            )
+        )
 
 
 def final_weights(folder):
@@ -336,12 +352,7 @@ def test_resume_keeps_the_csv_history_and_ends_with_the_straight_runs_rows(compo
     ]
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
-    with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(
-            compose_cfg(
-                [*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
-            )
-        )
+    crash_after(compose_cfg, resumed, 3)
     before = rows(tmp_path / "resumed")
     assert [s for s, *_ in before] == [0, 1, 1, 2]  # steps 0-2 trained, the validation at step 2 logged as 1
     train(compose_cfg(resumed))
@@ -454,10 +465,7 @@ def test_progress_bar_counts_steps_of_max_steps_also_after_a_resume(compose_cfg,
         "callbacks.progress_bar._target_=" + __name__ + ".Spy"
     ]
     globals()["Spy"] = Spy
-    with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(
-            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"])
-        )
+    crash_after(compose_cfg, run, 3)
     first = list(seen)
     seen.clear()
     train(compose_cfg(run))
@@ -553,12 +561,7 @@ def test_resuming_an_averaged_run_without_its_averaging_is_refused(
     from dgss.cli import run_cli
 
     run = [*RESUMABLE, "backbone=toy", f"backbone.weights={toy_weights}", *GROUP_RUNS["soma"][:-1]]
-    with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(
-            compose_cfg(
-                [*run, EMA_CB, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
-            )
-        )
+    crash_after(compose_cfg, [*run, EMA_CB], 3)
     for extra, why in [([], "without it"), (["callbacks.ema={_target_: dgss.callbacks.EMA, momentum: 0.1, begin: 1}"],
                                             "with other settings")]:  # fmt: skip
         capsys.readouterr()
@@ -662,12 +665,7 @@ def test_a_validation_logged_after_the_last_checkpoint_is_kept_on_resume(compose
     run = [*RESUMABLE, "~callbacks.model_checkpoint"]  # only the checkpoints written before each validation
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
-    with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(
-            compose_cfg(
-                [*resumed, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"]
-            )
-        )
+    crash_after(compose_cfg, resumed, 3)
     assert [h["step"] for h in json.loads((tmp_path / "resumed" / "metrics.json").read_text())] == [2]
     train(compose_cfg(resumed))
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("straight", "resumed"))
@@ -686,10 +684,7 @@ def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(com
 
     folder = tmp_path / "run"
     run = [*RESUMABLE, f"paths.output_dir={folder}"]
-    with pytest.raises(RuntimeError, match="crash after step 3"):
-        train(
-            compose_cfg([*run, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=3"])
-        )
+    crash_after(compose_cfg, run, 3)
     merged = folder / "checkpoints" / "zz_merged.ckpt"
     last = (folder / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(ConfigError, match=r"last.ckpt' is a training checkpoint \(a run resumes from it\)"):
