@@ -71,7 +71,20 @@ class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar counted in optimizer steps of ``trainer.max_steps`` (an iteration-based run has
     no meaningful epochs: Lightning's bar showed ``Epoch 0/-2`` and, after a resume, ``20/9`` batches of a pass), with
     the rate and the time left; after a resume it starts at the checkpoint's step. Overrides private methods of
-    ``RichProgressBar``: hence here."""
+    ``RichProgressBar``: hence here.
+
+    Args:
+        metrics_every: steps between readings of the logged metrics shown beside the bar (each reading copies the
+            loss to the host, a synchronisation that stalls the GPU's queue); ``None``: ``trainer.log_every_n_steps``,
+            the steps the loggers read them anyway. The step count and rate update every step.
+        **kwargs: ``RichProgressBar``'s.
+    """
+
+    def __init__(self, metrics_every: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if metrics_every is not None and metrics_every < 1:
+            raise ValueError(f"callbacks.progress_bar.metrics_every={metrics_every} must be >= 1 (or null)")
+        self.metrics_every = metrics_every
 
     @property
     def total_train_batches(self) -> int | float:
@@ -102,7 +115,9 @@ class StepProgressBar(RichProgressBar):
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        every = self.metrics_every or trainer.log_every_n_steps
+        if trainer.global_step % every == 0 or trainer.global_step == self.total_train_batches:
+            self._update_metrics(trainer, pl_module)
         self.refresh()
 
 

@@ -1,4 +1,5 @@
 import functools
+from unittest.mock import patch
 import math
 
 import lightning.pytorch as pl
@@ -335,6 +336,64 @@ def test_a_nonfinite_step_leaves_parameters_buffers_and_optimizer_state_bit_iden
     for path in saved:
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_window_with_one_check_per_step(tmp_path):
+    """Issue 26 (3): the loss is not checked when it is made (a host synchronisation per micro-batch) but with the
+    window's gradients, in one copy at the window's end. A NaN first micro-batch of window 2 (of 2 micro-batches)
+    still skips that window whole: parameters and optimizer state as after window 1, one skip counted, and the
+    windows around it train; the guard's decision costs one device-to-host copy per optimizer step."""
+    torch.manual_seed(0)
+    m = make_method(FullFineTune, max_nonfinite=3)
+    _nan_at(m, {2})  # micro-batches 2, 3 form the second window
+    states, copies = {}, []
+    real_stack = torch.stack
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            states[batch_idx] = _state(trainer, pl_module)
+
+    def counted_stack(tensors, *a, **k):  # the guard's flags are stacked, then copied once
+        out = real_stack(tensors, *a, **k)
+        if out.dtype == torch.bool:
+            copies.append(len(tensors))
+        return out
+
+    t = trainer(tmp_path, steps=3, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[Look()])
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 1: step skipped \(1 in a row, 1 in all\)"):
+        with patch.object(torch, "stack", counted_stack):
+            t.fit(m, datamodule=make_dm(n_train=16))
+    assert m.nonfinite == {"total": 1, "streak": 0} and t.global_step == 3
+    for k, v in states[1].items():  # window 2 (batches 2, 3) changed nothing
+        assert torch.equal(v, states[3][k]), k
+    assert any(not torch.equal(v, states[1][k]) for k, v in states[5].items())  # window 3 trains
+    assert copies == [2, 2, 2]  # per optimizer step: the losses' and the gradients' flags, one copy
+
+
+def test_the_progress_bar_reads_the_metrics_every_n_steps(tmp_path):
+    """Issue 26 (3): reading the logged loss for the bar is a host synchronisation; the step bar reads it every
+    ``metrics_every`` steps (default: the loggers' ``log_every_n_steps``) and at the last step, not every step."""
+    from dgss.callbacks import StepProgressBar
+
+    read = []
+
+    class Spy(StepProgressBar):
+        def _update_metrics(self, trainer, pl_module):
+            read.append(trainer.global_step)
+            super()._update_metrics(trainer, pl_module)
+
+    torch.manual_seed(0)
+    t = pl.Trainer(accelerator="cpu", max_steps=7, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Spy(metrics_every=3)])  # fmt: skip
+    t.fit(make_method(FullFineTune), datamodule=make_dm(n_train=16))
+    assert sorted(set(read)) == [3, 6, 7]  # (Lightning's own end-of-pass hook reads once more at the end)
+    t = pl.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Spy()], log_every_n_steps=2)  # fmt: skip
+    read.clear()
+    t.fit(make_method(FullFineTune), datamodule=make_dm(n_train=16))
+    assert sorted(set(read)) == [2, 4, 5]
+    with pytest.raises(ValueError, match="metrics_every=0 must be >= 1"):
+        StepProgressBar(metrics_every=0)
 
 
 def test_gradient_accumulation_keeps_the_schedule_on_optimizer_steps(tmp_path):

@@ -125,6 +125,35 @@ def cosine_weight_decay(wd0: float, t: int, total: int, wd_min: float, zero: str
     return wd_min + (wd0 - wd_min) * (1.0 + math.cos(math.pi * min(t, total) / total)) / 2.0
 
 
+def fast_implementation(factory: Callable[..., torch.optim.Optimizer], device_types: set[str]) -> dict[str, bool]:
+    """The keyword that makes a torch optimizer take its fastest exact path for parameters on ``device_types``:
+    ``fused=True`` on CUDA (AdamW's whole update in one kernel launch per ~100 tensors, found-inf aware),
+    ``foreach=True`` elsewhere (one vectorised op per update term, not one per tensor); nothing when the optimizer
+    has no such option or the config chose (``+method.optimizer.fused=false`` / ``foreach``).
+
+    >>> import functools
+    >>> fast_implementation(functools.partial(torch.optim.AdamW, lr=1e-4), {"cuda"})
+    {'fused': True}
+    >>> fast_implementation(functools.partial(torch.optim.AdamW, lr=1e-4), {"cpu"})
+    {'foreach': True}
+    >>> fast_implementation(functools.partial(torch.optim.AdamW, fused=False), {"cuda"})
+    {}
+    """
+    import inspect
+
+    func = getattr(factory, "func", factory)
+    chosen = {k for k, v in getattr(factory, "keywords", {}).items() if k in ("fused", "foreach") and v is not None}
+    try:
+        accepted = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+    if chosen or not device_types:
+        return {}
+    if device_types == {"cuda"} and "fused" in accepted:
+        return {"fused": True}
+    return {"foreach": True} if "foreach" in accepted else {}
+
+
 def default_optimizer() -> Callable[..., torch.optim.Optimizer]:
     c = OptimizerConfig()
     return functools.partial(
@@ -176,6 +205,7 @@ class SegmentationMethod(pl.LightningModule):
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
         self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
         self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
+        self._loss_finite: torch.Tensor | None = None  # the window's losses all finite (on the device, unchecked)
         mean, std = backbone.normalization
         self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1) * 255, persistent=False)
@@ -275,17 +305,23 @@ class SegmentationMethod(pl.LightningModule):
             self._saved_buffers = None
 
     def step_is_finite(self, value: torch.Tensor | None, what: str = "loss") -> bool:
-        """The non-finite guard: False (skip the step) when ``value`` (the loss, or the gradients' summed norms) is
-        NaN / inf on any rank. A skipped step changes no parameter, buffer or optimizer state (its running statistics
-        are restored, its gradients dropped); it is counted, logged and warned about, and ``max_nonfinite`` in a row
-        raise :class:`TrainingAborted`. The iteration still counts, so the schedule stays on the step axis."""
-        finite = bool(torch.isfinite(value.detach()).all()) if value is not None else True
+        """The non-finite guard, checked now (one host synchronisation): False (skip the step) when ``value`` (a loss,
+        or the gradients' summed norms) is NaN / inf on any rank; see :meth:`record_finite`. The training step itself
+        does not wait here: its loss is checked with its gradients, in :meth:`finish_window`."""
+        return self.record_finite(bool(torch.isfinite(value.detach()).all()) if value is not None else True, what)
+
+    def record_finite(self, finite: bool, what: str = "loss") -> bool:
+        """The guard's decision: a skipped step changes no parameter, buffer or optimizer state (its running
+        statistics are restored, its gradients dropped); it is counted, logged and warned about, and
+        ``max_nonfinite`` in a row raise :class:`TrainingAborted`. The iteration still counts, so the schedule stays
+        on the step axis. Every rank decides together (or DDP would hang)."""
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:  # every rank skips together, or DDP would hang
+        if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
         self.restore_buffers()
+        self._loss_finite = None
         for p in self.parameters():
             p.grad = None
         self._skip_window = True
@@ -305,6 +341,10 @@ class SegmentationMethod(pl.LightningModule):
             )
         return False
 
+    def _fp16_scaler(self) -> bool:
+        """Lightning's fp16 grad scaler checks the gradients itself and must see the backward it scaled."""
+        return self._trainer is not None and str(self.trainer.precision).startswith("16")
+
     def step_done(self) -> None:
         """An update went through: the streak ends and the saved running statistics are dropped."""
         self.nonfinite["streak"] = 0
@@ -322,15 +362,21 @@ class SegmentationMethod(pl.LightningModule):
         )
 
     def finish_window(self, optimizer, extra_grads: Sequence[torch.Tensor] = ()) -> bool:
-        """At the end of an accumulation window (before clipping): True when the optimizer step goes ahead. A window
-        with a non-finite loss updates nothing (its gradients are dropped); gradients that overflowed from a finite
-        loss — the optimizer's, and ``extra_grads`` a method took outside it — skip the update the same way (under fp16
-        Lightning's grad scaler does that itself)."""
+        """At the end of an accumulation window (before clipping): True when the optimizer step goes ahead. The
+        window's losses (:meth:`training_step` left their finiteness on the device) and its gradients — the
+        optimizer's, and ``extra_grads`` a method took outside it — are checked together, in one host
+        synchronisation; a non-finite one skips the window's update: its gradients are dropped and its running
+        statistics restored (under fp16 Lightning's grad scaler checks the gradients itself)."""
         if not self._skip_window:
+            checks = {"loss": self._loss_finite} if self._loss_finite is not None else {}
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             grads += list(extra_grads)
-            if grads and not str(self.trainer.precision).startswith("16"):
-                self.step_is_finite(grad_norm(grads), "gradients")
+            if grads and not self._fp16_scaler():
+                checks["gradients"] = torch.isfinite(grad_norm(grads))
+            self._loss_finite = None
+            if checks:
+                finite = torch.stack(list(checks.values())).cpu().numpy().tolist()  # the step's one host synchronisation
+                self.record_finite(all(finite), next((w for w, ok in zip(checks, finite) if not ok), "loss"))
         if self._skip_window:  # the window ends here; no member of the optimizer sees a gradient
             self._skip_window = False
             for p in self.parameters():
@@ -353,10 +399,15 @@ class SegmentationMethod(pl.LightningModule):
         self.save_buffers()
         images, labels = self.prepare_batch(batch)
         losses = self.training_losses(images, labels)
-        loss = sum(losses.values()) if losses is not None else None
-        if losses is None or not self.step_is_finite(loss):
-            # no backward (a zero one under DDP); the optimizer step has no gradients (the iteration counts)
+        if losses is None:  # no backward (a zero one under DDP); the optimizer step has no gradients
             return self.skipped_step_output()
+        loss = sum(losses.values())
+        if self._fp16_scaler():  # the scaler must not step on dropped gradients: decide before the backward
+            if not self.step_is_finite(loss):
+                return self.skipped_step_output()
+        else:  # checked with the gradients at the window's end (finish_window): no host synchronisation here
+            finite = torch.isfinite(loss.detach())
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
@@ -424,11 +475,14 @@ class SegmentationMethod(pl.LightningModule):
         return groups
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """``method.optimizer`` over :meth:`param_groups`, each group's lr and decay times its multipliers; the groups
-        are printed."""
+        """``method.optimizer`` over :meth:`param_groups`, each group's lr and decay times its multipliers, in its
+        fastest exact implementation for the parameters' device (:func:`fast_implementation`: fused on CUDA); the
+        groups are printed."""
         groups = self.param_groups()
+        devices = {p.device.type for g in groups for p in g["params"]}
         opt = self.optimizer_factory(
-            [{k: v for k, v in g.items() if k not in ("names", "rules")} for g in groups]
+            [{k: v for k, v in g.items() if k not in ("names", "rules")} for g in groups],
+            **fast_implementation(self.optimizer_factory, devices),
         )
         base_lr, base_wd = opt.defaults["lr"], opt.defaults.get("weight_decay", 0.0)
         for g in opt.param_groups:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgss.models.heads.mask2former.cache import size_cached
+
 
 def ms_deform_attn(value: torch.Tensor, shapes: Sequence[tuple[int, int]], locations: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -39,6 +41,13 @@ def ms_deform_attn(value: torch.Tensor, shapes: Sequence[tuple[int, int]], locat
     attn = weights.transpose(1, 2).reshape(b * heads, 1, nq, levels * points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # (B·H, d, Nq)
     return out.view(b, heads * d, nq).transpose(1, 2)
+
+
+def level_sizes(
+    shapes: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(levels, 2): each level's (w, h), the divisor that turns pixel offsets into normalised ones."""
+    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
 
 
 class MSDeformAttn(nn.Module):
@@ -89,7 +98,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(q).view(b, n, self.num_heads, self.num_levels, self.num_points, 2)
         weights = self.attention_weights(q).view(b, n, self.num_heads, self.num_levels * self.num_points)
         weights = weights.softmax(-1).view(b, n, self.num_heads, self.num_levels, self.num_points)
-        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        normaliser = size_cached(self, level_sizes, tuple(map(tuple, shapes)), query.dtype, query.device)
         locations = (
             reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         )

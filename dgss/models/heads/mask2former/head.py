@@ -21,6 +21,7 @@ from torch import nn
 
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
+from dgss.models.heads.mask2former.cache import size_cached
 from dgss.models.heads.mask2former.criterion import SetCriterion
 from dgss.models.heads.mask2former.official import load_official_head
 from dgss.models.heads.mask2former.pixel_decoder import PixelDecoder, sine_position_encoding
@@ -175,8 +176,11 @@ class Mask2FormerHead(nn.Module):
         mem, mem_pos = [], []
         for i, m in enumerate(memories):
             mem.append(m.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
-            pos = sine_position_encoding(b, *m.shape[-2:], self.dim // 2, device=m.device, dtype=m.dtype)
-            mem_pos.append(pos.flatten(2).transpose(1, 2))
+            h, w = m.shape[-2:]
+            pos = size_cached(
+                self, sine_position_encoding, 1, h, w, self.dim // 2, device=m.device, dtype=m.dtype
+            )
+            mem_pos.append(pos.expand(b, -1, -1, -1).flatten(2).transpose(1, 2))
         if queries is not None:
             q_pos = queries.to(mask_features.dtype)[None].expand(b, -1, -1)
             q = (
@@ -212,10 +216,9 @@ class Mask2FormerHead(nn.Module):
         return torch.einsum("bqc,bqhw->bchw", output["cls"][-1].softmax(-1)[..., :-1], masks.sigmoid())
 
     def loss(self, output: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The last layer's class / mask / Dice losses, and every earlier prediction's summed as ``loss_aux``."""
-        targets = self.criterion.targets(labels)  # once per batch, shared by the layers
-        n = self.criterion.normaliser(targets)
-        per_layer = [self.criterion(c, m, labels, n, targets) for c, m in zip(output["cls"], output["masks"])]
-        out = dict(per_layer[-1])
-        out["loss_aux"] = sum(sum(d.values()) for d in per_layer[:-1])
+        """The last layer's class / mask / Dice losses, and every earlier prediction's summed as ``loss_aux`` (all
+        layers matched and scored together: :meth:`SetCriterion.losses`)."""
+        per_layer = self.criterion.losses(output["cls"], output["masks"], labels)
+        out = {k: v[-1] for k, v in per_layer.items()}
+        out["loss_aux"] = sum(per_layer.values())[:-1].sum()
         return out

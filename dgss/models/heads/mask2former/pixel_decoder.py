@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgss.models.heads.mask2former.cache import size_cached
 from dgss.models.heads.mask2former.deform_attn import MSDeformAttn
 
 
@@ -128,12 +129,16 @@ class PixelDecoder(nn.Module):
             h, w = f.shape[-2:]
             shapes.append((h, w))
             tokens.append(conv(f).flatten(2).transpose(1, 2))
-            p = sine_position_encoding(b, h, w, self.dim // 2, device=f.device, dtype=f.dtype)
-            pos.append(p.flatten(2).transpose(1, 2) + self.level_encoding.weight[i].view(1, 1, -1))
+            p = size_cached(
+                self, sine_position_encoding, 1, h, w, self.dim // 2, device=f.device, dtype=f.dtype
+            )
+            pos.append(
+                p.expand(b, -1, -1, -1).flatten(2).transpose(1, 2)
+                + self.level_encoding.weight[i].view(1, 1, -1)
+            )
         x, pos = torch.cat(tokens, 1), torch.cat(pos, 1)
-        ref = self.reference_points(shapes, x.device, x.dtype)[None, :, None, :].expand(
-            b, -1, self.num_levels, -1
-        )
+        ref = size_cached(self, self.reference_points, tuple(shapes), x.device, x.dtype)
+        ref = ref[None, :, None, :].expand(b, -1, self.num_levels, -1)
         for layer in self.layers:
             x = layer(x, pos, ref, shapes)
         outs = [
