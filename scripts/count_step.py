@@ -96,9 +96,9 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         flat, _ = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        on_device = any(t.device.type == self.device for t in tensors) or str(kwargs.get("device", "")).startswith(
-            self.device
-        )
+        on_device = any(t.device.type == self.device for t in tensors) or str(
+            kwargs.get("device", "")
+        ).startswith(self.device)
         copy = None
         if func is aten._local_scalar_dense.default and args[0].device.type == "cuda":
             self._sync(".item() / bool() of a device tensor")
@@ -113,7 +113,11 @@ class Recorder(TorchDispatchMode):
             self._sync("boolean-mask indexing")
         elif func in (aten._to_copy.default, aten.copy_.default):
             src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0].device if func is aten.copy_.default else torch.device(kwargs.get("device") or src.device)
+            dst = (
+                args[0].device
+                if func is aten.copy_.default
+                else torch.device(kwargs.get("device") or src.device)
+            )
             if src.device.type == "cuda" and dst.type == "cpu":
                 copy = "D2H"
                 self._sync("device-to-host copy")
@@ -128,7 +132,9 @@ class Recorder(TorchDispatchMode):
         is_view = bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         name = func.overloadpacket.__name__
-        kernel = not is_view and func not in NO_KERNEL and copy is None and (bool(outs) or func._schema.is_mutable)
+        kernel = (
+            not is_view and func not in NO_KERNEL and copy is None and (bool(outs) or func._schema.is_mutable)
+        )
         c = self.counts[self.phase]
         c.aten += 1
         c.copies += copy is not None
@@ -176,9 +182,13 @@ def _fake_world(device: str) -> Iterator[FakeTensorMode]:
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if device != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
-            return real_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+            return real_sdpa(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+            )
         if attn_mask is None:
-            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+            return aten._scaled_dot_product_flash_attention(
+                q, k, v, dropout_p, is_causal, False, scale=scale
+            )[0]
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
         return aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask.to(q.dtype), False, dropout_p,
@@ -189,7 +199,9 @@ def _fake_world(device: str) -> Iterator[FakeTensorMode]:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode
     finally:
-        FakeTensor.numpy, F.scaled_dot_product_attention, fu._has_foreach_support, cg._has_foreach_support = saved
+        FakeTensor.numpy, F.scaled_dot_product_attention, fu._has_foreach_support, cg._has_foreach_support = (
+            saved
+        )
 
 
 @contextlib.contextmanager
@@ -246,7 +258,9 @@ def _count_on(build, device: str) -> Recorder:
         batch = {"image": images.to(device), "label": labels.to(device)}
         method.train_crop = (size, size)
         opt = method.build_optimizer()
-        method.log = method.log_dict = lambda *a, **k: None  # Lightning's logging needs a trainer (host-side only)
+        method.log = method.log_dict = lambda *a, **k: (
+            None
+        )  # Lightning's logging needs a trainer (host-side only)
         for name, part in (("prepare", None), ("backbone", method.backbone), ("head", method.head)):
             target = method if part is None else part
             attr = "prepare_batch" if part is None else "forward"
@@ -285,11 +299,15 @@ def count_step(build, log=None) -> dict:
     for c in phases.values():
         for f in dataclasses.fields(PhaseCounts):
             setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
-    top = (cuda.ops + collections.Counter({k: v for k, v in cpu.ops.items() if k[0] == "backward"})).most_common(25)
+    top = (
+        cuda.ops + collections.Counter({k: v for k, v in cpu.ops.items() if k[0] == "backward"})
+    ).most_common(25)
     return {"phases": phases, "total": total, "syncs": cuda.syncs, "top": top}
 
 
-def recipe_method(name: str, size: int = 512, batch: int = 4, narrow: bool = False, extra: list[str] | None = None):
+def recipe_method(
+    name: str, size: int = 512, batch: int = 4, narrow: bool = False, extra: list[str] | None = None
+):
     """A builder of ``experiment=gta2cbm/<name>_dinov2_l`` (random init), counted at ``size``² and ``batch``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_gpu import compose
@@ -309,11 +327,17 @@ def recipe_method(name: str, size: int = 512, batch: int = 4, narrow: bool = Fal
 
 
 def render(counts: dict) -> str:
-    lines = [f"{'phase':10s} {'aten':>6s} {'kernels':>7s} {'copies':>6s} {'syncs':>5s} {'GB':>8s} {'TFLOP':>7s}"]
+    lines = [
+        f"{'phase':10s} {'aten':>6s} {'kernels':>7s} {'copies':>6s} {'syncs':>5s} {'GB':>8s} {'TFLOP':>7s}"
+    ]
     for name, c in [*counts["phases"].items(), ("TOTAL", counts["total"])]:
-        lines.append(f"{name:10s} {c.aten:6d} {c.kernels:7d} {c.copies:6d} {c.syncs:5d} {c.gbytes:8.2f} {c.tflop:7.3f}")
+        lines.append(
+            f"{name:10s} {c.aten:6d} {c.kernels:7d} {c.copies:6d} {c.syncs:5d} {c.gbytes:8.2f} {c.tflop:7.3f}"
+        )
     lines.append("\nhost synchronisations per step, by source:")
-    for (ph, kind, at), n in collections.Counter((s["phase"], s["kind"], s["at"]) for s in counts["syncs"]).items():
+    for (ph, kind, at), n in collections.Counter(
+        (s["phase"], s["kind"], s["at"]) for s in counts["syncs"]
+    ).items():
         lines.append(f"  {n:3d}  [{ph}] {kind}  <- {at}")
     lines.append("\nops launching the most kernels:")
     lines += [f"  {n:5d} {ph:10s} {op}" for (ph, op), n in counts["top"]]
@@ -325,7 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("method", help="a recipe of experiment=gta2cbm/<method>_dinov2_l: full, rein, soma, ...")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--narrow", action="store_true", help="small widths, full depth (what the budget test counts)")
+    ap.add_argument(
+        "--narrow", action="store_true", help="small widths, full depth (what the budget test counts)"
+    )
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("overrides", nargs="*", help="more config overrides")
     a = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 import functools
-from unittest.mock import patch
 import math
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import pytest

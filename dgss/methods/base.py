@@ -125,7 +125,9 @@ def cosine_weight_decay(wd0: float, t: int, total: int, wd_min: float, zero: str
     return wd_min + (wd0 - wd_min) * (1.0 + math.cos(math.pi * min(t, total) / total)) / 2.0
 
 
-def fast_implementation(factory: Callable[..., torch.optim.Optimizer], device_types: set[str]) -> dict[str, bool]:
+def fast_implementation(
+    factory: Callable[..., torch.optim.Optimizer], device_types: set[str]
+) -> dict[str, bool]:
     """The keyword that makes a torch optimizer take its fastest exact path for parameters on ``device_types``:
     ``fused=True`` on CUDA (AdamW's whole update in one kernel launch per ~100 tensors, found-inf aware),
     ``foreach=True`` elsewhere (one vectorised op per update term, not one per tensor); nothing when the optimizer
@@ -142,7 +144,9 @@ def fast_implementation(factory: Callable[..., torch.optim.Optimizer], device_ty
     import inspect
 
     func = getattr(factory, "func", factory)
-    chosen = {k for k, v in getattr(factory, "keywords", {}).items() if k in ("fused", "foreach") and v is not None}
+    chosen = {
+        k for k, v in getattr(factory, "keywords", {}).items() if k in ("fused", "foreach") and v is not None
+    }
     try:
         accepted = inspect.signature(func).parameters
     except (TypeError, ValueError):
@@ -205,7 +209,9 @@ class SegmentationMethod(pl.LightningModule):
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
         self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
         self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
-        self._loss_finite: torch.Tensor | None = None  # the window's losses all finite (on the device, unchecked)
+        self._loss_finite: torch.Tensor | None = (
+            None  # the window's losses all finite (on the device, unchecked)
+        )
         mean, std = backbone.normalization
         self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1) * 255, persistent=False)
@@ -308,7 +314,9 @@ class SegmentationMethod(pl.LightningModule):
         """The non-finite guard, checked now (one host synchronisation): False (skip the step) when ``value`` (a loss,
         or the gradients' summed norms) is NaN / inf on any rank; see :meth:`record_finite`. The training step itself
         does not wait here: its loss is checked with its gradients, in :meth:`finish_window`."""
-        return self.record_finite(bool(torch.isfinite(value.detach()).all()) if value is not None else True, what)
+        return self.record_finite(
+            bool(torch.isfinite(value.detach()).all()) if value is not None else True, what
+        )
 
     def record_finite(self, finite: bool, what: str = "loss") -> bool:
         """The guard's decision: a skipped step changes no parameter, buffer or optimizer state (its running
@@ -375,7 +383,9 @@ class SegmentationMethod(pl.LightningModule):
                 checks["gradients"] = torch.isfinite(grad_norm(grads))
             self._loss_finite = None
             if checks:
-                finite = torch.stack(list(checks.values())).cpu().numpy().tolist()  # the step's one host synchronisation
+                finite = (
+                    torch.stack(list(checks.values())).cpu().numpy().tolist()
+                )  # the step's one host synchronisation
                 self.record_finite(all(finite), next((w for w, ok in zip(checks, finite) if not ok), "loss"))
         if self._skip_window:  # the window ends here; no member of the optimizer sees a gradient
             self._skip_window = False
