@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler  # noqa: F401  (re-exported)
 from torch import nn
 
-__all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "quiet_fit",
+__all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "parameters_swapped", "quiet_fit",
            "should_accumulate", "vit_pos_embed"]  # fmt: skip
 
 
@@ -129,6 +129,14 @@ def vit_pos_embed(model: nn.Module, tokens: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------------- torch
+def parameters_swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """A context in which ``module``'s parameters named in ``tensors`` are those tensors (``torch.func``'s
+    reparametrisation, as ``functional_call`` does it), restored after: ``torch.nn.utils.stateless``."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
+
+
 def grad_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``tensors`` together, one fused pass (non-finite if any element is)."""
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6

@@ -242,7 +242,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_method(cfg, restoring=bool(ckpt_path))
     if cfg.get("compile"):
-        model.compile()  # nn.Module.compile: forward compiled in place, parameter names (checkpoint keys) unchanged
+        model.compile_regions()  # blocks and head compiled in place: parameter names (checkpoint keys) unchanged
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreConfig(model_config(cfg))]
     for cb in callbacks:
         if isinstance(cb, Preemption):

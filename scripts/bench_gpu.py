@@ -19,10 +19,12 @@ Stages, in this order (each one catches its own errors and records them as a row
 4. ``fp32``: full and Rein in fp32 (the papers' precision; PyTorch's default: no TF32 matmuls).
 5. ``profile``: where one bf16 step's time goes (``--profile-methods``, default frozen and full): ``torch.profiler``
    over two timed steps; host (CPU) time per part of the step (backbone, head, losses, backward, the rest), the
-   device's kernel time and the number of kernel launches per step, and the top operators by host and by device
-   time (``profile_<method>.txt``). A step whose host time exceeds its kernel time is launch-bound.
-6. ``compile``: Rein and full with ``compile=true`` (``nn.Module.compile``; FLOPs taken from the eager row). Last:
-   its first step alone took 159 s on an H100 (2026-11-27), so it is the stage the budget cuts.
+   device's kernel time split into GEMM / attention / elementwise / optimizer, the idle time between kernels, the
+   kernel launches and host synchronisations (``cudaStreamSynchronize`` and kin) per step, and the top operators by
+   host and by device time (``profile_<method>.txt``). A step whose host time exceeds its kernel time is launch-bound.
+6. ``compile``: Rein and full with ``compile=true`` (regional: ``SegmentationMethod.compile_regions``, each block
+   and the head; FLOPs taken from the eager row). Last: its first step alone took 159 s on an H100 (2026-11-27,
+   whole-model compile), so it is the stage the budget cuts.
 
 A time budget (``--budget-s``) skips what no longer fits, so the run ends inside the device's limit; the targets of
 issue 14 are checked on what was measured, ratios within this one run.
@@ -333,7 +335,7 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
     method = build_method(cfg)
     if compiled:
         # what dgss-train does with compile=true (the smoke run: dynamo's capture without code generation)
-        method.compile(**({"backend": a.compile_backend} if a.compile_backend != "inductor" else {}))
+        method.compile_regions(**({"backend": a.compile_backend} if a.compile_backend != "inductor" else {}))
     clock = Clock()
     if profile:
         annotate_parts(method)
@@ -397,30 +399,75 @@ def annotate_parts(method) -> None:
     method.backward = labelled(method.backward, "backward")
 
 
+# kernel families by name (cuBLAS / CUTLASS GEMMs, flash / memory-efficient attention, the optimizer's multi-tensor
+# kernels; the rest elementwise, reductions and copies), for the kernel-time split of the profile stage
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "efficient_attention", "cudnn_sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm80_", "sm90_", "wgmma", "conv")),
+    ("optimizer", ("multi_tensor_apply", "adam", "foreach")),
+)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def kernel_kind(name: str) -> str:
+    """>>> kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32"), kernel_kind("flash_fwd_kernel"), kernel_kind("elementwise")
+    ('gemm', 'attention', 'elementwise')"""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "elementwise")
+
+
+def kernel_timeline(events, steps: int) -> tuple[dict[str, float], float]:
+    """Per step: device kernel time by :func:`kernel_kind` (ms) and the device's idle time between kernels (ms: the
+    span from the first kernel's start to the last one's end, less the union of the kernels' intervals)."""
+    kernels = [e for e in events if e.device_type.name == "CUDA" and not e.is_user_annotation
+               and e.time_range.end > e.time_range.start]  # fmt: skip
+    split = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"elementwise": 0.0}
+    for e in kernels:
+        split[kernel_kind(e.name)] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+    busy, end, first = 0.0, None, None
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        s, t = e.time_range.start, e.time_range.end
+        first = s if first is None else first
+        if end is None or s >= end:
+            busy += t - s
+            end = t
+        elif t > end:
+            busy += t - end
+            end = t
+    idle = ((end - first) - busy) / 1e3 / steps if kernels else 0.0
+    return {k: round(v, 2) for k, v in split.items()}, round(idle, 2)
+
+
 def profile_summary(prof, steps: int, path: Path, row: dict) -> dict:
     """Per step: host time of each labelled part (the rest: Lightning, the optimizer, hooks), the device's kernel
-    time and kernel launches; the report (with the top operators by host and device time) goes to ``path``."""
+    time (split into GEMM / attention / elementwise / optimizer) and launches, the idle time between kernels, host
+    synchronisations (``cudaStreamSynchronize`` and kin: the host waiting for the device), memory copies and
+    ``torch.unique`` calls; the report (with the top operators by host and device time) goes to ``path``."""
     events = prof.key_averages()
     host = {p: sum(e.cpu_time_total for e in events if e.key == f"dgss.{p}") / 1e3 / steps for p in PARTS}
     # the kernels' own time, as the profiler's table totals it: device events, not the labelled ranges' spans
     device_ms = sum(e.self_device_time_total for e in events
                     if e.device_type.name == "CUDA" and not e.is_user_annotation) / 1e3 / steps  # fmt: skip
-    syncs = {
-        k: sum(e.count for e in events if e.key == k) / steps for k in ("cudaMemcpyAsync", "aten::_unique2")
-    }
+    per_step = {k: sum(e.count for e in events if e.key == k) / steps
+                for k in ("cudaMemcpyAsync", "aten::_unique2", *SYNC_CALLS)}  # fmt: skip
     launches = (
         sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / steps
     )
+    split, idle = kernel_timeline(prof.events(), steps)
+    syncs = sum(per_step[k] for k in SYNC_CALLS)
     out = {"profiled_steps": steps, "host_ms": {k: round(v, 2) for k, v in host.items()},
-           "device_kernel_ms": round(device_ms, 2), "kernel_launches": round(launches),
-           "memcpy_per_step": round(syncs["cudaMemcpyAsync"]), "unique_per_step": round(syncs["aten::_unique2"])}  # fmt: skip
+           "device_kernel_ms": round(device_ms, 2), "kernel_ms": split, "device_idle_ms": idle,
+           "kernel_launches": round(launches), "host_syncs_per_step": round(syncs, 1),
+           "memcpy_per_step": round(per_step["cudaMemcpyAsync"]), "unique_per_step": round(per_step["aten::_unique2"])}  # fmt: skip
     cpu_sort = "self_cpu_time_total"
     dev_sort = "self_cuda_time_total" if device_ms else cpu_sort
     text = [f"# profile of {row['method']} ({row['precision']}, compile {row['compile']}): {steps} steps",
             f"step (median of the timed steps, profiled ones included): {row['step_ms']:.1f} ms",
             "per step: host time in " + ", ".join(f"{k} {v:.1f} ms" for k, v in host.items())
-            + f"; device kernel time {device_ms:.1f} ms in {launches:.0f} launches; "
-            f"{syncs['cudaMemcpyAsync']:.0f} cudaMemcpyAsync calls (device-to-device ones too), {syncs['aten::_unique2']:.0f} torch.unique", "",
+            + f"; device kernel time {device_ms:.1f} ms in {launches:.0f} launches ("
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in split.items()) + f"), idle between kernels {idle:.1f} ms; "
+            f"{syncs:.1f} host synchronisations, {per_step['cudaMemcpyAsync']:.0f} cudaMemcpyAsync calls "
+            f"(device-to-device ones too), {per_step['aten::_unique2']:.0f} torch.unique", "",
             "## by self host time", events.table(sort_by=cpu_sort, row_limit=30), "",
             "## by self device time", events.table(sort_by=dev_sort, row_limit=30)]  # fmt: skip
     path.write_text("\n".join(text) + "\n")

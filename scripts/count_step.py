@@ -50,8 +50,10 @@ NO_KERNEL = {
 DYNAMIC = {aten.nonzero.default, aten._unique2.default, aten.unique_dim.default, aten.masked_select.default,
            aten.unique_consecutive.default}  # fmt: skip
 # the narrow model of full depth the budget test counts: DINOv2-L's 24 blocks and Mask2Former's full depth, small widths
+# (Rein's queries are the head's: their width follows it)
 NARROW = ["+backbone.model_kwargs.embed_dim=64", "+backbone.model_kwargs.num_heads=2", "head.dim=32",
           "head.encoder_ffn=64", "head.decoder_ffn=64"]  # fmt: skip
+NARROW_METHOD = {"rein": ["method.rein.query_dim=32"]}
 
 
 @dataclasses.dataclass
@@ -125,7 +127,13 @@ class Recorder(TorchDispatchMode):
                 copy = "H2D"
                 if not kwargs.get("non_blocking", False):
                     self._sync("blocking host-to-device copy")
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except (torch._subclasses.fake_tensor.DynamicOutputShapeException,
+                torch._subclasses.fake_tensor.DataDependentOutputException):  # fmt: skip
+            out = _stand_in(
+                func, args
+            )  # an output size only the data knows: counted, with a plausible stand-in
         if not self.recording or not (on_device or copy) or func is torch.ops.prim.device.default:
             return out
         rets = func._schema.returns
@@ -149,6 +157,19 @@ class Recorder(TorchDispatchMode):
             with contextlib.suppress(Exception):
                 c.tflop += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) / 1e12
         return out
+
+
+def _stand_in(func, args):
+    """What a data-dependent op returns on fake tensors: ``.item()`` a true / one value, every element kept
+    (``unique``, ``masked_select``, boolean indexing) or none (``nonzero``)."""
+    x = args[0]
+    if func is aten._local_scalar_dense.default:  # .item(): finite, true
+        return True if x.dtype == torch.bool else (1.0 if x.dtype.is_floating_point else 1)
+    if func is aten._unique2.default:
+        return x.flatten(), x.new_empty(0, dtype=torch.long), x.new_empty(0, dtype=torch.long)
+    if func is aten.nonzero.default:
+        return x.new_empty(0, x.dim(), dtype=torch.long)
+    return x.flatten()
 
 
 @contextlib.contextmanager
@@ -279,9 +300,12 @@ def _count_on(build, device: str) -> Recorder:
 
         method.head.loss = loss
         with rec:
-            rec.recording = False  # the first step fills what is made once (caches, optimizer state)
-            _one_step(method, batch, opt, rec, device, backward=device == "cpu")
-            rec.recording = True
+            if (
+                device == "cuda"
+            ):  # the first step fills what is made once (caches, optimizer state); the backward
+                rec.recording = False  # (all the CPU run is kept for) is the same on any step
+                _one_step(method, batch, opt, rec, device, backward=False)
+                rec.recording = True
             rec.counts = {p: PhaseCounts() for p in PHASES}
             _one_step(method, batch, opt, rec, device, backward=device == "cpu")
     return rec
@@ -315,7 +339,8 @@ def recipe_method(
     from dgss.config import build_method
 
     overrides = [f"experiment=gta2cbm/{name}_dinov2_l", "backbone.weights=null", "trainer.max_steps=100",
-                 f"backbone.img_size={size}", *(NARROW if narrow else []), *(extra or [])]  # fmt: skip
+                 f"backbone.img_size={size}", *(NARROW + NARROW_METHOD.get(name, []) if narrow else []),
+                 *(extra or [])]  # fmt: skip
     cfg = compose(overrides)
 
     def build():

@@ -206,3 +206,74 @@ def test_hub_weights_come_from_the_cache_offline_and_say_how_to_get_them_otherwi
         ConfigError, match="timm has no Hugging Face copy of 'vit_small_patch14_dinov2.no_such_tag'"
     ):
         Backbone("vit_small_patch14_dinov2.no_such_tag", weights="hub", model_kwargs=small)
+
+
+class _BaseReader(torch.nn.Module):
+    """An adapter that reads its base layer's weight itself (as SoMA's does): that weight must stay float32."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.delta = torch.nn.Parameter(torch.zeros_like(base.weight))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.base.weight + self.delta, self.base.bias)
+
+
+_BaseReader.__module__ = "dgss.methods.example"  # a dgss module, as the methods' own are
+
+
+@pytest.mark.parametrize("method", ["frozen", "peft_like"])
+def test_a_frozen_backbones_weights_are_cast_once_with_bit_identical_outputs_and_gradients(method):
+    """Issue 26 (4): under bf16 autocast a frozen plain Linear / conv weight is cast once (not on every forward, as
+    autocast does for tensors without grad), with the same rounding: features and every trainable gradient bit-identical
+    to autocast's per-forward casts; a weight inside a dgss module (which may read it in float32) is left alone; a
+    changed weight (a load) is cast again."""
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
+                  model_kwargs=dict(depth=3, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    bb.requires_grad_(False)
+    if method == "peft_like":
+        blk = bb.model.blocks[1]
+        blk.attn.qkv = _BaseReader(blk.attn.qkv)
+    x = torch.randn(2, 3, 32, 64, requires_grad=True)
+    trainable = [x, *(p for p in bb.parameters() if p.requires_grad)]
+
+    def run(once: bool):
+        bb.cast_frozen_once = once
+        casts = []
+
+        class Casts(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                    casts.append(tuple(args[0].shape))
+                return func(*args, **kwargs)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+            feats = bb(x)
+        grads = torch.autograd.grad(sum(f.float().sum() for f in feats), trainable)
+        return feats, grads, casts
+
+    per_forward, g_per_forward, casts_before = run(False)
+    run(True)  # the first forward makes the casts
+    once, g_once, casts_after = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(per_forward, once))
+    assert all(torch.equal(a, b) for a, b in zip(g_per_forward, g_once))
+    weights = {tuple(p.shape) for p in bb.parameters() if p.dim() == 2}
+    castable = bb._castable_frozen()
+    assert len(castable) == (
+        26 if method == "frozen" else 24
+    )  # qkv's weight and bias inside the adapter stay
+    assert len([c for c in casts_after if c in weights]) < len([c for c in casts_before if c in weights]) - 10
+    if method == "peft_like":
+        assert all("blocks.1.attn.qkv" not in n for n, _ in castable)
+    with torch.no_grad():  # a changed weight is cast again
+        bb.model.blocks[0].mlp.fc1.weight.mul_(2)
+    bb.cast_frozen_once = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        changed = bb(x)
+    bb.cast_frozen_once = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = bb(x)
+    assert all(torch.equal(a, b) for a, b in zip(changed, want)) and not torch.equal(changed[0], once[0])

@@ -283,6 +283,16 @@ class SegmentationMethod(pl.LightningModule):
         """Normalised float images -> the head's outputs."""
         return self.head(self.backbone(images))
 
+    def compile_regions(self, **options) -> None:
+        """``compile=true``: ``torch.compile`` the regions that repeat, in place (checkpoint keys unchanged): each
+        backbone block (one graph for all of them: the blocks share their code and, with torch's inlining of built-in
+        modules, their guards; a method's wrappers inside a block, such as LoRA's, compile with it) and the head's
+        forward. The losses (host matching) and what runs between blocks (Rein's hooks) stay eager, so the eager
+        path remains the exact reference and a compile costs one block's graph, not the whole model's."""
+        for blk in self.backbone.model.blocks:
+            blk.compile(**options)
+        self.head.compile(**options)
+
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """uint8 images (B, 3, H, W) -> logits at ``out_size``, with the method's inference setting."""
         fn = lambda x: self.head.logits(self(x), x.shape[-2:])  # noqa: E731

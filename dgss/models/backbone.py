@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from dgss.compat import vit_pos_embed
+from dgss.compat import parameters_swapped, vit_pos_embed
 from dgss.errors import ConfigError, state_mismatch
 
 BlockHook = Callable[[torch.Tensor, int], torch.Tensor]
@@ -507,7 +507,52 @@ class Backbone(nn.Module):
         b, _, c = x.shape
         return x[:, self.num_prefix_tokens :].transpose(1, 2).reshape(b, c, *grid)
 
+    # ------------------------------------------------------------------ frozen weights, cast once
+    # Under autocast every nn.Linear / conv casts its weight and bias to the low precision on every call; autocast
+    # caches the cast only for tensors that require grad, so a frozen backbone (Rein, VPT, frozen, COBOT, SoMA's base)
+    # paid ~2 casts per layer per forward. Its frozen plain Linear / conv weights are cast once instead (the same
+    # rounding: bit-identical outputs) and made again only when a weight changes (a load, EMA's swap).
+    cast_frozen_once = True
+
+    def _castable_frozen(self) -> list[tuple[str, torch.Tensor]]:
+        """Frozen weights and biases of plain ``nn.Linear`` / ``nn.Conv2d`` modules, which only their own forward
+        reads (never those inside a dgss module: an adapter may read its base layer's weight in float32)."""
+        found = []
+        dgss_owned: set[int] = set()
+        for m in self.model.modules():
+            if type(m).__module__.startswith("dgss."):
+                dgss_owned |= {id(c) for c in m.modules() if c is not m}
+        for name, m in self.model.named_modules():
+            plain = type(m).forward in (nn.Linear.forward, nn.Conv2d.forward)
+            if not plain or id(m) in dgss_owned:
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point():
+                    found.append((f"{name}.{pname}" if name else pname, p))
+        return found
+
+    def _low_precision_weights(self, device_type: str) -> dict[str, torch.Tensor]:
+        """The frozen castable weights in autocast's dtype, made when a weight (or the dtype) changed."""
+        if not (self.cast_frozen_once and torch.is_autocast_enabled(device_type)):
+            return {}
+        dtype = torch.get_autocast_dtype(device_type)
+        params = self._castable_frozen()
+        key = (dtype, tuple((n, id(p), p._version, p.device) for n, p in params))
+        cached = self.__dict__.get("_cast_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, {n: p.detach().to(dtype) for n, p in params})
+            self.__dict__["_cast_cache"] = cached
+        return cached[1]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        low = self._low_precision_weights(images.device.type) if not torch.compiler.is_compiling() else {}
+        if not low:
+            return self._forward(images)
+        with parameters_swapped(self.model, low):
+            return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x, grid, rope = self._embed(images)
         feats, last = [], self.out_indices[-1]
         for i, blk in enumerate(self.model.blocks):
