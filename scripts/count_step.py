@@ -28,6 +28,7 @@ import dataclasses
 import json
 import sys
 import traceback
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,13 +161,13 @@ class Recorder(TorchDispatchMode):
 
 
 def _stand_in(func, args):
-    """What a data-dependent op returns on fake tensors: ``.item()`` a true / one value, every element kept
-    (``unique``, ``masked_select``, boolean indexing) or none (``nonzero``)."""
+    """What a data-dependent op returns on fake tensors: ``.item()`` a true / one value, ``unique`` 19 values (a
+    label map's classes), every element kept (``masked_select``, boolean indexing) or none (``nonzero``)."""
     x = args[0]
     if func is aten._local_scalar_dense.default:  # .item(): finite, true
         return True if x.dtype == torch.bool else (1.0 if x.dtype.is_floating_point else 1)
-    if func is aten._unique2.default:
-        return x.flatten(), x.new_empty(0, dtype=torch.long), x.new_empty(0, dtype=torch.long)
+    if func is aten._unique2.default:  # the classes of a label map: 19
+        return x.flatten()[:19], x.new_empty(0, dtype=torch.long), x.new_empty(0, dtype=torch.long)
     if func is aten.nonzero.default:
         return x.new_empty(0, x.dim(), dtype=torch.long)
     return x.flatten()
@@ -279,9 +280,14 @@ def _count_on(build, device: str) -> Recorder:
         batch = {"image": images.to(device), "label": labels.to(device)}
         method.train_crop = (size, size)
         opt = method.build_optimizer()
-        method.log = method.log_dict = lambda *a, **k: (
-            None
-        )  # Lightning's logging needs a trainer (host-side only)
+        for group in opt.param_groups:  # torch's default on real CUDA tensors (fake ones are not "supported")
+            if not group.get("fused") and group.get("foreach") is None:
+                group["foreach"] = True
+        # Lightning's logging needs a real trainer (and is host-side only); what the step reads of its trainer: one
+        # process, bf16-mixed
+        method.log = method.log_dict = lambda *a, **k: None
+        method._trainer = types.SimpleNamespace(precision="bf16-mixed", world_size=1, global_step=1, global_rank=0,
+                                                max_steps=100, accumulate_grad_batches=1)  # fmt: skip
         for name, part in (("prepare", None), ("backbone", method.backbone), ("head", method.head)):
             target = method if part is None else part
             attr = "prepare_batch" if part is None else "forward"

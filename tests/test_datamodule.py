@@ -125,3 +125,14 @@ def test_no_sources_is_fine_for_evaluation_and_refused_for_training():
     assert len(data.val_dataloader()) == len(data.targets)
     with pytest.raises(ConfigError, match="data.sources is empty; name at least one training data set"):
         data.train_dataloader()
+
+
+def test_a_batch_goes_to_the_device_with_its_bookkeeping_left_on_the_host():
+    """Issue 26 (3): the skipped counts the callbacks read every step stay on the host (a device copy would make the
+    host wait for the device each step); images and labels move."""
+    d = dm()
+    for batch in (next(iter(d.train_dataloader())), next(iter(d.val_dataloader()[0]))):
+        moved = d.transfer_batch_to_device(batch, torch.device("meta"), 0)
+        images = moved["image"] if isinstance(moved["image"], torch.Tensor) else moved["image"][0]
+        assert images.device.type == "meta" and moved["label"][0].device.type == "meta"
+        assert moved["skipped"].device.type == "cpu" and moved["name"] == batch["name"]

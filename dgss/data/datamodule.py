@@ -196,6 +196,19 @@ class DGSSDataModule(pl.LightningDataModule):
             return trainer.world_size, trainer.global_rank
         return None
 
+    HOST_KEYS = ("skipped", "name")  # bookkeeping read by the host: never sent to the device
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """The images and labels go to the device (non-blocking from pinned memory); the skipped counts and names
+        stay on the host, where the callbacks read them: reading a device copy would make the host wait for the
+        device every step."""
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        host = {k: batch[k] for k in self.HOST_KEYS if k in batch}
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
+                                                 dataloader_idx)  # fmt: skip
+        return {**moved, **host}
+
     def train_dataloader(self) -> DataLoader:
         if not self.sources:
             raise ConfigError("data.sources is empty; name at least one training data set")

@@ -684,8 +684,9 @@ class FisherTune(SegmentationMethod):
         step.perturbed = step.train_p = step.fisher_x = {}  # released before a refresh's scores are made
         if not self._final and self.is_refresh(step.t):
             self.refresh(step.t)
-        for name, g in self._backbone_grads().items():
-            g.mul_(self.masks[name])
+        grads = self._backbone_grads()
+        if grads:  # one multi-tensor kernel, not one per candidate tensor
+            torch._foreach_mul_(list(grads.values()), [self.masks[n] for n in grads])
         if not self._final and step.t >= self.options.schedule.growth_end:
             self._finalize()
 
