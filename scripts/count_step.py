@@ -10,6 +10,10 @@ its bytes and FLOPs, and every **host synchronisation** (a device-to-host copy, 
 asked for it. Counts depend on the model's structure, not its width: a narrow model of full depth counts as the
 full one (``tests/test_step_budget.py`` keeps the budgets).
 
+Lightning's loop and the callbacks around the step are not counted: the progress bar reads the loss every
+``log_every_n_steps`` and the callbacks read host values (``tests/test_methods.py``, ``tests/test_datamodule.py``);
+``make bench-gpu``'s profile stage counts a real step's ``cudaStreamSynchronize`` calls on a GPU.
+
 The step counted is the second one (the first fills what is made once: size caches, optimizer state). Fake CUDA
 tensors cannot run the autograd engine (it needs a real device), so the backward is counted on fake CPU tensors
 under CPU bf16 autocast (the same graph; autocast's CPU op list differs in a few casts), every other phase on fake
@@ -37,7 +41,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 PHASES = ("prepare", "backbone", "head", "losses", "backward", "guard", "optimizer")
@@ -154,7 +158,13 @@ class Recorder(TorchDispatchMode):
             c.gbytes += (sum(map(_nbytes, tensors)) + sum(map(_nbytes, outs))) / 1e9
             self.ops[(self.phase, name)] += 1
         self.calls[(self.phase, name)] += 1
-        if func.overloadpacket in flop_registry:
+        if name == "_scaled_dot_product_flash_attention_for_cpu":  # (the CPU kernels are not in the registry)
+            c.tflop += sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape) / 1e12
+        elif name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+            c.tflop += (
+                sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape) / 1e12
+            )
+        elif func.overloadpacket in flop_registry:
             with contextlib.suppress(Exception):
                 c.tflop += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) / 1e12
         return out

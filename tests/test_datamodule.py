@@ -106,6 +106,13 @@ def test_the_model_pads_after_normalising_bottom_right_with_image_0_and_label_25
         and (labels[0, :, 24:] == 255).all()
     )
     assert (labels[1, 16:] == 255).all() and (labels[1, :16, :16] == 0).all()
+    # a batch of full crops takes the batched path (no padding): bit-identical to normalising image by image
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(3)]
+    labs = [torch.randint(0, 19, (32, 32), generator=g, dtype=torch.uint8) for _ in range(3)]
+    images, labels = m.prepare_batch({"image": full, "label": labs})
+    assert torch.equal(images, torch.stack([m.normalize(x) for x in full])) and labels.dtype == torch.int64
+    assert torch.equal(labels, torch.stack(labs).long())
 
 
 @pytest.mark.parametrize(

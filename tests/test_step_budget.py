@@ -20,9 +20,9 @@ SYNCS = 3
 LOSSES_ATEN = 300
 MARGIN = 0.05
 BUDGETS = {
-    "full": {"prepare": (28, 26), "backbone": (981, 534), "head": (2459, 1137), "losses": (263, 168),
+    "full": {"prepare": (8, 6), "backbone": (981, 534), "head": (2459, 1137), "losses": (263, 168),
              "backward": (6077, 2672), "guard": (9, 14), "optimizer": (6, 14)},
-    "rein": {"prepare": (28, 26), "backbone": (1582, 752), "head": (2465, 1142), "losses": (286, 180),
+    "rein": {"prepare": (8, 6), "backbone": (1582, 752), "head": (2465, 1142), "losses": (286, 180),
              "backward": (6377, 3077), "guard": (9, 11), "optimizer": (4, 8)},
 }  # fmt: skip
 

@@ -272,6 +272,10 @@ class SegmentationMethod(pl.LightningModule):
         the photometric distortion) and stacked; labels as int64."""
         images, labels = list(batch["image"]), list(batch["label"])
         h, w = self.train_crop or (max(x.shape[-2] for x in images), max(x.shape[-1] for x in images))
+        if all(
+            tuple(x.shape[-2:]) == (h, w) for x in images
+        ):  # nothing to pad: the whole batch in a few kernels
+            return self.normalize(torch.stack(images)), torch.stack(labels).long()
         x = torch.stack([F.pad(self.normalize(im), (0, w - im.shape[-1], 0, h - im.shape[-2]), value=0.0)
                          for im in images])  # fmt: skip
         y = torch.stack([F.pad(lab.long(), (0, w - lab.shape[-1], 0, h - lab.shape[-2]), value=IGNORE_INDEX)
