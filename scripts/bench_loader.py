@@ -91,9 +91,9 @@ def main() -> None:
     print(f"decode {r_decode:.2f}/s, train sample {r_train:.2f}/s, ratio {ratio:.3f} (target >= 0.6); "
           f"images {mb:.2f} MB on average")  # fmt: skip
     # issue 26 (8): a 40 ms step at batch 4 needs 100 samples/s (stretch 160); workers scale with the host's cores
-    for workers in (8, 15):
-        print(f"{workers} workers (cores of a 16-core GPU host, one left to the main process): "
-              f"~{workers * r_train:.0f} training samples/s at this per-core speed (need 100, stretch 160)")  # fmt: skip
+    for workers in (8, 15):  # 15: a 16-core GPU host with one core left to the main process
+        print(f"{workers} workers: ~{workers * r_train:.0f} training samples/s at this per-core speed "
+              "(need 100, stretch 160)")  # fmt: skip
     append_row(
         a.out,
         "## Loader throughput per worker (`scripts/bench_loader.py`)",

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 
 @runtime_checkable
@@ -36,6 +37,14 @@ class QueryHead(SegmentationHead, Protocol):
     def link(self, num_queries: int) -> None: ...
 
     def load_official(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+@runtime_checkable
+class RegionalHead(SegmentationHead, Protocol):
+    """A head with layers that repeat: ``compile=true`` compiles each of ``repeated_layers()`` (one graph per kind)
+    instead of the whole forward (a head without them is compiled whole)."""
+
+    def repeated_layers(self) -> list[nn.Module]: ...
 
 
 class HeadFactory(Protocol):

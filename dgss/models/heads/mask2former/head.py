@@ -205,6 +205,11 @@ class Mask2FormerHead(nn.Module):
             out_masks.append(masks)
         return {"cls": out_cls, "masks": out_masks}
 
+    def repeated_layers(self) -> list[nn.Module]:
+        """The layers ``compile=true`` compiles one by one (each kind one graph): the pixel decoder's deformable
+        encoder layers and the masked-attention decoder layers."""
+        return [*self.pixel_decoder.layers, *self.layers]
+
     def load_official(self, state: dict) -> None:
         """The ``decode_head.*`` tensors of an official mmseg / mmdet Mask2Former checkpoint (e.g. a Rein release)."""
         load_official_head(self, state)
