@@ -624,3 +624,30 @@ def test_matching_costs_are_float32_with_autocast_off():
             -2.0 * cls_logits.softmax(-1)[:, classes] + 5.0 * bce_cost(pred, tgt) + 5.0 * dice_cost(pred, tgt)
         )
     assert not torch.equal(low.float(), want)
+
+
+def test_position_encodings_reference_points_and_level_sizes_are_made_once_per_input_size():
+    """Issue 26 (4): what depends only on the feature maps' size is made on the first forward at that size (the level
+    sizes were a blocking host-to-device copy in every deformable-attention layer); a second size gets its own; the
+    cached tensors equal fresh ones, and a training step may use what an inference-mode forward made."""
+    from dgss.models.heads.mask2former.pixel_decoder import PixelDecoder, sine_position_encoding
+
+    torch.manual_seed(0)
+    head = Mask2FormerHead([32] * 4, 19, **SMALL)
+    feats = [torch.randn(2, 32, 8, 8) for _ in range(4)]
+    with torch.inference_mode():
+        head(feats)  # a validation first
+    cached = {k: v for k, v in head.pixel_decoder.__dict__["_size_cache"].items()}
+    out = head(feats)  # then a training forward: the cached tensors serve it
+    out["masks"][-1].sum().backward()
+    assert head.pixel_decoder.__dict__["_size_cache"].keys() == cached.keys()
+    kinds = sorted(k[0] for k in cached)
+    assert kinds == ["PixelDecoder.reference_points"] + ["sine_position_encoding"] * 3
+    for (name, args, kwargs), t in cached.items():
+        fresh = (PixelDecoder.reference_points(*args) if name == "PixelDecoder.reference_points"
+                 else sine_position_encoding(*args, **dict(kwargs)))  # fmt: skip
+        assert torch.equal(t, fresh) and not t.is_inference() and not t.requires_grad
+    attn = head.pixel_decoder.layers[0].attn
+    assert len(attn.__dict__["_size_cache"]) == 1
+    head([torch.randn(2, 32, 4, 6) for _ in range(4)])  # another size: its own entries
+    assert len(attn.__dict__["_size_cache"]) == 2 and len(head.pixel_decoder.__dict__["_size_cache"]) == 8
