@@ -33,6 +33,7 @@ METHODS = (
     "cobot_lora",
     "cobot_adaptformer",
     "soma",
+    "recyclelora",
 )
 
 

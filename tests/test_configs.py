@@ -91,7 +91,7 @@ SETTINGS = {  # folder -> (sources, targets in the mean): the DGSS protocols of 
 }
 METHODS = {"full": "FullFineTune", "frozen": "FrozenBackbone", "rein": "Rein", "fishertune": "FisherTune",
            "lora": "LoRA", "adaptformer": "AdaptFormer", "vpt": "VPT", "cobot_lora": "Cobot",
-           "cobot_adaptformer": "Cobot", "soma": "SoMA"}  # fmt: skip
+           "cobot_adaptformer": "Cobot", "soma": "SoMA", "recyclelora": "RecycleLoRA"}  # fmt: skip
 BACKBONES = {"dinov2_l": "vit_large_patch14_dinov2.lvd142m", "eva02_l": "eva02_large_patch14_224.mim_m38m",
              "clip_l": "vit_large_patch14_clip_224.openai", "samvit_h": "samvit_huge_patch16.sa1b",
              "dinov3_l": "vit_large_patch16_dinov3.lvd1689m"}  # fmt: skip

@@ -8,9 +8,10 @@ s·B·A is exactly W's r minor components and the frozen residual is W_res = W �
     y = x W_resᵀ + b + s·(x Aᵀ) Bᵀ
 
 with A, B and the layer's bias training. dgss keeps W untouched and stores A₀ = A(0), B₀ = B(0) as frozen persistent
-buffers, computing the same function as y = x Wᵀ + b + s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ) (spec §3): the model at step 0 is
-the pretrained one bit for bit, checkpoints re-attach W from its weights file and restore A, B, A₀, B₀ with no SVD at
-load, and the merged weight is W' = W − s·B₀A₀ + s·B·A = W_res + s·B·A.
+buffers (:mod:`dgss.methods.residual_adapters`, shared with RecycleLoRA), computing the same function as
+y = x Wᵀ + b + s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ) (spec §3): the model at step 0 is the pretrained one bit for bit,
+checkpoints re-attach W from its weights file and restore A, B, A₀, B₀ with no SVD at load, and the merged weight is
+W' = W − s·B₀A₀ + s·B·A = W_res + s·B·A.
 
 ``init: official`` reproduces what the official pipeline starts from (spec §2.2): its SVD runs on the randomly
 initialised layer before the pretrained weights overwrite the residual, so the model at step 0 is W + s·B₀A₀ with
@@ -32,7 +33,8 @@ import torch
 from torch import nn
 
 from dgss.errors import ConfigError
-from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.methods.base import MethodConfig
+from dgss.methods.residual_adapters import ResidualAdapter, ResidualAdapterMethod, linear_like
 from dgss.models.heads.protocol import QueryHead
 from dgss.options import Options, register
 
@@ -86,47 +88,9 @@ def random_linear_weight(out_features: int, in_features: int, generator: torch.G
 
 
 # ------------------------------------------------------------------------------------------------ modules
-def _linear_like(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
-    """A plain ``nn.Linear`` on ``layer``'s device with ``weight`` and a copy of ``layer``'s bias."""
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias)
-    return out.to(layer.weight.device)
-
-
-class MinorAdapter(nn.Module):
-    """x ↦ s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ): A, B train; A₀, B₀ (their values at step 0 under ``init: pretrained``, zeros
-    under ``official``) are frozen persistent buffers."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
-        super().__init__()
-        self.scale = scale
-        self.A = nn.Parameter(torch.zeros(rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-        self.register_buffer("A0", torch.zeros(rank, in_features))
-        self.register_buffer("B0", torch.zeros(out_features, rank))
-        self.subtract = True  # False under init=official (A₀ = B₀ = 0): the subtraction is skipped
-
-    @torch.no_grad()
-    def initialise(self, a: torch.Tensor, b: torch.Tensor, subtract: bool) -> None:
-        self.A.copy_(a)
-        self.B.copy_(b)
-        self.subtract = subtract
-        self.A0.copy_(a if subtract else torch.zeros_like(a))
-        self.B0.copy_(b if subtract else torch.zeros_like(b))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)
-        if self.subtract:
-            y = y - (x @ self.A0.t().to(x.dtype)) @ self.B0.t().to(x.dtype)
-        return self.scale * y
-
-    @torch.no_grad()
-    def weight_delta(self) -> torch.Tensor:
-        """s·(B·A − B₀·A₀): what the adapter adds to the frozen weight."""
-        return self.scale * (self.B @ self.A - self.B0 @ self.A0)
+MinorAdapter = (
+    ResidualAdapter  # SoMA's name for the shared adapter: its A, B are W's minor singular components
+)
 
 
 class SoMALinear(nn.Module):
@@ -149,7 +113,7 @@ class SoMALinear(nn.Module):
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """The plain layer with W' = W + s·(B·A − B₀·A₀)."""
-        return _linear_like(
+        return linear_like(
             self.base, self.base.weight + self.adapter.weight_delta().to(self.base.weight.dtype)
         )
 
@@ -196,7 +160,7 @@ class SoMAFusedQKV(nn.Module):
         w = self.qkv.weight.detach().clone()
         for p in self.parts:
             w[self.rows(p)] += self.adapters[p].weight_delta().to(w.dtype)
-        return _linear_like(self.qkv, w)
+        return linear_like(self.qkv, w)
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -265,7 +229,7 @@ def wrap_soma(backbone, options: SoMAOptions, initialise: bool = True) -> list[n
 
 
 # ------------------------------------------------------------------------------------------------- method
-class SoMA(SegmentationMethod):
+class SoMA(ResidualAdapterMethod):
     """Frozen backbone (eval mode); minor-component adapters (and the adapted layers' biases) in blocks
     ``start_block``… train with the head. Options: :class:`SoMAOptions` (``method.soma``)."""
 
@@ -273,6 +237,7 @@ class SoMA(SegmentationMethod):
     # custom key overrides the bias rule) at lr x 0.5; query features without decay (norms, query and level
     # embeddings: every method's defaults, dgss.methods.paramwise)
     recipe_custom_keys = {"backbone": {"lr_mult": 0.5, "decay_mult": 1.0}, "query_feat": {"decay_mult": 0.0}}
+    wrapper_types = (SoMALinear, SoMAFusedQKV)
 
     def __init__(self, *args, soma: SoMAOptions | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -280,18 +245,8 @@ class SoMA(SegmentationMethod):
 
     def configure_tuning(self) -> None:
         self.freeze(self.backbone)
-        self.wrappers = wrap_soma(self.backbone, self.soma_options, initialise=not self.restoring)
-        for w in self.wrappers:
-            self.adopt(w)
-            for _, adapter in w.weights():
-                adapter.A.requires_grad_(True)
-                adapter.B.requires_grad_(True)
-            bias = w.frozen_layer().bias
-            if self.soma_options.train_bias and bias is not None:
-                bias.requires_grad_(True)
-
-    def adapters(self) -> list[MinorAdapter]:
-        return [a for w in self.wrappers for _, a in w.weights()]
+        self.train_wrappers(wrap_soma(self.backbone, self.soma_options, initialise=not self.restoring),
+                            self.soma_options.train_bias)  # fmt: skip
 
     def extra_summary(self) -> dict[str, float]:
         biases = [w.frozen_layer().bias for w in self.wrappers] if self.soma_options.train_bias else []
@@ -299,10 +254,6 @@ class SoMA(SegmentationMethod):
             "params/soma_adapters": sum(a.A.numel() + a.B.numel() for a in self.adapters()),
             "params/soma_biases": sum(b.numel() for b in biases if b is not None),
         }
-
-    def reattachable_keys(self) -> set[str]:
-        """A₀, B₀ are buffers of the backbone but not in its weights file: they stay in the checkpoint."""
-        return {k for k in super().reattachable_keys() if not k.endswith((".A0", ".B0"))}
 
     def load_official(self, state: Mapping[str, torch.Tensor]) -> None:
         """A published SoMA release (``dgss-eval ckpt_path=<release.pth> experiment=gta2cbm/soma_dinov2_l
@@ -349,17 +300,6 @@ class SoMA(SegmentationMethod):
         for k, t in want.items():
             t.copy_(state[k])
         return sorted(want)
-
-    def plain_backbone(self) -> nn.Module:
-        """The backbone's timm model with every wrapper folded: W' = W − s·B₀A₀ + s·B·A (a copy)."""
-        import copy
-
-        model = copy.deepcopy(self.backbone.model)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, (SoMALinear, SoMAFusedQKV)):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, module.fold())
-        return model
 
 
 register(SoMAConfig, "method", "soma_schema")
