@@ -125,7 +125,7 @@ def check_resume(cfg: DictConfig, path: str) -> int:
 # what a resumed run takes from the checkpoint, not from the command line: a changed value would be ignored (the
 # optimizer and schedule states are restored) or would change the run under the same name
 RESUME_FIXED = ("backbone", "head", "method", "data.sources", "data.batch_size", "data.train_pipeline",
-                "data.rare_class_sampling")  # fmt: skip
+                "data.rare_class_sampling", "data.source_subset")  # fmt: skip
 RESUME_FREE = (
     "backbone.weights",
     "method.inference",

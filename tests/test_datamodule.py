@@ -143,3 +143,39 @@ def test_a_batch_goes_to_the_device_with_its_bookkeeping_left_on_the_host():
         images = moved["image"] if isinstance(moved["image"], torch.Tensor) else moved["image"][0]
         assert images.device.type == "meta" and moved["label"][0].device.type == "meta"
         assert moved["skipped"].device.type == "cpu" and moved["name"] == batch["name"]
+
+
+def test_a_seeded_source_subset_is_fixed_sorted_and_the_only_thing_trained_on():
+    """Issue 27 (2): ``data.source_subset`` draws ``size`` items of one source once from ``seed`` (sorted: the sampler
+    shuffles); the same seed gives the same subset (in any process: torch's seeded randperm), another seed another;
+    the training stream draws only from it; its options travel in the DataModule's state; bad options are one line."""
+    from dgss.data.subset import SourceSubset, subset_indices
+
+    a = dm(source_subset={"size": 4, "seed": 3, "source": "b"})
+    sub = a.sources["b"]
+    assert isinstance(sub, SourceSubset) and len(sub) == 4 and sub.indices == sorted(sub.indices)
+    assert sub.indices == dm(source_subset={"size": 4, "seed": 3, "source": "b"}).sources["b"].indices
+    assert sub.indices != subset_indices(10, 4, seed=4) and len(a.sources["a"]) == 6  # the other source whole
+    assert [sub.name(i) for i in range(4)] == [a.sources["b"].data.name(j) for j in sub.indices]
+    allowed = {sub.name(i) for i in range(4)} | {a.sources["a"].name(i) for i in range(6)}
+    names = [n for _, batch in zip(range(6), a.train_dataloader()) for n in batch["name"]]
+    assert set(names) <= allowed and any(n.startswith("photo/") for n in names)
+    assert a.source_subset.seed == 3 and a.source_subset.source == "b"
+    with pytest.raises(ConfigError, match=r"name the source to draw from .*\['a', 'b'\]"):
+        dm(source_subset={"size": 4})
+    with pytest.raises(ConfigError, match=r"size=11 must be between 1 and the source's 10 items"):
+        dm(source_subset={"size": 11, "source": "b"})
+    with pytest.raises(ConfigError, match=r"takes size \(required\), seed and source"):
+        dm(source_subset={"size": 4, "sead": 1, "source": "b"})
+    with pytest.raises(ConfigError, match=r"source='gta' is not in data.sources"):
+        dm(source_subset={"size": 4, "source": "gta"})
+
+
+def test_resuming_with_another_source_subset_is_refused(compose_cfg):
+    from dgss.train import check_unchanged, model_config
+
+    stored = compose_cfg(["data.source_subset={size: 4, seed: 0}"])
+    ckpt = {"dgss_config": model_config(stored)}
+    check_unchanged(compose_cfg(["data.source_subset={size: 4, seed: 0}"]), ckpt, "x.ckpt")  # the same: fine
+    with pytest.raises(ConfigError, match=r"data.source_subset.seed=0 \(this command: 1\)"):
+        check_unchanged(compose_cfg(["data.source_subset={size: 4, seed: 1}"]), ckpt, "x.ckpt")

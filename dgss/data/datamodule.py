@@ -11,6 +11,7 @@ each image is evaluated exactly once (the default sampler pads with duplicates a
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from dgss.data.protocols import TestSized
 from dgss.data.rare_class import RareClassSampler, class_pixel_counts, split_index
 from dgss.data.resumable import Draw, SeededSampler, SkipSampler
 from dgss.data.samples import Samples
+from dgss.data.subset import apply_subset
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.data.workers import worker_init
 from dgss.errors import ConfigError
@@ -103,6 +105,8 @@ class DGSSDataModule(pl.LightningDataModule):
         seed: seeds the training order (identically on every rank).
         rare_class_sampling: ``None``, or ``{temperature, min_pixels, cache_dir}`` (DAFormer rare-class sampling
             over the concatenated sources; excludes ``source_weights``).
+        source_subset: ``None``, or ``{size, seed, source}``: train on ``size`` items of one source drawn once from
+            ``seed`` (:mod:`dgss.data.subset`; RecycleLoRA's recipes: 12,403 of GTAV).
         num_classes / class_names / palette: the label space (default: the 19 Cityscapes classes; a custom
             space is labels 0..K-1 plus 255 = ignore).
     """
@@ -124,6 +128,7 @@ class DGSSDataModule(pl.LightningDataModule):
         palette: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
         rare_class_sampling: Mapping | None = None,
+        source_subset: Mapping | None = None,
     ):
         super().__init__()
         if not targets:
@@ -133,6 +138,11 @@ class DGSSDataModule(pl.LightningDataModule):
                 f"data.batch_size={batch_size} and data.val_batch_size={val_batch_size} must be > 0"
             )
         self.sources, self.targets = dict(sources), drop_settings_only(targets)
+        self.sources, self.source_subset = apply_subset(self.sources, source_subset)
+        if self.source_subset is not None:
+            o = self.source_subset
+            log.info(f"training on a subset of {o.source}: {o.size:,} of {len(self.sources[o.source].data):,} items "
+                     f"(data.source_subset, seed {o.seed})")  # fmt: skip
         unknown = set(source_weights or {}) - set(self.sources)
         if unknown:
             raise ConfigError(
@@ -256,7 +266,10 @@ class DGSSDataModule(pl.LightningDataModule):
         if self._train_sampler is None or trainer is None:
             return {}
         done = batches_done(trainer)
-        return {"train_stream": self._train_sampler.state_dict(done)}
+        state = {"train_stream": self._train_sampler.state_dict(done)}
+        if self.source_subset is not None:  # what the run trained on, beside its config
+            state["source_subset"] = dataclasses.asdict(self.source_subset)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_state = state_dict.get("train_stream")
