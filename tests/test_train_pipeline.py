@@ -270,3 +270,111 @@ def test_train_and_test_resizing_equal_cv2_bilinear_and_nearest_within_a_grey_le
     assert (
         np.abs(small[0].numpy().astype(int) - cv2_inter_linear(img, *small.shape[-2:]).astype(int)).max() <= 1
     )
+
+
+def _opencv_block(cv2) -> int:
+    """The pixels per vector block of the installed OpenCV's HSV2RGB (its CPU dispatch): the width our emulation
+    needs to equal it on a long row."""
+    from dgss.data.opencv_hsv import hsv_to_rgb
+
+    rng = np.random.default_rng(1)
+    row = np.stack(
+        [rng.integers(0, 180, (8, 127)), rng.integers(0, 256, (8, 127)), rng.integers(0, 256, (8, 127))], -1
+    ).astype(np.uint8)  # fmt: skip  (127: a different tail per width)
+    want = cv2.cvtColor(row, cv2.COLOR_HSV2RGB)
+    found = [b for b in (8, 16, 32, 64) if np.array_equal(hsv_to_rgb(row, b), want)]
+    assert found, "no vector block width reproduces this OpenCV"
+    return found[0]
+
+
+def test_opencvs_8bit_hsv_conversions_are_re_derived_exactly():
+    """Issue 27 (3): :mod:`dgss.data.opencv_hsv` equals ``cv2.cvtColor`` (RGB2HSV / HSV2RGB on uint8) on 2M random
+    colours, and on HSV images of several widths (OpenCV truncates in its vector blocks and rounds in each row's
+    scalar rest, with a fused multiply-add in both: plain float32 rounding is a grey level off on ~1 in 27,000
+    triples). With the OpenCV of mmcv's era (the dev extra: <= 4.10) on x86, the block is the default, 32 pixels."""
+    import doctest
+    import platform
+
+    import dgss.data.opencv_hsv as opencv_hsv
+    from dgss.data.opencv_hsv import SIMD_PIXELS, hsv_to_rgb, rgb_to_hsv
+
+    assert doctest.testmod(opencv_hsv).failed == 0  # (runs without OpenCV)
+    cv2 = pytest.importorskip("cv2")
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2000, 1000, 3), dtype=np.uint8)
+    assert np.array_equal(rgb_to_hsv(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
+    block = _opencv_block(cv2)
+    for h, w in ((500, 1914), (3, 37), (40, 512), (9, 31), (1, 1)):
+        hsv = np.stack([rng.integers(0, 180, (h, w)), rng.integers(0, 256, (h, w)),
+                        rng.integers(0, 256, (h, w))], -1).astype(np.uint8)  # fmt: skip
+        assert np.array_equal(hsv_to_rgb(hsv, block), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)), (h, w)
+    if platform.machine() in ("x86_64", "AMD64") and tuple(map(int, cv2.__version__.split(".")[:2])) <= (
+        4,
+        10,
+    ):
+        assert block == SIMD_PIXELS == 32
+
+
+def _mmseg_photometric(cv2, img_bgr: np.ndarray, pmd: PhotoMetricDistortion) -> tuple[np.ndarray, int | None]:
+    """mmseg 1.x ``PhotoMetricDistortion.transform`` (re-derived from its source, on a BGR image through
+    ``mmcv.bgr2hsv`` = ``cv2.cvtColor(.., COLOR_BGR2HSV)``), its numpy random calls replaced by the same torch draws in
+    the same order as dgss's; returns the image and the hue shift drawn (None: no hue step)."""
+
+    def convert(img, alpha=1, beta=0):
+        img = img.astype(np.float32) * alpha + beta
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    def coin():
+        return bool(torch.rand(()) < 0.5)
+
+    def uniform(lo, hi):
+        return float(torch.empty(()).uniform_(lo, hi))
+
+    img, shift = img_bgr, None
+    if coin():  # brightness
+        img = convert(img, beta=uniform(-pmd.brightness, pmd.brightness))
+    mode = coin()  # contrast first
+    if mode and coin():
+        img = convert(img, alpha=uniform(*pmd.contrast))
+    if coin():  # saturation
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=uniform(*pmd.saturation))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if coin():  # hue: numpy's randint(-hue_delta, hue_delta) excludes the upper bound
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        shift = int(torch.randint(-pmd.hue, pmd.hue, ()))
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + shift) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if not mode and coin():
+        img = convert(img, alpha=uniform(*pmd.contrast))
+    return img, shift
+
+
+def test_photometric_distortion_equals_mmsegs_through_opencv():
+    """Issue 27 (3): 300 random images and draws: dgss's distortion (RGB) equals mmseg's computed with OpenCV on the
+    BGR image, pixel for pixel (the float HSV before differed by up to 8 grey levels on up to 9 % of pixels); the hue
+    shifts span [-18, 17], as numpy's randint(-18, 18)."""
+    cv2 = pytest.importorskip("cv2")
+    from dgss.data.opencv_hsv import SIMD_PIXELS
+
+    if _opencv_block(cv2) != SIMD_PIXELS:
+        pytest.skip(f"this OpenCV's vector block is not mmcv-era x86's {SIMD_PIXELS} pixels")
+    pmd = PhotoMetricDistortion()
+    g = torch.Generator().manual_seed(0)
+    shifts = set()
+    for seed in range(300):
+        img = torch.randint(
+            0, 256, (3, 24, 45), generator=g, dtype=torch.uint8
+        )  # a vector block + a scalar rest
+        torch.manual_seed(seed)
+        got = pmd(img).permute(1, 2, 0).numpy()
+        torch.manual_seed(seed)
+        want, shift = _mmseg_photometric(
+            cv2, np.ascontiguousarray(img.permute(1, 2, 0).numpy()[..., ::-1]), pmd
+        )
+        assert np.array_equal(got, want[..., ::-1]), seed
+        shifts.add(shift)
+    for _ in range(2000):
+        shifts.add(int(torch.randint(-18, 18, ())))
+    assert shifts - {None} == set(range(-18, 18))

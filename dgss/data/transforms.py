@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 from dgss.data.classes import IGNORE_INDEX
+from dgss.data.opencv_hsv import hsv_to_rgb, rgb_to_hsv
 from dgss.errors import ConfigError
 
 
@@ -130,9 +130,12 @@ class CatMaxRatioCrop:
 
 class PhotoMetricDistortion:
     """mmseg's ``PhotoMetricDistortion`` on uint8 CHW, each step with probability 0.5: additive brightness
-    ±``brightness`` (of 255), contrast ×[lo, hi] (mmseg scales the pixel values), then in HSV saturation ×[lo, hi]
-    and a hue shift of ±``hue`` on OpenCV's 0-180 scale (18 = 36°); contrast first or last at random. The HSV steps
-    use PIL's C conversion (one round trip for both)."""
+    ±``brightness`` (of 255), contrast ×[lo, hi] (mmseg scales the pixel values), then saturation ×[lo, hi] and a
+    hue shift drawn from [−``hue``, ``hue`` − 1] (numpy's ``randint(-18, 18)``: 18 excluded) on OpenCV's 0-180 scale,
+    each through its own 8-bit HSV round trip as ``mmcv.bgr2hsv`` / ``hsv2bgr`` make it (OpenCV's fixed-point
+    conversion, :mod:`dgss.data.opencv_hsv`: equal to cv2's); contrast first or last at random. Each value step is
+    ``clip(x·α + β, 0, 255)`` truncated to uint8, as mmseg's ``convert``. The draws come from torch's generator in
+    mmseg's order (brightness, mode, contrast, saturation, hue)."""
 
     def __init__(self, brightness: int = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue: int = 18):
         self.brightness, self.contrast, self.saturation, self.hue = (
@@ -150,33 +153,32 @@ class PhotoMetricDistortion:
     def _uniform(lo: float, hi: float) -> float:
         return float(torch.empty(()).uniform_(lo, hi))
 
+    @staticmethod
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        """mmseg's ``convert``: float32 x·α + β, clipped to 0..255, truncated to uint8."""
+        return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
+
     def _contrast(self, img: np.ndarray) -> np.ndarray:
         if self._coin():
-            img = (img * np.float32(self._uniform(*self.contrast))).clip(0, 255).astype(np.uint8)
+            img = self.convert(img, alpha=self._uniform(*self.contrast))
         return img
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         img = image.permute(1, 2, 0).numpy()  # HWC view
         if self._coin():
-            img = (
-                (img + np.float32(self._uniform(-self.brightness, self.brightness)))
-                .clip(0, 255)
-                .astype(np.uint8)
-            )
+            img = self.convert(img, beta=self._uniform(-self.brightness, self.brightness))
         contrast_first = self._coin()
         if contrast_first:
             img = self._contrast(img)
-        sat = self._uniform(*self.saturation) if self._coin() else None
-        hue = int(torch.randint(-self.hue, self.hue + 1, ())) if self._coin() else None
-        if sat is not None or hue is not None:
-            hsv = np.array(Image.fromarray(np.ascontiguousarray(img)).convert("HSV"))
-            if sat is not None:
-                hsv[..., 1] = (hsv[..., 1] * np.float32(sat)).clip(0, 255).astype(np.uint8)
-            if hue is not None:  # PIL's hue spans 0-255 for the circle that OpenCV's 0-180 spans
-                hsv[..., 0] = np.round((hsv[..., 0].astype(np.float32) + hue * 256 / 180) % 256).astype(
-                    np.uint8
-                )
-            img = np.array(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+        if self._coin():  # saturation
+            hsv = rgb_to_hsv(img)
+            hsv[..., 1] = self.convert(hsv[..., 1], alpha=self._uniform(*self.saturation))
+            img = hsv_to_rgb(hsv)
+        if self._coin():  # hue
+            hsv = rgb_to_hsv(img)
+            shift = int(torch.randint(-self.hue, self.hue, ()))
+            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
+            img = hsv_to_rgb(hsv)
         if not contrast_first:
             img = self._contrast(img)
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
