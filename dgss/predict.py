@@ -45,8 +45,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def find_images(folder: Path) -> list[Path]:
+    """Every image under ``folder`` (sorted), or ``folder`` itself when it is one image file."""
+    if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
+        return [folder]
     if not folder.is_dir():
-        raise ConfigError(f"input={str(folder)!r} is not a folder of images")
+        raise ConfigError(f"input={str(folder)!r} is not an image file or a folder of images "
+                          f"({', '.join(sorted(IMAGE_SUFFIXES))})")  # fmt: skip
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ConfigError(f"input={str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -219,8 +223,10 @@ def predict(cfg: DictConfig) -> dict:
     if cfg.submission not in (None, "acdc"):
         raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
                           "Cityscapes server use label_ids=true")  # fmt: skip
-    images = find_images(Path(cfg.input).expanduser())
-    check_names(images, Path(cfg.input).expanduser())
+    src = Path(cfg.input).expanduser()
+    images = find_images(src)
+    root = src if src.is_dir() else src.parent  # an image file: its outputs are named after it
+    check_names(images, root)
     out = check_output_folder(cfg.output, "output", {"input": cfg.input}, writes=OUTPUT_FOLDERS)
     device = resolve_device(cfg.device)
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
@@ -230,7 +236,6 @@ def predict(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"label_ids=true needs the 19 Cityscapes classes; this model has {classes.num_classes}"
         )
-    root = Path(cfg.input).expanduser()
     if cfg.submission == "acdc":
         check_acdc(images, root, classes)
     method.to(device).eval()
