@@ -81,15 +81,17 @@ class NanOnRank1(FisherTune):
         return losses, fisher_loss
 
 
-def test_fishertune_selects_identically_on_every_rank(tmp_path):
-    """Each rank sees other images and perturbation draws; the averaged statistics give one selection. A loss that is
-    NaN on one rank only skips the step on both (Lightning refuses a None step under DDP: the base's zero loss keeps
-    the ranks' backward and all-reduce in step), and nothing of it enters the statistics."""
+@pytest.mark.parametrize("score", ["dr_fim", "fim", "random"])
+def test_fishertune_selects_identically_on_every_rank(tmp_path, score):
+    """Each rank sees other images and perturbation draws; the averaged statistics give one selection (``fim``, and
+    ``random``, whose generator was seeded through Python's per-process salted string hash before issue 27: every
+    spawned rank drew its own). A loss that is NaN on one rank only skips the step on both, and nothing of it enters
+    the statistics."""
     torch.manual_seed(0)
     bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
                   model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
     m = NanOnRank1(bb, functools.partial(LightHead, channels=16), num_classes=19, perturb={"after_blocks": [0]},
-                   fisher={"window": 2}, schedule={"warmup_iters": 1, "growth_tau": 2, "growth_end": 5,
+                   fisher={"window": 2, "score": score}, schedule={"warmup_iters": 1, "growth_tau": 2, "growth_end": 5,
                                                    "refresh_every": 2})  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=7, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -99,7 +101,7 @@ def test_fishertune_selects_identically_on_every_rank(tmp_path):
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert [h["step"] for h in r0["history"]] == [1, 3, 5] and r0["history"] == r1["history"]
     assert r0["nonfinite"] == r1["nonfinite"] == {"total": 1, "streak": 0}
-    assert r0["counts"] == r1["counts"] and r0["counts"]["x"] == 5  # stat steps 0..5 but the skipped 2
+    assert r0["counts"] == r1["counts"] and r0["counts"]["x"] == (0 if score == "random" else 5)  # 0..5 but 2
     assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
     assert all(torch.equal(r0["backbone"][k], r1["backbone"][k]) for k in r0["backbone"])  # same updates
     assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])  # (BN buffers are per rank)

@@ -116,6 +116,38 @@ def test_perturbation_redraws_patch_statistics_and_keeps_prefix():
     assert 0.2 < e_mu < 2 and 0.2 < e_sigma < 2  # mean |z| of a normal is 0.8
 
 
+@pytest.mark.parametrize("mode", ["clamp", "log"])
+def test_the_perturbed_std_never_flips_a_channel(mode):
+    """Issue 27 (5): at s = 7 DSU's linear draw makes ~10 % of the stds negative (the channel flips sign); ``clamp``
+    holds them at 0 and leaves every other value as the linear draw made it, ``log`` draws σ′ = σ·exp(z·s·Σ_log σ) > 0."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 32) * torch.rand(8, 1, 32) * 3  # stds spread over the batch
+    sigma = x.var(1, unbiased=False).add(1e-6).sqrt()
+
+    def new_sigma(hook):
+        with hook.active(seed=5):
+            y = hook(x, 0)
+        return y.var(1, unbiased=False).add(1e-6).sqrt(), (y - y.mean(1, keepdim=True)) * (
+            x - x.mean(1, keepdim=True)
+        )
+
+    g = torch.Generator().manual_seed(5)  # the hook's draws: z_mu, then z_sigma
+    torch.randn(8, 1, 32, generator=g)
+    z = torch.randn(8, 1, 32, generator=g)[:, 0]
+    spread = (sigma.var(0, keepdim=True) + 1e-6).sqrt()
+    assert ((sigma + 7.0 * z * spread) < 0).float().mean() > 0.05  # what the linear draw alone would flip
+    hook = ChannelStatPerturbation([0], scale=0.0, scale_sigma=7.0, sigma=mode)
+    got, corr = new_sigma(hook)
+    # a flipped channel anti-correlates with the clean one; none may
+    assert (corr.sum(1) >= -1e-4).all()
+    if mode == "log":
+        assert (got > 0).all()
+    else:
+        assert (got >= 0).all() and ((got < 1e-2).float().mean() > 0.03)  # some clamped to 0 at this scale
+    with pytest.raises(ValueError, match="use clamp or log"):
+        ChannelStatPerturbation([0], sigma="abs")
+
+
 def test_selected_adamw_matches_torch_adamw_when_everything_is_selected():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(6, 5))

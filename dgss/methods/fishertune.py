@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
@@ -122,6 +123,8 @@ class PerturbOptions(Options):
         1.0  # s_mu: multiple of the batch std of the channel means (and of the stds unless scale_sigma)
     )
     scale_sigma: float | None = None  # s_sigma for the channel stds; null = scale
+    # the std stays >= 0: DSU's linear draw clamped at 0 (the same values wherever it is >= 0) | multiplicative
+    sigma: Literal["clamp", "log"] = "clamp"
     after_blocks: list[int] = field(
         default_factory=lambda: [0, 1, 2]
     )  # shallow blocks, where style lives (ours)
@@ -166,6 +169,16 @@ class FisherTuneConfig(MethodConfig, FisherTuneOptions):
 
 
 # ------------------------------------------------------------------------------------------ pure functions
+def random_score_seed(seed: int, t: int) -> int:
+    """The ``random`` score's generator seed at refresh step ``t``: integers only (numpy's ``SeedSequence``), so every
+    process, rank and resumed run draws the same selection — Python's ``hash`` of a string is salted per process.
+
+    >>> random_score_seed(0, 200) == random_score_seed(0, 200) != random_score_seed(0, 400)
+    True
+    """
+    return int(np.random.SeedSequence([int(seed), int(t), 0x52414E44]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
 def growth_ratio(
     t: int, warmup: int, delta_min: float, delta_max: float, tau: float, growth_end: int
 ) -> float:
@@ -422,7 +435,7 @@ class FisherTune(SegmentationMethod):
             )
         self.perturb_seed = int(p.seed)
         self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens,
-                                                    scale_sigma=p.scale_sigma)  # fmt: skip
+                                                    scale_sigma=p.scale_sigma, sigma=p.sigma)  # fmt: skip
         if not 0 < self.options.fisher.quantile <= 1:
             raise ConfigError(f"method.fisher.quantile={self.options.fisher.quantile} must be in (0, 1]")
         # the identity outside the perturbed pass: the trained model is the timm model (dgss-merge --backbone-out)
@@ -717,11 +730,12 @@ class FisherTune(SegmentationMethod):
     @torch.no_grad()
     def scores(self, t: int | None = None) -> dict[str, torch.Tensor]:
         """Per candidate element: DR-FIM (``fisher.score: dr_fim``), the normalised Fisher alone (``fim``) or a
-        uniform draw (``random``, from a generator seeded by (perturb.seed, t): the same on every rank). Both Fisher
+        uniform draw (``random``, from a generator seeded by (perturb.seed, t) through :func:`random_score_seed`: the same
+        on every rank, in every process and after a resume). Both Fisher
         estimates are divided by the clean one's unit (``fisher.normalize``); temporaries one tensor at a time."""
         f = self.options.fisher
         if f.score == "random":
-            gen = torch.Generator().manual_seed(hash((self.perturb_seed, int(t or 0), "random")) & 0x7FFFFFFF)
+            gen = torch.Generator().manual_seed(random_score_seed(self.perturb_seed, int(t or 0)))
             return {k: torch.rand(p.shape, generator=gen).to(p.device) for k, p in self.candidates.items()}
         units = (
             fisher_scale(self.fisher.get("x", {}), f.normalize, f.quantile) if self.fisher.get("x") else {}

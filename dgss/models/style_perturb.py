@@ -2,7 +2,9 @@
 
 Per sample and channel, the patch tokens' mean μ and std σ are re-drawn around themselves,
 ``μ' = μ + z_μ · s · Σ_μ`` and ``σ' = σ + z_σ · s · Σ_σ`` with ``z ~ N(0, 1)`` and Σ the batch std of the statistic,
-and the tokens are re-normalised, ``f' = σ' (f − μ) / σ + μ'``. Prefix tokens (CLS, registers) are untouched;
+and the tokens are re-normalised, ``f' = σ' (f − μ) / σ + μ'``. A std must stay ≥ 0 (a negative σ' flips the channel:
+10 % of channels at s = 7): ``sigma: clamp`` (default) keeps DSU's linear draw and clamps σ' at 0 — the same values
+wherever σ' ≥ 0 —, ``sigma: log`` draws ``σ' = σ · exp(z_σ · s · Σ_log σ)`` instead (Σ_log σ the batch std of log σ). Prefix tokens (CLS, registers) are untouched;
 SAM's NHWC tokens arrive flattened through :meth:`Backbone.register_block_hook`.
 
 The hook records the mean magnitude of the draws, ``ε_μ = mean(s |z_μ|)`` and ``ε_σ = mean(s |z_σ|)`` over samples,
@@ -26,10 +28,14 @@ class ChannelStatPerturbation:
         scale_sigma: s_σ for the channel stds. Both 0: the hook is the identity (x′ = x exactly).
         num_prefix_tokens: leading tokens left as they are.
         eps: added to variances before the square root.
+        sigma: how the std is re-drawn: ``clamp`` (linear, σ' clamped at 0) or ``log`` (multiplicative).
     """
 
     def __init__(self, after_blocks: Sequence[int], scale: float = 1.0, num_prefix_tokens: int = 0,
-                 eps: float = 1e-6, scale_sigma: float | None = None):  # fmt: skip
+                 eps: float = 1e-6, scale_sigma: float | None = None, sigma: str = "clamp"):  # fmt: skip
+        if sigma not in ("clamp", "log"):
+            raise ValueError(f"sigma={sigma!r}: use clamp or log")
+        self.sigma_mode = sigma
         self.after_blocks = {int(b) for b in after_blocks}
         self.scale = float(scale)  # s_μ (and s_σ unless ``scale_sigma`` is given)
         self.scale_sigma = self.scale if scale_sigma is None else float(scale_sigma)
@@ -77,15 +83,19 @@ class ChannelStatPerturbation:
         b = f.shape[0]
         mu = f.mean(1, keepdim=True)  # (B, 1, C)
         sigma = (f.var(1, keepdim=True, unbiased=False) + self.eps).sqrt()
+        log = self.sigma_mode == "log"
         if b > 1:  # the batch spread of each statistic sets the size of the shift (none for a batch of one)
             spread_mu = (mu.var(0, keepdim=True) + self.eps).sqrt().detach()
-            spread_sigma = (sigma.var(0, keepdim=True) + self.eps).sqrt().detach()
+            spread_sigma = ((sigma.log() if log else sigma).var(0, keepdim=True) + self.eps).sqrt().detach()
         else:
             spread_mu = spread_sigma = torch.zeros_like(mu)
             self.batch_of_one = True
         z_mu, z_sigma = self._randn(mu), self._randn(sigma)
         new_mu = mu + z_mu * self.scale * spread_mu
-        new_sigma = sigma + z_sigma * self.scale_sigma * spread_sigma
+        if log:
+            new_sigma = sigma * (z_sigma * self.scale_sigma * spread_sigma).exp()
+        else:
+            new_sigma = (sigma + z_sigma * self.scale_sigma * spread_sigma).clamp_min(0)
         out = (f - mu) / sigma * new_sigma + new_mu
         self._abs_z.append(torch.stack([z_mu.abs().mean() * self.scale,
                                         z_sigma.abs().mean() * self.scale_sigma]).detach().float())  # fmt: skip
