@@ -810,3 +810,51 @@ def test_a_fishertune_backbone_merges_to_a_plain_timm_model_and_reins_does_not()
     assert got["blocks.1.mlp.fc1.weight"].data_ptr() != p.data_ptr()  # a copy, not the training model
     with pytest.raises(ConfigError, match="method Rein adds modules to the backbone that do not fold"):
         make_method(Rein).plain_backbone()
+
+
+def test_the_measured_scale_makes_the_perturbation_as_large_as_the_real_shift():
+    """Issue 27 (5): ``scripts/measure_shift.py`` measures, scene by scene, how far the embedded targets move the
+    channel means at the perturbed block, in the perturbation's units; the hook at that scale moves them as far on
+    average (within sampling noise)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location("measure_shift", scripts / "measure_shift.py")
+    ms = importlib.util.module_from_spec(spec)
+    sys.modules["measure_shift"] = ms
+    spec.loader.exec_module(ms)
+    from dgss.data.synthetic import SyntheticDomain
+    from dgss.models.backbone import Backbone
+
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
+                  model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)).eval()  # fmt: skip
+    res = ms.measure(bb, [0], "game", ["fog"], batches=6, batch_size=4, height=32, width=64)
+    s = res["fog"]["scale"]
+    assert s > 0 and res["fog"]["scale_sigma"] > 0
+    # the real shift at block 0 against the hook's at scale s, over the same source batches
+    seen = {}
+    handle = bb.register_block_hook(lambda x, i: seen.setdefault(i, x.detach().clone()) if i == 0 else x)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in bb.normalization)
+    real, simulated = [], []
+    hook = ChannelStatPerturbation([0], scale=s, num_prefix_tokens=bb.num_prefix_tokens, scale_sigma=0.0)
+    with torch.no_grad():
+        for k in range(6):
+            toks = {}
+            for d in ("game", "fog"):
+                data = SyntheticDomain(d, "train", 24, 32, 64)
+                x = torch.stack([data.load(4 * k + j)[0] for j in range(4)]).float() / 255
+                seen.clear()
+                bb((x - mean) / std)
+                toks[d] = seen[0]
+            mu_s, _ = ms.channel_stats(toks["game"], bb.num_prefix_tokens)
+            mu_t, _ = ms.channel_stats(toks["fog"], bb.num_prefix_tokens)
+            real.append((mu_t - mu_s).abs().mean())
+            with hook.active(seed=k):
+                mu_p, _ = ms.channel_stats(hook(toks["game"], 0), bb.num_prefix_tokens)
+            simulated.append((mu_p - mu_s).abs().mean())
+    handle.remove()
+    ratio = float(torch.stack(simulated).mean() / torch.stack(real).mean())
+    assert 0.8 < ratio < 1.25, ratio
