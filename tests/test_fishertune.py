@@ -858,3 +858,24 @@ def test_the_measured_scale_makes_the_perturbation_as_large_as_the_real_shift():
     handle.remove()
     ratio = float(torch.stack(simulated).mean() / torch.stack(real).mean())
     assert 0.8 < ratio < 1.25, ratio
+
+
+def test_the_ablation_reports_paired_per_seed_differences():
+    """Issue 27 (5): arms are bit-identical until the warm-up ends, so ``scripts/proxy_ablation.py`` reports each
+    arm's per-seed differences from a baseline arm (mean ± std, seeds higher), not only unpaired means; its new arms
+    (the measured perturbation scale, train_aug) are in its run table."""
+    import doctest
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "proxy_ablation.py"
+    spec = importlib.util.spec_from_file_location("proxy_ablation", path)
+    pa = importlib.util.module_from_spec(spec)
+    sys.modules["proxy_ablation"] = pa
+    spec.loader.exec_module(pa)
+    assert doctest.testmod(pa).failed == 0
+    d = pa.paired_differences({"fim": [40.0, 41.0], "dr": [39.0, 43.0], "rand": [40.0, 41.0]}, "fim")
+    assert d["fim"] == (0.0, 0.0, 0) and d["rand"] == (0.0, 0.0, 0)
+    assert d["dr"][0] == pytest.approx(0.5) and d["dr"][2] == 1
+    assert {"fishertune dr_fim measured scale", "fishertune dr_fim train_aug"} <= set(pa.RUNS)
