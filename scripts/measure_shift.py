@@ -25,15 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
+from dgss.models.style_perturb import channel_stats, shift_in_draw_units
+
 E_ABS_Z = math.sqrt(2 / math.pi)  # E|z| of a standard normal: 0.798
-
-
-def channel_stats(
-    tokens: torch.Tensor, num_prefix: int, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample and channel: the patch tokens' mean and std (B, C), as the perturbation computes them."""
-    f = tokens[:, num_prefix:]
-    return f.mean(1), (f.var(1, unbiased=False) + eps).sqrt()
 
 
 def matching_scale(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> float:
@@ -43,8 +37,7 @@ def matching_scale(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
     >>> round(matching_scale(src, src + 2 * E_ABS_Z), 3)  # every sample moved by twice the draw's mean |z|
     2.0
     """
-    spread = (source.var(0, unbiased=False) + eps).sqrt().mean()
-    return float((target - source).abs().mean() / (E_ABS_Z * spread))
+    return float(shift_in_draw_units(source, target, eps)) / E_ABS_Z
 
 
 @torch.no_grad()

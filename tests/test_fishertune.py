@@ -879,3 +879,55 @@ def test_the_ablation_reports_paired_per_seed_differences():
     assert d["fim"] == (0.0, 0.0, 0) and d["rand"] == (0.0, 0.0, 0)
     assert d["dr"][0] == pytest.approx(0.5) and d["dr"][2] == 1
     assert {"fishertune dr_fim measured scale", "fishertune dr_fim train_aug"} <= set(pa.RUNS)
+
+
+def test_the_paired_render_oracle_feeds_the_same_scenes_in_another_domain_as_x_prime(tmp_path):
+    """Issue 27 (5), the oracle arm: with ``synthetic.paired=[fog]`` every training sample also carries its scene
+    rendered in fog through the same augmentation draws (the batch's paired images equal a fog source's images for
+    the same stream; the game images are those of an unpaired run), and ``perturb.type: paired_render`` takes them as
+    x′ on statistic steps, with ε the real shift of the channel statistics in the perturbation's units. Without
+    paired data: one line."""
+    from test_methods import H, W
+
+    from dgss.data.datamodule import DGSSDataModule
+    from dgss.data.synthetic import SyntheticDomain
+    from dgss.data.transforms import TrainPipeline
+
+    def dm(domain, paired=()):
+        return DGSSDataModule(sources={"s": SyntheticDomain(domain, "train", 8, H, W, paired=paired)},
+                              targets={"t": SyntheticDomain("fog", "val", 2, H, W)},
+                              train_pipeline=TrainPipeline(crop=(H, W), short_edge=(H, 2 * H)), batch_size=2,
+                              val_batch_size=2, num_workers=0, pin_memory=False)  # fmt: skip
+
+    paired, plain, fog = (
+        next(iter(d.train_dataloader())) for d in (dm("game", ["fog"]), dm("game"), dm("fog"))
+    )
+    assert all(torch.equal(a, b) for a, b in zip(paired["image"], plain["image"]))  # the stream unchanged
+    assert all(torch.equal(a, b) for a, b in zip(paired["label"], fog["label"]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(paired["paired_image"], fog["image"])
+    )  # same scene, same draws
+    assert not torch.equal(paired["paired_image"][0], paired["image"][0])
+
+    torch.manual_seed(0)
+    m = fishertune(perturb=dict(after_blocks=[0], type="paired_render"))
+    seen = []
+    forward = m._forward
+
+    def record(images, labels):
+        seen.append(images.detach().clone())
+        return forward(images, labels)
+
+    m._forward = record
+    trainer(tmp_path, steps=4, limit_val_batches=0).fit(m, dm("game", ["fog"]))
+    assert m.stat_counts["p"] > 0 and float(m.eps_ema.sum()) > 0
+    # a statistic step's first forward is x′: the fog renders of its batch, prepared as the model prepares any batch
+    stream = [b for _, b in zip(range(4), dm("game", ["fog"]).train_dataloader())]
+    x_primes = [m.prepare_batch({"image": b["paired_image"], "label": b["label"]})[0] for b in stream]
+    cleans = [m.prepare_batch(b)[0] for b in stream]
+    fed = [any(torch.equal(s, x) for s in seen) for x in x_primes]
+    assert sum(fed) == m.stat_counts["p"] and not any(torch.equal(a, b) for a, b in zip(x_primes, cleans))
+    torch.manual_seed(0)
+    m2 = fishertune(perturb=dict(after_blocks=[0], type="paired_render"))
+    with pytest.raises(ConfigError, match=r"paired_render needs training data that renders each scene"):
+        trainer(tmp_path / "b", steps=4, limit_val_batches=0).fit(m2, dm("game"))

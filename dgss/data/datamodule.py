@@ -61,8 +61,13 @@ class _Sources(ConcatDataset):
 def collate_train(samples: list[dict]) -> dict:
     """Training samples as lists (crops of images smaller than the crop size are smaller; the method pads them after
     normalising), ``skipped`` as one count per sample."""
-    return {"image": [s["image"] for s in samples], "label": [s["label"] for s in samples],
-            "name": [s["name"] for s in samples], "skipped": torch.tensor([int(s["skipped"]) for s in samples])}  # fmt: skip
+    batch = {"image": [s["image"] for s in samples], "label": [s["label"] for s in samples],
+             "name": [s["name"] for s in samples], "skipped": torch.tensor([int(s["skipped"]) for s in samples])}  # fmt: skip
+    if all(
+        "paired_image" in s for s in samples
+    ):  # the same scenes in another domain (data with paired domains)
+        batch["paired_image"] = [s["paired_image"] for s in samples]
+    return batch
 
 
 def collate_eval(samples: list[dict]) -> dict:

@@ -40,3 +40,15 @@ class LabelsOnly(Protocol):
     cache_key: str
 
     def read_label(self, i: int) -> np.ndarray: ...
+
+
+@runtime_checkable
+class PairedData(Protocol):
+    """A data set that renders each item's scene again in other domains, with the same label: FisherTune's oracle x′
+    (``method.perturb.type: paired_render``). ``paired_domains`` empty: no pairing."""
+
+    paired_domains: tuple[str, ...]
+
+    def load_paired(self, i: int) -> torch.Tensor:
+        """uint8 (3, H, W): scene ``i`` in ``paired_domains[i % len(paired_domains)]``."""
+        ...

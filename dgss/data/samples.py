@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dgss.data.protocols import SegmentationData
+from dgss.data.protocols import PairedData, SegmentationData
 from dgss.data.rare_class import split_index
 from dgss.data.resumable import Draw, seeded
 from dgss.errors import ConfigError
@@ -54,6 +54,18 @@ class Samples(torch.utils.data.Dataset):
                     return {"image": None, "label": None, "name": self.data.name(j), "skipped": 1}
         else:
             raise ConfigError(f"{self.data.name(i)}: no readable item in the whole data set (on_bad: skip)")
+        paired = isinstance(self.data, PairedData) and bool(self.data.paired_domains)
         with seeded(seed):
-            image, label = self.transform(image, label, prefer)
-        return {"image": image, "label": label, "name": self.data.name(j), "skipped": k}
+            state = torch.get_rng_state() if paired else None
+            image, out_label = self.transform(image, label, prefer)
+            if (
+                paired
+            ):  # the same scene in another domain through the same draws: geometry and photometric alike
+                after = torch.get_rng_state()
+                torch.set_rng_state(state)
+                paired_image, _ = self.transform(self.data.load_paired(j), label, prefer)
+                torch.set_rng_state(after)
+        sample = {"image": image, "label": out_label, "name": self.data.name(j), "skipped": k}
+        if paired:
+            sample["paired_image"] = paired_image
+        return sample

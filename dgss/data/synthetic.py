@@ -17,6 +17,7 @@ Domains:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -581,7 +582,7 @@ class SyntheticDomain:
     on_bad = "error"  # rendered, never unreadable
 
     def __init__(self, domain: str, split: str = "train", length: int = 1000, height: int = 256, width: int = 512,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, paired: Sequence[str] = ()):  # fmt: skip
         if domain not in DOMAINS:
             raise ConfigError(
                 f"synthetic domain={domain!r} does not exist; choose one of {', '.join(DOMAINS)}"
@@ -594,6 +595,13 @@ class SyntheticDomain:
             )
         self.domain, self.split, self.length = domain, split, int(length)
         self.height, self.width, self.seed = int(height), int(width), int(seed)
+        bad = [d for d in paired if d not in DOMAINS]
+        if bad:
+            raise ConfigError(
+                f"synthetic paired={list(paired)}: {bad} are not domains; choose from {', '.join(DOMAINS)}"
+            )
+        # the same scenes rendered in these domains (an oracle x′ for FisherTune: method.perturb.type=paired_render)
+        self.paired_domains = tuple(paired)
 
     def __len__(self) -> int:
         return self.length
@@ -618,3 +626,13 @@ class SyntheticDomain:
 
     def name(self, i: int) -> str:
         return f"{self.domain}/{self.split}/{i:06d}"
+
+    def load_paired(self, i: int) -> torch.Tensor:
+        """Scene ``i`` rendered in ``paired_domains[i % len(paired_domains)]``: the same layout and label."""
+        if not self.paired_domains:
+            raise ConfigError(
+                f"synthetic domain {self.domain!r} has no paired domains (synthetic paired=[...])"
+            )
+        domain = self.paired_domains[i % len(self.paired_domains)]
+        img, _ = render_sample(domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()

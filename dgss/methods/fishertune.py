@@ -25,6 +25,7 @@ values) over the backbone's weights file plus the head.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from dgss.methods.base import MethodConfig, SegmentationMethod
 from dgss.methods.chained_optimizer import ChainedOptimizer
 from dgss.methods.selected_adamw import SelectedAdamW
 from dgss.models.heads.protocol import QueryHead
-from dgss.models.style_perturb import ChannelStatPerturbation
+from dgss.models.style_perturb import ChannelStatPerturbation, channel_stats, shift_in_draw_units
 from dgss.options import Options, register
 
 GROUPS = ("schedule", "selection", "fisher", "perturb", "optim", "finalize")
@@ -118,7 +119,9 @@ class FisherOptions(Options):
 class PerturbOptions(Options):
     """``method.perturb``: the simulated domain shift x' (feature statistics of early blocks re-drawn)."""
 
-    type: Literal["dsu"] = "dsu"  # re-draw channel mean / std of patch tokens around themselves
+    # dsu: re-draw channel mean / std of patch tokens around themselves | paired_render (an oracle for ablations): x′ is
+    # the same scenes rendered in other domains by the data (synthetic.paired=[...]), through the same augmentation
+    type: Literal["dsu", "paired_render"] = "dsu"
     scale: float = (
         1.0  # s_mu: multiple of the batch std of the channel means (and of the stds unless scale_sigma)
     )
@@ -387,6 +390,7 @@ class StepStatistics:
     train_p: dict = field(default_factory=dict)  # train_aug: parameter -> gradient of the training loss on x′
     fisher_x: dict = field(default_factory=dict)  # pixel_ce: name -> gradient of the Fisher loss on x
     mag: torch.Tensor | None = None  # the perturbation's (ε_μ, ε_σ)
+    paired: torch.Tensor | None = None  # perturb.type=paired_render: x′, the batch's scenes in another domain
 
 
 class FisherTune(SegmentationMethod):
@@ -594,7 +598,7 @@ class FisherTune(SegmentationMethod):
         return torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=IGNORE_INDEX)
 
     def _perturbed_pass(self, images: torch.Tensor, labels: torch.Tensor, t: int, with_head: bool,
-                        ) -> tuple[dict, dict, torch.Tensor] | None:  # fmt: skip
+                        paired: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor] | None:  # fmt: skip
         """Gradients on x′, by autograd.grad (the one backward of the step stays the clean pass's, DDP's): of the
         Fisher loss for F(x′), and with ``train_aug`` of the training loss for the head and the selection too. Runs
         from the RNG state the clean pass then starts from again (dropout masks, point samples and so the matching
@@ -602,8 +606,10 @@ class FisherTune(SegmentationMethod):
         were (a statistics pass is not a training forward). ``None``: non-finite, the step is skipped."""
         seed = hash((self.perturb_seed, t, self.global_rank)) & 0x7FFFFFFF
         cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), self.perturbation.active(seed=seed):
-            losses, fisher_loss = self._forward(images, labels)
+        # x′: the perturbation's draw on x, or (paired_render) the same scenes rendered in another domain
+        shift = self.perturbation.active(seed=seed) if paired is None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=cuda), shift:
+            losses, fisher_loss = self._forward(images if paired is None else paired, labels)
             train_loss = sum(losses.values())
             if not self.step_is_finite(fisher_loss) or not self.step_is_finite(train_loss):
                 return None  # nothing enters the statistics; the step is skipped
@@ -623,10 +629,32 @@ class FisherTune(SegmentationMethod):
             self._warned_batch_of_one = True
             rank_zero_warn("FisherTune: one image per rank, so the perturbation has no batch spread to draw from: "
                            "x′ = x, F(x′) = F(x) and the domain term is 0; use data.batch_size >= 2 per rank")  # fmt: skip
-        mag = self.perturbation.magnitudes().to(self.device)
+        mag = self.perturbation.magnitudes() if paired is None else self._real_shift(images, paired)
+        mag = mag.to(self.device)
         if self.trainer.world_size > 1:
             mag = self.trainer.strategy.reduce(mag, reduce_op="mean")
         return stats, train, mag
+
+    @torch.no_grad()
+    def _real_shift(self, images: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
+        """paired_render's (ε_μ, ε_σ): how far x′'s channel statistics sit from x's at the perturbation's blocks, in
+        the units the perturbation records its own draws in (:func:`shift_in_draw_units`), averaged over blocks."""
+        seen: dict[int, list[torch.Tensor]] = {}
+        blocks = set(self.options.perturb.after_blocks)
+        handle = self.backbone.register_block_hook(
+            lambda x, i: (seen.setdefault(i, []).append(x.detach()), x)[1] if i in blocks else x,
+            part_of_model=False,
+        )
+        try:
+            self.backbone(images)
+            self.backbone(paired)
+        finally:
+            handle.remove()
+        p, out = self.backbone.num_prefix_tokens, []
+        for clean, shifted in seen.values():
+            (mu_c, sig_c), (mu_s, sig_s) = channel_stats(clean.float(), p), channel_stats(shifted.float(), p)
+            out.append(torch.stack([shift_in_draw_units(mu_c, mu_s), shift_in_draw_units(sig_c, sig_s)]))
+        return torch.stack(out).mean(0).cpu()
 
     def _accumulate_eps(self, mag: torch.Tensor) -> None:
         beta = self.options.fisher.ema_decay
@@ -654,6 +682,13 @@ class FisherTune(SegmentationMethod):
         stats = growing and self.is_stat_step(t)
         perturb = stats and self.options.fisher.score == "dr_fim"
         self._pending = StepStatistics(t, stats, perturb, perturb and self.options.perturb.train_aug)
+        if perturb and self.options.perturb.type == "paired_render":
+            if "paired_image" not in batch:
+                raise ConfigError("method.perturb.type=paired_render needs training data that renders each scene "
+                                  "again in other domains (data=synthetic with synthetic.paired=[photo, fog, ...])")  # fmt: skip
+            self._pending.paired = self.prepare_batch(
+                {"image": batch["paired_image"], "label": batch["label"]}
+            )[0]
         loss = super().training_step(batch, batch_idx)
         n = self.selected_opt.num_selected()
         self.log_dict({"fishertune/selected": float(n), "fishertune/selected_fraction": n / self.n_base,
@@ -665,7 +700,7 @@ class FisherTune(SegmentationMethod):
         Fisher loss (``pixel_ce``) F(x)'s gradients through the same forward. The clean losses go to the base."""
         step = self._pending
         if step.perturb:
-            result = self._perturbed_pass(images, labels, step.t, with_head=step.aug)
+            result = self._perturbed_pass(images, labels, step.t, with_head=step.aug, paired=step.paired)
             if result is None:
                 return None
             step.perturbed, step.train_p, step.mag = result

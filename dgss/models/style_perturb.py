@@ -19,6 +19,27 @@ from contextlib import contextmanager
 import torch
 
 
+def channel_stats(
+    tokens: torch.Tensor, num_prefix: int = 0, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel: the patch tokens' mean and std, (B, C) each, as the perturbation computes them."""
+    f = tokens[:, num_prefix:]
+    return f.mean(1), (f.var(1, unbiased=False) + eps).sqrt()
+
+
+def shift_in_draw_units(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A real shift of a statistic (paired samples, (B, C)) in the units of the perturbation's recorded magnitude
+    ``mean(s·|z|)``: mean |target − source| over the mean batch std of the source statistic (the draw moves it by
+    ``s·|z|·Σ``).
+
+    >>> src = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])  # batch std 1 per channel
+    >>> round(float(shift_in_draw_units(src, src + 0.5)), 4)
+    0.5
+    """
+    spread = (source.var(0, unbiased=False) + eps).sqrt().mean()
+    return (target - source).abs().mean() / spread
+
+
 class ChannelStatPerturbation:
     """Call as a block hook ``(tokens, block_idx) -> tokens``; active only inside :meth:`active`.
 
