@@ -40,6 +40,12 @@ RUNS: dict[str, list[str]] = {
         "method.perturb.sigma=log",
     ],
     "fishertune dr_fim train_aug": ["method.fisher.score=dr_fim", "method.perturb.train_aug=true"],
+    # the oracle: x′ = the same scenes rendered in the four targets (the ceiling any perturbation could reach)
+    "fishertune dr_fim oracle": [
+        "method.fisher.score=dr_fim",
+        "method.perturb.type=paired_render",
+        "synthetic.paired=[photo,overcast,fog,night]",
+    ],
 }
 
 

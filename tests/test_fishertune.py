@@ -878,7 +878,11 @@ def test_the_ablation_reports_paired_per_seed_differences():
     d = pa.paired_differences({"fim": [40.0, 41.0], "dr": [39.0, 43.0], "rand": [40.0, 41.0]}, "fim")
     assert d["fim"] == (0.0, 0.0, 0) and d["rand"] == (0.0, 0.0, 0)
     assert d["dr"][0] == pytest.approx(0.5) and d["dr"][2] == 1
-    assert {"fishertune dr_fim measured scale", "fishertune dr_fim train_aug"} <= set(pa.RUNS)
+    assert {
+        "fishertune dr_fim measured scale",
+        "fishertune dr_fim train_aug",
+        "fishertune dr_fim oracle",
+    } <= set(pa.RUNS)
 
 
 def test_the_paired_render_oracle_feeds_the_same_scenes_in_another_domain_as_x_prime(tmp_path):
