@@ -53,7 +53,9 @@ def run_one(name: str, seed: int, weights: str, root: Path) -> dict:
     out = root / f"{name.replace(' ', '_')}_seed{seed}"
     metrics = out / "metrics.json"
     if not metrics.is_file():
-        cmd = [sys.executable, "-m", "dgss.train", "experiment=demo", f"backbone.weights={weights}", f"seed={seed}",
+        # dgss-train as a user runs it (``python -m dgss.train`` looks for its configs beside the module and finds none)
+        cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'dgss-train'; from dgss.train import main; main()",
+               "experiment=demo", f"backbone.weights={weights}", f"seed={seed}",
                "~logger", f"hydra.run.dir={out}", *RUNS[name]]  # fmt: skip
         t0 = time.time()
         env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
