@@ -277,3 +277,21 @@ def test_a_frozen_backbones_weights_are_cast_once_with_bit_identical_outputs_and
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = bb(x)
     assert all(torch.equal(a, b) for a, b in zip(changed, want)) and not torch.equal(changed[0], once[0])
+
+
+def test_the_cast_once_scan_sees_a_layer_wrapped_after_a_forward():
+    """The scan for castable layers is cached; wrapping a layer (or a module above it) in a dgss module afterwards
+    makes a new scan, so the adapter's base weight is not swapped for a bf16 copy."""
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
+                  model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    bb.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bb(torch.randn(1, 3, 32, 64))
+    assert any("blocks.1.attn.qkv" in n for n, _ in bb._castable_frozen())
+    bb.model.blocks[1].attn.qkv = _BaseReader(bb.model.blocks[1].attn.qkv)
+    assert not any("blocks.1.attn.qkv" in n for n, _ in bb._castable_frozen())
+    wrapper = _BaseReader(torch.nn.Linear(2, 2))
+    wrapper.inner = bb.model.blocks[0].mlp  # a module above the layers: its Linears are now a dgss module's
+    bb.model.blocks[0].mlp = wrapper
+    assert not any("blocks.0.mlp" in n for n, _ in bb._castable_frozen())

@@ -816,15 +816,9 @@ def test_the_measured_scale_makes_the_perturbation_as_large_as_the_real_shift():
     """Issue 27 (5): ``scripts/measure_shift.py`` measures, scene by scene, how far the embedded targets move the
     channel means at the perturbed block, in the perturbation's units; the hook at that scale moves them as far on
     average (within sampling noise)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from helpers.scripts import load_script
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    spec = importlib.util.spec_from_file_location("measure_shift", scripts / "measure_shift.py")
-    ms = importlib.util.module_from_spec(spec)
-    sys.modules["measure_shift"] = ms
-    spec.loader.exec_module(ms)
+    ms = load_script("measure_shift")
     from dgss.data.synthetic import SyntheticDomain
     from dgss.models.backbone import Backbone
 
@@ -865,15 +859,10 @@ def test_the_ablation_reports_paired_per_seed_differences():
     arm's per-seed differences from a baseline arm (mean ± std, seeds higher), not only unpaired means; its new arms
     (the measured perturbation scale, train_aug) are in its run table."""
     import doctest
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "proxy_ablation.py"
-    spec = importlib.util.spec_from_file_location("proxy_ablation", path)
-    pa = importlib.util.module_from_spec(spec)
-    sys.modules["proxy_ablation"] = pa
-    spec.loader.exec_module(pa)
+    from helpers.scripts import load_script
+
+    pa = load_script("proxy_ablation")
     assert doctest.testmod(pa).failed == 0
     d = pa.paired_differences({"fim": [40.0, 41.0], "dr": [39.0, 43.0], "rand": [40.0, 41.0]}, "fim")
     assert d["fim"] == (0.0, 0.0, 0) and d["rand"] == (0.0, 0.0, 0)

@@ -5,12 +5,12 @@ absent. The converter against the shipped trainIds, ``dgss-eval`` on the real fr
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.scripts import load_script
 from PIL import Image
 from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (fixture)
 
@@ -40,8 +40,7 @@ def test_the_converter_reproduces_the_shipped_train_ids_and_check_reads_the_layo
     """``convert_datasets.py cityscapes`` on the real labelIds: the trainIds agree with the shipped ones on ≥ 99.5 % of
     pixels (the two files were downscaled separately: boundary pixels differ) with the same class set; ``check``
     reads the split without a problem."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import convert_datasets
+    convert_datasets = load_script("convert_datasets")
 
     root, kept = layout
     assert convert_datasets.main(["cityscapes", "--root", str(root), "--workers", "1"]) == 0

@@ -209,8 +209,8 @@ def test_checkpoint_restores_without_svd_and_merges_to_a_plain_backbone(
     """Train with EMA -> checkpoint (A, B, A₀, B₀ and biases; the frozen W from the weights file) -> dgss-eval
     reproduces the run with torch.linalg.svd unavailable; dgss-merge --backbone-out writes W' = W − s·B₀A₀ + s·B·A,
     and a plain Backbone from that file gives the adapted backbone's features."""
-    from dgss.checkpoint import load_method, merge
-    from dgss.eval import evaluate
+    from helpers.restore import assert_restores_and_folds
+
     from dgss.train import train
 
     cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=soma", "method.soma.rank=4",
@@ -226,20 +226,7 @@ def test_checkpoint_restores_without_svd_and_merges_to_a_plain_backbone(
         raise AssertionError("an SVD ran while restoring a checkpoint")
 
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
-    again = evaluate(compose_cfg([f"ckpt_path={ckpt_path}", "trainer=cpu"], config_name="eval"))
-    for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
-        assert again[k] == pytest.approx(metrics[k], abs=1e-9), k
-    plain = tmp_path / "plain.safetensors"
-    info = merge(ckpt_path, None, backbone_out=plain)
-    assert info == {"backbone_out": str(plain)}
-    method, saved = load_method(ckpt_path)
-    adapted = method.backbone.eval()
-    kw = {k: v for k, v in saved.backbone.items() if k not in ("_target_", "weights")}
-    flat = Backbone(**{**kw, "weights": str(plain)}).eval()
-    x = torch.randn(2, 3, H, W)
-    with torch.no_grad():
-        for a, b in zip(adapted(x), flat(x)):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    method = assert_restores_and_folds(compose_cfg, ckpt_path, metrics, tmp_path, H, W)
     assert any(
         float(w.adapters["q"].weight_delta().abs().max() if isinstance(w, SoMAFusedQKV) else 0) > 0
         for w in method.wrappers

@@ -3,14 +3,9 @@ held to budgets kept in one place (:data:`BUDGETS`), so that a change that bring
 hundreds of small kernels fails CI without a GPU. The model is DINOv2-L's 24 blocks and Mask2Former's full depth at
 small widths, batch 4 at 512²: the counts depend on the structure, not the width."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from helpers.scripts import load_script
 
 # One steady-state training step (bf16-mixed), per method and phase: (aten calls, kernel launches) as counted after
 # issue 26; a phase may grow by MARGIN before the test fails. The whole step: at most SYNCS host synchronisations (the
@@ -27,18 +22,9 @@ BUDGETS = {
 }  # fmt: skip
 
 
-def _script(name: str):
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # (its dataclasses look their module up)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def count_step():
-    return _script("count_step")
+    return load_script("count_step")
 
 
 @pytest.mark.parametrize("method", sorted(BUDGETS))

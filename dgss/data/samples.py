@@ -34,6 +34,8 @@ class Samples(torch.utils.data.Dataset):
                 f"{type(data).__name__} is not a dgss data set: it needs __len__, load(i), name(i), on_bad"
             )
         self.data, self.transform, self.substitute = data, transform, substitute
+        # a data set with paired domains also renders each scene there, through the same draws (FisherTune's oracle)
+        self.paired = isinstance(data, PairedData) and bool(data.paired_domains)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -54,7 +56,7 @@ class Samples(torch.utils.data.Dataset):
                     return {"image": None, "label": None, "name": self.data.name(j), "skipped": 1}
         else:
             raise ConfigError(f"{self.data.name(i)}: no readable item in the whole data set (on_bad: skip)")
-        paired = isinstance(self.data, PairedData) and bool(self.data.paired_domains)
+        paired = self.paired
         with seeded(seed):
             state = torch.get_rng_state() if paired else None
             image, out_label = self.transform(image, label, prefer)

@@ -67,8 +67,7 @@ def apply_subset(sources: dict[str, SegmentationData], subset) -> tuple[dict, Su
     unknown = sorted(set(subset) - {"size", "seed", "source"})
     if unknown or "size" not in subset:
         raise ConfigError(f"data.source_subset takes size (required), seed and source; got {dict(subset)}")
-    options = SubsetOptions(int(subset["size"]), int(subset.get("seed", 0)), subset.get("source"))
-    name = options.source
+    name = subset.get("source")
     if name is None:
         if len(sources) != 1:
             raise ConfigError(f"data.source_subset: name the source to draw from (data.source_subset.source, one "
@@ -76,7 +75,7 @@ def apply_subset(sources: dict[str, SegmentationData], subset) -> tuple[dict, Su
         name = next(iter(sources))
     if name not in sources:
         raise ConfigError(f"data.source_subset.source={name!r} is not in data.sources {list(sources)}")
-    options = SubsetOptions(options.size, options.seed, name)
+    options = SubsetOptions(int(subset["size"]), int(subset.get("seed", 0)), name)
     out = dict(sources)
     out[name] = SourceSubset(
         sources[name], subset_indices(len(sources[name]), options.size, options.seed), options

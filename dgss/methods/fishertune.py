@@ -641,10 +641,13 @@ class FisherTune(SegmentationMethod):
         the units the perturbation records its own draws in (:func:`shift_in_draw_units`), averaged over blocks."""
         seen: dict[int, list[torch.Tensor]] = {}
         blocks = set(self.options.perturb.after_blocks)
-        handle = self.backbone.register_block_hook(
-            lambda x, i: (seen.setdefault(i, []).append(x.detach()), x)[1] if i in blocks else x,
-            part_of_model=False,
-        )
+
+        def record(x: torch.Tensor, i: int) -> torch.Tensor:
+            if i in blocks:
+                seen.setdefault(i, []).append(x.detach())
+            return x
+
+        handle = self.backbone.register_block_hook(record, part_of_model=False)
         try:
             self.backbone(images)
             self.backbone(paired)
@@ -654,7 +657,7 @@ class FisherTune(SegmentationMethod):
         for clean, shifted in seen.values():
             (mu_c, sig_c), (mu_s, sig_s) = channel_stats(clean.float(), p), channel_stats(shifted.float(), p)
             out.append(torch.stack([shift_in_draw_units(mu_c, mu_s), shift_in_draw_units(sig_c, sig_s)]))
-        return torch.stack(out).mean(0).cpu()
+        return torch.stack(out).mean(0)
 
     def _accumulate_eps(self, mag: torch.Tensor) -> None:
         beta = self.options.fisher.ema_decay

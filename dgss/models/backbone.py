@@ -514,22 +514,37 @@ class Backbone(nn.Module):
     # rounding: bit-identical outputs) and made again only when a weight changes (a load, EMA's swap).
     cast_frozen_once = True
 
-    def _castable_frozen(self) -> list[tuple[str, torch.Tensor]]:
-        """Frozen weights and biases of plain ``nn.Linear`` / ``nn.Conv2d`` modules, which only their own forward
-        reads (never those inside a dgss module: an adapter may read its base layer's weight in float32)."""
-        found = []
+    def _plain_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every plain ``nn.Linear`` / ``nn.Conv2d`` (its forward the only reader of its weights) outside dgss modules
+        (an adapter may read its base layer's weight in float32). The structural scan is cached while every link from
+        the model down to those layers still holds (a method wrapping a layer or its parent later makes a new scan)."""
+        cached = self.__dict__.get("_plain_scan")
+        if cached is not None and all(
+            getattr(parent, attr, None) is child for parent, attr, child in cached[1]
+        ):
+            return cached[0]
         dgss_owned: set[int] = set()
         for m in self.model.modules():
             if type(m).__module__.startswith("dgss."):
                 dgss_owned |= {id(c) for c in m.modules() if c is not m}
+        layers, links = [], {}
         for name, m in self.model.named_modules():
-            plain = type(m).forward in (nn.Linear.forward, nn.Conv2d.forward)
-            if not plain or id(m) in dgss_owned:
+            if type(m).forward not in (nn.Linear.forward, nn.Conv2d.forward) or id(m) in dgss_owned:
                 continue
-            for pname, p in m.named_parameters(recurse=False):
-                if not p.requires_grad and p.is_floating_point():
-                    found.append((f"{name}.{pname}" if name else pname, p))
-        return found
+            layers.append((name, m))
+            parent = self.model
+            for part in name.split("."):
+                child = getattr(parent, part)
+                links[(id(parent), part)] = (parent, part, child)
+                parent = child
+        self.__dict__["_plain_scan"] = (layers, list(links.values()))
+        return layers
+
+    def _castable_frozen(self) -> list[tuple[str, torch.Tensor]]:
+        """Frozen weights and biases of :meth:`_plain_layers`: what autocast would cast on every forward."""
+        return [(f"{name}.{pname}" if name else pname, p) for name, m in self._plain_layers()
+                for pname, p in m.named_parameters(recurse=False)
+                if not p.requires_grad and p.is_floating_point()]  # fmt: skip
 
     def _low_precision_weights(self, device_type: str) -> dict[str, torch.Tensor]:
         """The frozen castable weights in autocast's dtype, made when a weight (or the dtype) changed."""
