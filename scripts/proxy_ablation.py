@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+STEPS = 1000  # experiment=demo's trainer.max_steps, stated in every run's command
 
 # every run: the demo experiment, without the loggers (metrics.json is written regardless)
 RUNS: dict[str, list[str]] = {
@@ -52,10 +55,13 @@ RUNS: dict[str, list[str]] = {
 def run_one(name: str, seed: int, weights: str, root: Path) -> dict:
     out = root / f"{name.replace(' ', '_')}_seed{seed}"
     metrics = out / "metrics.json"
+    # a run stopped part-way has a metrics.json of its mid-run validations: only a finished run is reused
+    if metrics.is_file() and json.loads(metrics.read_text())[-1].get("step") != STEPS:
+        shutil.rmtree(out)
     if not metrics.is_file():
         # dgss-train as a user runs it (``python -m dgss.train`` looks for its configs beside the module and finds none)
         cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'dgss-train'; from dgss.train import main; main()",
-               "experiment=demo", f"backbone.weights={weights}", f"seed={seed}",
+               "experiment=demo", f"trainer.max_steps={STEPS}", f"backbone.weights={weights}", f"seed={seed}",
                "~logger", f"hydra.run.dir={out}", *RUNS[name]]  # fmt: skip
         t0 = time.time()
         env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
