@@ -25,6 +25,15 @@ from pathlib import Path
 
 STEPS = 1000  # experiment=demo's trainer.max_steps, stated in every run's command
 
+# the FisherTune schedule every fishertune arm runs under (other arms ignore it). ``demo``: the demo's own (T1 = 50,
+# 5-step statistic windows, a 20 % selection). ``answer`` (issue 27): statistics from 64 batches before the first
+# selection (T1 = 100; with a window longer than the 12-step refresh interval every growth step is a statistic step)
+# and the paper's 5 % budget, so the proxy has estimates good enough to tell the scores apart.
+SETTINGS: dict[str, list[str]] = {
+    "demo": [],
+    "answer": ["method.schedule.delta_max=0.05", "method.schedule.warmup_iters=100", "method.fisher.window=64"],
+}
+
 # every run: the demo experiment, without the loggers (metrics.json is written regardless)
 RUNS: dict[str, list[str]] = {
     # the backbone at the head's lr, as FisherTune's demo recipe (backbone_lr_mult 1.0): the same step size
@@ -43,6 +52,9 @@ RUNS: dict[str, list[str]] = {
         "method.perturb.sigma=log",
     ],
     "fishertune dr_fim train_aug": ["method.fisher.score=dr_fim", "method.perturb.train_aug=true"],
+    # the mean of per-image squared gradients instead of the square of the batch's mean gradient
+    "fishertune fim per_sample": ["method.fisher.score=fim", "method.fisher.per_sample=true"],
+    "fishertune dr_fim per_sample": ["method.fisher.score=dr_fim", "method.fisher.per_sample=true"],
     # the oracle: x′ = the same scenes rendered in the four targets (the ceiling any perturbation could reach)
     "fishertune dr_fim oracle": [
         "method.fisher.score=dr_fim",
@@ -52,8 +64,9 @@ RUNS: dict[str, list[str]] = {
 }
 
 
-def run_one(name: str, seed: int, weights: str, root: Path) -> dict:
-    out = root / f"{name.replace(' ', '_')}_seed{seed}"
+def run_one(name: str, seed: int, weights: str, root: Path, setting: str = "demo") -> dict:
+    out = (root if setting == "demo" else root / setting) / f"{name.replace(' ', '_')}_seed{seed}"
+    extra = SETTINGS[setting] if name.startswith("fishertune") else []
     metrics = out / "metrics.json"
     # a run stopped part-way has a metrics.json of its mid-run validations: only a finished run is reused
     if metrics.is_file() and json.loads(metrics.read_text())[-1].get("step") != STEPS:
@@ -62,7 +75,7 @@ def run_one(name: str, seed: int, weights: str, root: Path) -> dict:
         # dgss-train as a user runs it (``python -m dgss.train`` looks for its configs beside the module and finds none)
         cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'dgss-train'; from dgss.train import main; main()",
                "experiment=demo", f"trainer.max_steps={STEPS}", f"backbone.weights={weights}", f"seed={seed}",
-               "~logger", f"hydra.run.dir={out}", *RUNS[name]]  # fmt: skip
+               "~logger", f"hydra.run.dir={out}", *RUNS[name], *extra]  # fmt: skip
         t0 = time.time()
         env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -100,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--root", default="logs/proxy_ablation")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--setting", default="demo", choices=list(SETTINGS),
+                    help="the schedule of the fishertune arms (demo's, or answer: 64 statistic batches, 5 %%)")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the table here")
     ap.add_argument(
         "--baseline", default="fishertune fim", help="the arm the paired per-seed differences are from"
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     rows = []
     for name in args.runs:
-        res = [run_one(name, s, args.weights, root) for s in args.seeds]
+        res = [run_one(name, s, args.weights, root, args.setting) for s in args.seeds]
         rows.append((name, [r["source"] for r in res], [r["target"] for r in res]))
     base = args.baseline if args.baseline in args.runs else rows[0][0]
     diff = paired_differences({n: t for n, _, t in rows}, base)

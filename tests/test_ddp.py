@@ -74,11 +74,11 @@ class NanOnRank1(FisherTune):
     """The clean pass of step 2 (a statistic step) is NaN on rank 1 only."""
 
     def _forward(self, images, labels):
-        losses, fisher_loss = super()._forward(images, labels)
+        output, losses, fisher_loss = super()._forward(images, labels)
         if self.global_rank == 1 and self.global_step == 2 and not self.perturbation.enabled:
             nan = float("nan")
-            return {k: v * nan for k, v in losses.items()}, fisher_loss * nan
-        return losses, fisher_loss
+            return output, {k: v * nan for k, v in losses.items()}, fisher_loss * nan
+        return output, losses, fisher_loss
 
 
 @pytest.mark.parametrize("score", ["dr_fim", "fim", "random"])

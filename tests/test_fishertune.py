@@ -26,10 +26,10 @@ def nan_on(m, when):
 
     def patched(images, labels):
         calls.append(None)
-        losses, fisher_loss = forward(images, labels)
+        output, losses, fisher_loss = forward(images, labels)
         if when(len(calls)):
-            return {k: v * float("nan") for k, v in losses.items()}, fisher_loss * float("nan")
-        return losses, fisher_loss
+            return output, {k: v * float("nan") for k, v in losses.items()}, fisher_loss * float("nan")
+        return output, losses, fisher_loss
 
     m._forward = patched
 
@@ -193,7 +193,7 @@ def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
             slopes.append(a)
         head = sum(0 * p.sum() for p in m.head.parameters())  # the warm-up trains the head only
         loss = head + sum((a * base[n] * p).sum() for n, p in m.candidates.items())
-        return {"known": loss}, loss
+        return None, {"known": loss}, loss
 
     m._forward = known_loss
     trainer(tmp_path, steps=6).fit(m, make_dm())
@@ -580,10 +580,8 @@ def test_one_image_per_rank_warns_that_the_domain_term_is_zero(tmp_path):
         trainer(tmp_path, steps=3).fit(m, dm)
 
 
-def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp_path):
-    """fisher.loss: pixel_ce takes F of the per-pixel log-likelihood of the head's semantic prediction, not of the
-    training loss: with Mask2Former (set losses for training) the log of the class-normalised scores. Checked
-    against autograd on the same batch, weights and random state."""
+def _mask2former_fishertune(**fisher):
+    """A tiny DINOv2-reg + Mask2Former FisherTune whose one statistic step is T1 = 2 (window 1, plain mean)."""
     import functools
 
     from test_methods import H, W
@@ -591,24 +589,21 @@ def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp
     from dgss.models.backbone import Backbone
     from dgss.models.heads.mask2former import Mask2FormerHead
 
-    def build():
-        bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(H, W), out_indices=[0, 1, 2, 3],
-                      model_kwargs=dict(depth=4, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
-        head = functools.partial(Mask2FormerHead, dim=32, num_queries=6, tiny=True, num_heads=4,
-                                 pyramid=[2.0, 1.0, 0.5, 0.25])  # fmt: skip
-        m = FisherTune(
-            bb,
-            head,
-            num_classes=19,
-            schedule={**SCHED, "growth_end": 100},
-            perturb=dict(after_blocks=[0]),
-            fisher=dict(window=1, ema_decay=None, loss="pixel_ce"),
-        )
-        m.configure_model()
-        return m
+    bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(H, W), out_indices=[0, 1, 2, 3],
+                  model_kwargs=dict(depth=4, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
+    head = functools.partial(Mask2FormerHead, dim=32, num_queries=6, tiny=True, num_heads=4,
+                             pyramid=[2.0, 1.0, 0.5, 0.25])  # fmt: skip
+    m = FisherTune(bb, head, num_classes=19, schedule={**SCHED, "growth_end": 100}, perturb=dict(after_blocks=[0]),
+                   fisher=dict(window=1, ema_decay=None, **fisher))  # fmt: skip
+    m.configure_model()
+    return m
 
+
+def _statistic_step(tmp_path, **fisher):
+    """Trains :func:`_mask2former_fishertune` 3 steps; returns it, and a fresh copy in eval mode with the weights
+    and the batch of its statistic step (step 2) for a reference computation."""
     torch.manual_seed(0)
-    m = build()
+    m = _mask2former_fishertune(**fisher)
     seen = {}
 
     class Grab(pl.Callback):
@@ -620,14 +615,28 @@ def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp
 
     trainer(tmp_path, steps=3, callbacks=[Grab()]).fit(m, make_dm())
     assert m.stat_counts["x"] == 1
-    ref = build()
+    ref = _mask2former_fishertune(**fisher)
     ref.load_state_dict(seen["state"])
     ref.eval()  # no dropout in this head: the prediction is deterministic
-    params = [p.requires_grad_(True) for p in ref.candidates.values()]
-    images, labels = ref.prepare_batch(seen["batch"])
+    for p in ref.candidates.values():
+        p.requires_grad_(True)
+    return m, ref, ref.prepare_batch(seen["batch"])
+
+
+def _pixel_nll(ref, images, labels):
+    """The per-pixel log-likelihood loss of Mask2Former's class-normalised semantic scores, written out."""
     scores = ref.head.logits(ref(images), labels.shape[-2:])
     logp = (scores / scores.sum(1, keepdim=True)).log()
-    nll = torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=255)
+    return torch.nn.functional.nll_loss(logp, labels.long(), ignore_index=255)
+
+
+def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp_path):
+    """fisher.loss: pixel_ce takes F of the per-pixel log-likelihood of the head's semantic prediction, not of the
+    training loss: with Mask2Former (set losses for training) the log of the class-normalised scores. Checked
+    against autograd on the same batch, weights and random state."""
+    m, ref, (images, labels) = _statistic_step(tmp_path, loss="pixel_ce")
+    params = list(ref.candidates.values())
+    nll = _pixel_nll(ref, images, labels)
     grads = torch.autograd.grad(nll, params, allow_unused=True)
     train = sum(ref.head.loss(ref.head(ref.backbone(images)), labels).values())
     g_train = torch.autograd.grad(train, params, allow_unused=True)
@@ -637,6 +646,44 @@ def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp
         assert torch.allclose(m.fisher["x"][n], g**2, rtol=1e-3, atol=1e-10), n
         differs |= gt is not None and not torch.allclose(gt**2, g**2, rtol=1e-2)
     assert differs  # the training loss would have given other statistics
+
+
+def test_per_sample_fisher_is_the_mean_of_each_images_own_squared_gradient(tmp_path):
+    """fisher.per_sample: F(x) = (1/B) Σ_i g_i², g_i the gradient of image i's loss with image i alone in the batch
+    (the reference runs a separate forward per image), not the square of the batch's gradient."""
+    m, ref, (images, labels) = _statistic_step(tmp_path, loss="pixel_ce", per_sample=True)
+    params = list(ref.candidates.values())
+    b = len(images)
+    assert b > 1
+    want = [torch.zeros_like(p) for p in params]
+    for i in range(b):
+        grads = torch.autograd.grad(
+            _pixel_nll(ref, images[i : i + 1], labels[i : i + 1]), params, allow_unused=True
+        )
+        for w, g in zip(want, grads):
+            if g is not None:
+                w.add_(g**2 / b)
+    batch = torch.autograd.grad(_pixel_nll(ref, images, labels), params, allow_unused=True)
+    differs = False
+    for n, w, g in zip(ref.candidates, want, batch):
+        assert torch.allclose(m.fisher["x"][n], w, rtol=1e-3, atol=1e-10), n
+        differs |= g is not None and not torch.allclose(g**2, w, rtol=1e-2)
+    assert differs  # the batch gradient's square is another statistic
+
+
+def test_per_sample_statistics_leave_the_training_stream_alone(tmp_path):
+    """Per-image losses are extra backward passes from a forked random stream: up to T1 a per-sample DR-FIM run
+    trains its head exactly as a batch-gradient one, and both of its estimates are filled."""
+    sched = {**SCHED, "warmup_iters": 4}
+    ps, _ = _run(tmp_path / "ps", steps=4, schedule=sched, fisher=dict(window=2, per_sample=True))
+    batch, _ = _run(tmp_path / "batch", steps=4, schedule=sched)
+    assert ps.stat_counts == batch.stat_counts and ps.stat_counts["p"] == 1
+    for (k, a), b in zip(ps.head.state_dict().items(), batch.head.state_dict().values()):
+        assert torch.equal(a, b), k
+    for w in ("x", "p"):
+        assert any(
+            not torch.allclose(ps.fisher[w][n], batch.fisher[w][n], rtol=1e-2, atol=0) for n in ps.candidates
+        ), w
 
 
 def test_selected_adamw_keeps_int64_indices_through_a_state_dict_round_trip():

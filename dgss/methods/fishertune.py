@@ -94,7 +94,10 @@ class FisherOptions(Options):
     # the loss whose gradients enter F: the head's training loss (its backward is needed anyway) | the per-pixel
     # cross-entropy of the head's semantic prediction (a log-likelihood, the empirical Fisher's definition)
     loss: Literal["train_loss", "pixel_ce"] = "train_loss"
-    per_sample: Literal[False] = False  # squared batch gradient (the usual cheap approximation)
+    # false: the square of the batch's mean gradient (the usual cheap approximation); true: the mean over the batch's
+    # images of each image's squared gradient, its loss taken as a batch of one (the empirical Fisher's definition;
+    # one more backward per image on a statistic step)
+    per_sample: bool = False
     ema_decay: float | None = (
         0.99  # F <- b F + (1 - b) g^2, bias-corrected (ours: ~100-batch memory); null: mean
     )
@@ -265,17 +268,35 @@ def selection_digest(indices: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def accumulate_squares(store: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], beta: float | None,
-                       scale: float = 1.0) -> None:  # fmt: skip
+                       scale: float = 1.0, squared: bool = False) -> None:  # fmt: skip
     """One Fisher statistic update, in place: F ← βF + (1−β)(s·g)² per tensor (the EMA, not yet bias-corrected:
-    divide by 1 − βⁿ after n updates), or with ``beta=None`` the running sum of (s·g)² (divide by n for the mean)."""
+    divide by 1 − βⁿ after n updates), or with ``beta=None`` the running sum of (s·g)² (divide by n for the mean).
+    ``squared``: ``grads`` already holds squares (per-sample statistics, mean_i g_i²), entered as s²·value."""
     for name, g in grads.items():
-        sq = (g.float() * scale) ** 2
+        sq = g.float() * scale**2 if squared else (g.float() * scale) ** 2
         if name not in store:
             store[name] = sq if beta is None else sq.mul_(1 - beta)
         elif beta is None:
             store[name].add_(sq)
         else:
             store[name].mul_(beta).add_(sq, alpha=1 - beta)
+
+
+def batch_slice(output, i: int):
+    """Image ``i`` of a head's output as a batch of one: every tensor in it (nested in dicts, lists, tuples) sliced
+    ``[i : i + 1]`` along its first (batch) axis.
+
+    >>> out = batch_slice({"cls": [torch.zeros(3, 2), torch.ones(3, 2)], "masks": torch.arange(3)}, 1)
+    >>> out["cls"][1].shape, out["masks"].tolist()
+    (torch.Size([1, 2]), [1])
+    """
+    if isinstance(output, torch.Tensor):
+        return output[i : i + 1]
+    if isinstance(output, dict):
+        return {k: batch_slice(v, i) for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(batch_slice(v, i) for v in output)
+    return output
 
 
 def top_k_first(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -388,7 +409,10 @@ class StepStatistics:
     aug: bool  # perturb.train_aug: the perturbed view trains too
     perturbed: dict = field(default_factory=dict)  # parameter -> gradient of the Fisher loss on x′
     train_p: dict = field(default_factory=dict)  # train_aug: parameter -> gradient of the training loss on x′
-    fisher_x: dict = field(default_factory=dict)  # pixel_ce: name -> gradient of the Fisher loss on x
+    fisher_x: dict = field(
+        default_factory=dict
+    )  # pixel_ce / per_sample: name -> gradient of the Fisher loss on x
+    squared: bool = False  # fisher.per_sample: fisher_x and perturbed hold mean_i g_i², not a batch gradient
     mag: torch.Tensor | None = None  # the perturbation's (ε_μ, ε_σ)
     paired: torch.Tensor | None = None  # perturb.type=paired_render: x′, the batch's scenes in another domain
 
@@ -545,14 +569,37 @@ class FisherTune(SegmentationMethod):
     # ------------------------------------------------------------------------------------ steps
     def _forward(
         self, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One forward: the head's training losses by name, and the Fisher loss (their sum under ``fisher.loss:
-        train_loss``, else :meth:`_fisher_loss` of the same output)."""
+    ) -> tuple[object, dict[str, torch.Tensor], torch.Tensor]:
+        """One forward: the head's output, its training losses by name, and the Fisher loss (their sum under
+        ``fisher.loss: train_loss``, else :meth:`_fisher_loss` of the same output)."""
         output = self(images)
         losses = self.head.loss(output, labels)
         if self.options.fisher.loss == "train_loss":
-            return losses, sum(losses.values())
-        return losses, self._fisher_loss(output, images, labels)
+            return output, losses, sum(losses.values())
+        return output, losses, self._fisher_loss(output, labels)
+
+    def _per_sample_squares(self, output, labels: torch.Tensor, params: list[torch.Tensor]) -> dict:
+        """``fisher.per_sample``: (1/B) Σ_i g_i² per parameter, g_i the gradient of image i's Fisher loss taken as a
+        batch of one (its output sliced from the batch's; the graph is kept for the batch's own backward). Random
+        draws (the head's point samples) come from a forked stream: the training stream is the same as without."""
+        b = labels.shape[0]
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for i in range(b):
+                one = batch_slice(output, i)
+                lab = labels[i : i + 1]
+                loss = (
+                    sum(self.head.loss(one, lab).values())
+                    if self.options.fisher.loss == "train_loss"
+                    else self._fisher_loss(one, lab)
+                )
+                grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        sq = g.detach().float().square_().div_(b)
+                        out[p] = sq if p not in out else out[p].add_(sq)
+        return out
 
     def _start_growth(self) -> None:
         """Candidates train from here; state restored from a checkpoint moves to the parameters' device."""
@@ -581,12 +628,15 @@ class FisherTune(SegmentationMethod):
             g.div_(self.trainer.world_size)
 
     @torch.no_grad()
-    def _accumulate(self, which: str, grads: dict[str, torch.Tensor]) -> None:
-        """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``)."""
-        accumulate_squares(self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay)
+    def _accumulate(self, which: str, grads: dict[str, torch.Tensor], squared: bool = False) -> None:
+        """F ← βF + (1−β)g² (``ema_decay`` β), or the running sum for an exact mean (``ema_decay: null``);
+        ``squared``: the values are already squares (``fisher.per_sample``)."""
+        accumulate_squares(
+            self.fisher.setdefault(which, {}), grads, self.options.fisher.ema_decay, squared=squared
+        )
         self.stat_counts[which] += 1
 
-    def _fisher_loss(self, output: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _fisher_loss(self, output: dict, labels: torch.Tensor) -> torch.Tensor:
         """``fisher.loss: pixel_ce``: the per-pixel cross-entropy of the head's semantic prediction — log-softmax
         of a head's logits, or for a query head (Mask2Former, whose scores Σ_q softmax(class_q)·sigmoid(mask_q) are
         not logits) the log of the scores normalised over classes; ignored pixels (255) left out."""
@@ -609,13 +659,16 @@ class FisherTune(SegmentationMethod):
         # x′: the perturbation's draw on x, or (paired_render) the same scenes rendered in another domain
         shift = self.perturbation.active(seed=seed) if paired is None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=cuda), shift:
-            losses, fisher_loss = self._forward(images if paired is None else paired, labels)
+            output, losses, fisher_loss = self._forward(images if paired is None else paired, labels)
             train_loss = sum(losses.values())
             if not self.step_is_finite(fisher_loss) or not self.step_is_finite(train_loss):
                 return None  # nothing enters the statistics; the step is skipped
             cands = [p for p in self.candidates.values() if p.requires_grad]
-            grads = torch.autograd.grad(fisher_loss, cands, allow_unused=True, retain_graph=with_head)
-            stats = {p: g for p, g in zip(cands, grads) if g is not None}
+            if self.options.fisher.per_sample:
+                stats = self._per_sample_squares(output, labels, cands)
+            else:
+                grads = torch.autograd.grad(fisher_loss, cands, allow_unused=True, retain_graph=with_head)
+                stats = {p: g for p, g in zip(cands, grads) if g is not None}
             train: dict = {}
             if with_head:  # train_aug: the training loss on x′ trains the head and the selection as well
                 params = cands + [
@@ -707,13 +760,18 @@ class FisherTune(SegmentationMethod):
             if result is None:
                 return None
             step.perturbed, step.train_p, step.mag = result
-        losses, fisher_loss = self._forward(images, labels)
-        if step.stats and self.options.fisher.loss != "train_loss":
+        output, losses, fisher_loss = self._forward(images, labels)
+        per_sample = self.options.fisher.per_sample
+        if step.stats and (per_sample or self.options.fisher.loss != "train_loss"):
             if not self.step_is_finite(fisher_loss):
                 return None
             cands = {n: p for n, p in self.candidates.items() if p.requires_grad}
-            grads = torch.autograd.grad(fisher_loss, list(cands.values()), retain_graph=True)
-            step.fisher_x = dict(zip(cands, grads))
+            if per_sample:
+                sq = self._per_sample_squares(output, labels, list(cands.values()))
+                step.fisher_x, step.squared = {n: sq[p] for n, p in cands.items() if p in sq}, True
+            else:
+                grads = torch.autograd.grad(fisher_loss, list(cands.values()), retain_graph=True)
+                step.fisher_x = dict(zip(cands, grads))
         return losses
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -746,10 +804,12 @@ class FisherTune(SegmentationMethod):
         """A finite statistic step's gradients enter F(x), F(x′) and ε̄."""
         if step.perturb:
             self._accumulate(
-                "p", {n: step.perturbed[p] for n, p in self.candidates.items() if p in step.perturbed}
+                "p",
+                {n: step.perturbed[p] for n, p in self.candidates.items() if p in step.perturbed},
+                squared=self.options.fisher.per_sample,
             )
             self._accumulate_eps(step.mag)
-        self._accumulate("x", step.fisher_x or self._backbone_grads())
+        self._accumulate("x", step.fisher_x or self._backbone_grads(), squared=step.squared)
         for p, g in step.train_p.items():  # train_aug: the training losses on x and x′, each weighted 1/2
             p.grad = g.mul_(0.5) if p.grad is None else p.grad.mul_(0.5).add_(g, alpha=0.5)
 
