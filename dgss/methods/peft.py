@@ -22,6 +22,7 @@ from torch import nn
 
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig, SegmentationMethod
+from dgss.methods.residual_adapters import fold_wrappers
 from dgss.options import Options, register
 
 Core = Callable[[torch.Tensor], torch.Tensor]
@@ -53,6 +54,24 @@ class LowRank(nn.Module):
             h = self.core(h)
         return self.up(h)
 
+    def delta(self) -> torch.Tensor:
+        """The (out, in) weight this branch adds: up·down (LoRA's; a branch with a core, SAM-COBOT's, does not
+        fold: its core is a function of the rank features)."""
+        if self.core is not None:
+            raise ConfigError("a low-rank branch with a core (SAM-COBOT) does not fold into the weight it wraps")
+        return self.up.weight @ self.down.weight
+
+
+def folded_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``base``'s bias and weight + ``delta`` (a LoRA folded: W' = W + B·A)."""
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                    device=base.weight.device, dtype=base.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        out.weight.copy_(base.weight + delta.to(base.weight.dtype))
+        if base.bias is not None:
+            out.bias.copy_(base.bias)
+    return out.requires_grad_(base.weight.requires_grad)
+
 
 class FusedQKVLoRA(nn.Module):
     """LoRA on the q and v slices of a fused ``qkv`` Linear(C, 3C); k untouched."""
@@ -68,6 +87,11 @@ class FusedQKVLoRA(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return torch.cat([q + self.q(x), k, v + self.v(x)], dim=-1)
 
+    def fold(self) -> nn.Linear:
+        """The fused qkv Linear with the q and v branches folded into its q and v rows."""
+        zero = torch.zeros_like(self.qkv.weight[: self.qkv.in_features])
+        return folded_linear(self.qkv, torch.cat([self.q.delta(), zero, self.v.delta()]))
+
 
 class LinearLoRA(nn.Module):
     """LoRA beside one Linear (EVA02's separate ``q_proj`` / ``v_proj``)."""
@@ -79,6 +103,9 @@ class LinearLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora(x)
+
+    def fold(self) -> nn.Linear:
+        return folded_linear(self.base, self.lora.delta())
 
 
 class Adapter(nn.Module):
@@ -336,6 +363,11 @@ class LoRA(PEFTMethod):
     def place(self, backbone) -> list[nn.Module]:
         o = self.peft_options
         return [lr for pair in wrap_lora(backbone, o.rank, o.init) for lr in pair]
+
+    def plain_backbone(self) -> nn.Module:
+        """The backbone's timm model with every LoRA folded into the weight it sits beside: W' = W + B·A (a copy;
+        ``dgss-merge --backbone-out``, ``dgss-export``)."""
+        return fold_wrappers(self.backbone.model, (FusedQKVLoRA, LinearLoRA))
 
 
 class AdaptFormer(PEFTMethod):
