@@ -56,6 +56,9 @@ TYPED_KEYS |= {
     "progress": (bool,),
     "device": (str,),
     "overwrite": (bool,),
+    "as_video": (bool,),
+    "fps": (int, float),
+    "batch": (int,),
 }
 
 # keys whose values have a range, with it in words (a zero stride loops forever, a negative worker count or
@@ -66,6 +69,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.val_batch_size": (lambda v: v >= 1, ">= 1"), "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "head.channels": (lambda v: v >= 1, ">= 1"), "method.optimizer.lr": (lambda v: v >= 0, ">= 0"),
     "method.optimizer.weight_decay": (lambda v: v >= 0, ">= 0"), "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "fps": (lambda v: v > 0, "> 0"), "batch": (lambda v: v >= 1, ">= 1"),
 }  # fmt: skip
 
 

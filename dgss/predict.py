@@ -1,4 +1,4 @@
-"""``dgss-predict ckpt_path=<file> input=<folder> output=<folder>``: segment a folder of images.
+"""``dgss-predict ckpt_path=<file> input=<folder> output=<folder>``: segment a folder of images (or a video).
 
 For every image (found recursively, the folder structure kept) it writes
 
@@ -14,6 +14,10 @@ Rein protocol: Cityscapes 1024×512, BDD100K 1280×720, ACDC 960×540), so the m
 scores; a target's name takes that target's size; ``[long, short]`` any size; ``null`` native resolution (a large
 photo then takes many windows: a warning says how many). They are predicted with the checkpoint's inference setting
 (or ``inference=...``), and the logits resized back to the image's own size.
+
+A video file (``input=clip.mp4``), or a folder of frames with ``as_video=true`` (name order, at ``fps``), gives
+``<name>_mask.mp4`` and ``<name>_overlay.mp4`` at the source's frame rate, ``batch`` frames per forward
+(:mod:`dgss.video`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, check_output_folder
 from dgss.models.inference import windows
+from dgss.video import VIDEO_SUFFIXES, frame_folder, open_video, predict_video
 
 log = logging.getLogger("dgss.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -49,8 +54,8 @@ def find_images(folder: Path) -> list[Path]:
     if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
         return [folder]
     if not folder.is_dir():
-        raise ConfigError(f"input={str(folder)!r} is not an image file or a folder of images "
-                          f"({', '.join(sorted(IMAGE_SUFFIXES))})")  # fmt: skip
+        raise ConfigError(f"input={str(folder)!r} is not an image file, a video or a folder of images (images: "
+                          f"{', '.join(sorted(IMAGE_SUFFIXES))}; videos: {', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ConfigError(f"input={str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -224,14 +229,27 @@ def predict(cfg: DictConfig) -> dict:
         raise ConfigError(f"submission={cfg.submission!r}: use acdc (the ACDC test server) or null; for the "
                           "Cityscapes server use label_ids=true")  # fmt: skip
     src = Path(cfg.input).expanduser()
-    images = find_images(src)
-    root = src if src.is_dir() else src.parent  # an image file: its outputs are named after it
-    check_names(images, root)
+    video = src.is_file() and src.suffix.lower() in VIDEO_SUFFIXES
+    if (video or cfg.as_video) and (cfg.label_ids or cfg.submission):
+        raise ConfigError("label_ids= and submission= write one file per image; for a video drop them (or give the "
+                          "frames as a folder without as_video=true)")  # fmt: skip
+    if video:
+        source = open_video(src)
+    else:
+        images = find_images(src)
+        root = src if src.is_dir() else src.parent  # an image file: its outputs are named after it
+        check_names(images, root)
+        source = frame_folder(src, images, cfg.fps) if cfg.as_video else None
     out = check_output_folder(cfg.output, "output", {"input": cfg.input}, writes=OUTPUT_FOLDERS)
     device = resolve_device(cfg.device)
     method, saved = load_method(cfg.ckpt_path, cfg.get("backbone_weights"), cfg.get("inference"))
     data = saved.get("data") or {}
     classes = ClassSet.build(data.get("num_classes"), data.get("class_names"), data.get("palette"))
+    if source is not None:
+        method.to(device).eval()
+        size, where = resolve_size(cfg.size, data)
+        log.info(f"dgss-predict: {source.name}, frames fitted into {where}")
+        return predict_video(method, source, out, classes, size, cfg.alpha, cfg.batch, device, cfg.progress)
     if cfg.label_ids and classes.num_classes != len(CITYSCAPES_ID_TO_TRAIN):
         raise ConfigError(
             f"label_ids=true needs the 19 Cityscapes classes; this model has {classes.num_classes}"
