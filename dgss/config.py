@@ -11,10 +11,14 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import dgss.methods  # noqa: F401,E402  (registers the methods' option schemas before any composition)
+from dgss.data.folder import folder_classes
 from dgss.errors import ConfigError
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 # a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps
+OmegaConf.register_new_resolver(
+    "folder_classes", folder_classes, replace=True
+)  # data=folder: from classes.yaml
 OmegaConf.register_new_resolver("steps", lambda x, f: max(1, int(round(float(x) * float(f)))), replace=True)
 
 GENERATED_RUN_FOLDERS: set[str] = set()  # folder names run_folder() made up in this process

@@ -31,7 +31,11 @@ STEPS = 1000  # experiment=demo's trainer.max_steps, stated in every run's comma
 # and the paper's 5 % budget, so the proxy has estimates good enough to tell the scores apart.
 SETTINGS: dict[str, list[str]] = {
     "demo": [],
-    "answer": ["method.schedule.delta_max=0.05", "method.schedule.warmup_iters=100", "method.fisher.window=64"],
+    "answer": [
+        "method.schedule.delta_max=0.05",
+        "method.schedule.warmup_iters=100",
+        "method.fisher.window=64",
+    ],
 }
 
 # every run: the demo experiment, without the loggers (metrics.json is written regardless)

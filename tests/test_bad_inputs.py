@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 
+from dgss import convert as convert_datasets
 from dgss import merge
 from dgss.cli import check_argv, run_cli
 from dgss.errors import ConfigError
@@ -23,7 +24,6 @@ from dgss.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-import convert_datasets  # noqa: E402
 import convert_weights  # noqa: E402
 
 TINY = dict(depth=4, embed_dim=96, num_heads=3, patch_size=8)  # conf/backbone/toy.yaml

@@ -1,10 +1,9 @@
-"""scripts/convert_datasets.py: raw releases in their real layouts and id spaces -> trainId PNGs that RealDataset
+"""dgss-convert (dgss/convert.py): raw releases in their real layouts and id spaces -> trainId PNGs that RealDataset
 reads as the spec's tables say; reruns are no-ops, interrupted runs resume, nothing half-written under a real name."""
 
 import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dgss import convert as cd
 from dgss.data.label_maps import (
     CITYSCAPES_ID_TO_TRAIN,
     MAPILLARY_V12_TO_TRAIN,
@@ -19,9 +19,6 @@ from dgss.data.label_maps import (
     lookup_table,
 )
 from dgss.data.real import RealDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import convert_datasets as cd  # noqa: E402
 
 H, W = 8, 12
 RNG = np.random.default_rng(0)

@@ -95,7 +95,7 @@ def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"no images; expected .*gta/images/\*.png with labels .*"
-        r"\(prepare: python scripts/convert_datasets.py gta --root",
+        r"\(prepare: dgss-convert gta --root",
     ):
         RealDataset("gta", "all", tmp_path)
     with pytest.raises(ConfigError, match="cityscapes has no split 'test'"):

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.scripts import load_script
 from PIL import Image
 from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (fixture)
+
+from dgss import convert
 
 SAMPLE = Path(
     os.environ.get(
@@ -37,19 +38,18 @@ def layout(tmp_path):
 
 
 def test_the_converter_reproduces_the_shipped_train_ids_and_check_reads_the_layout(layout):
-    """``convert_datasets.py cityscapes`` on the real labelIds: the trainIds agree with the shipped ones on ≥ 99.5 % of
+    """``dgss-convert cityscapes`` on the real labelIds: the trainIds agree with the shipped ones on ≥ 99.5 % of
     pixels (the two files were downscaled separately: boundary pixels differ) with the same class set; ``check``
     reads the split without a problem."""
-    convert_datasets = load_script("convert_datasets")
 
     root, kept = layout
-    assert convert_datasets.main(["cityscapes", "--root", str(root), "--workers", "1"]) == 0
+    assert convert.main(["cityscapes", "--root", str(root), "--workers", "1"]) == 0
     got = np.array(Image.open(root / f"cityscapes/gtFine/val/{FRAME}_gtFine_labelTrainIds.png"))
     want = np.array(Image.open(kept))
     assert got.shape == want.shape == (128, 256)
     assert (got == want).mean() >= 0.995
     assert set(np.unique(got).tolist()) == set(np.unique(want).tolist())
-    rows = [r for r in convert_datasets.check(root) if r["dataset"] == "cityscapes" and r["split"] == "val"]
+    rows = [r for r in convert.check(root) if r["dataset"] == "cityscapes" and r["split"] == "val"]
     assert len(rows) == 1 and "error" not in rows[0] and rows[0]["images"] == 1
     assert rows[0]["sizes"] == ["256x128"] and set(rows[0]["label_values"]) <= set(range(19)) | {255}
 

@@ -44,7 +44,7 @@ class Layout:
 
 
 def _convert(name: str) -> str:
-    return f"python scripts/convert_datasets.py {name} --root <data root>"
+    return f"dgss-convert {name} --root <data root>"
 
 
 LAYOUTS: dict[str, dict[str, Layout]] = {
@@ -125,7 +125,7 @@ LAYOUTS: dict[str, dict[str, Layout]] = {
 }
 
 
-def _read(path: Path, mode: str) -> np.ndarray:
+def read_array(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.array(im.convert(mode) if mode == "RGB" else im)
@@ -201,7 +201,7 @@ class RealDataset:
     def load_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image HWC uint8, label HW uint8), checked."""
         img_path, lab_path = self.pairs[i]
-        image, label = _read(img_path, "RGB"), _read(lab_path, "L")
+        image, label = read_array(img_path, "RGB"), read_array(lab_path, "L")
         if label.ndim != 2:
             raise ConfigError(f"{lab_path}: a trainId label must have one channel, got shape {label.shape}")
         if image.shape[:2] != label.shape:
@@ -239,16 +239,16 @@ class RealDataset:
 
     def read_label(self, i: int) -> np.ndarray:
         """The trainId label alone (rare-class statistics)."""
-        return _read(self.pairs[i][1], "L")
+        return read_array(self.pairs[i][1], "L")
 
     @property
     def cache_key(self) -> str:
         # names, sizes and modification times: labels re-converted in place give other counts, so another key
-        files = "\n".join(f"{p[1].relative_to(self.root)}|{_stamp(p[1])}" for p in self.pairs)
+        files = "\n".join(f"{p[1].relative_to(self.root)}|{file_stamp(p[1])}" for p in self.pairs)
         return f"{self.dataset}/{self.split}/{len(self.pairs)}/{hashlib.sha256(files.encode()).hexdigest()}"
 
 
-def _stamp(path: Path) -> str:
+def file_stamp(path: Path) -> str:
     try:
         st = path.stat()
     except OSError:

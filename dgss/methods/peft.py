@@ -58,7 +58,9 @@ class LowRank(nn.Module):
         """The (out, in) weight this branch adds: up·down (LoRA's; a branch with a core, SAM-COBOT's, does not
         fold: its core is a function of the rank features)."""
         if self.core is not None:
-            raise ConfigError("a low-rank branch with a core (SAM-COBOT) does not fold into the weight it wraps")
+            raise ConfigError(
+                "a low-rank branch with a core (SAM-COBOT) does not fold into the weight it wraps"
+            )
         return self.up.weight @ self.down.weight
 
 
