@@ -27,6 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from dgss import hub
 from dgss.compat import should_accumulate
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.io import atomic_path, check_output_file, remove_cut_off
@@ -333,8 +334,13 @@ def _load_method(ckpt_path, backbone_weights, inference, recipe, config_dirs):
 
     from dgss.config import build_method
 
-    path = Path(ckpt_path).expanduser()
-    ckpt = load_checkpoint_dict(path, "ckpt_path")
+    path = hub.resolve(ckpt_path)  # a local file, or hf://user/name checked against its release's manifest
+    try:
+        ckpt = load_checkpoint_dict(path, "ckpt_path")
+    except UnreadableFile as e:  # named as the user named it (the Hub cache's path says little)
+        if not str(ckpt_path).startswith(hub.SCHEME):
+            raise
+        raise UnreadableFile(f"ckpt_path={str(ckpt_path)!r}", e.reason) from None
     official = "dgss_config" not in ckpt
     if not official:
         dirs = command_line_config_dirs() if config_dirs is None else config_dirs

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dgss import hub
 from dgss.checkpoint import load_method
 from dgss.cli import entry_point, run_cli
 from dgss.data.classes import ClassSet
@@ -224,7 +225,7 @@ def export(cfg: DictConfig) -> dict:
     size = list(o.input_size) if o.input_size is not None else default_input_size(data)
     result = export_method(method, out, o, size)
     classes = ClassSet.build(data.get("num_classes"), data.get("class_names"), data.get("palette"))
-    ckpt = Path(cfg.ckpt_path).expanduser()
+    ckpt = hub.resolve(cfg.ckpt_path)  # (the cached file of an hf:// release)
     card = {**result, "options": asdict(o), "checkpoint": str(ckpt),
             "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
             "method": type(method).__name__, "backbone": method.backbone.identity.get("name"),
