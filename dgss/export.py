@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 from collections.abc import Iterator
@@ -147,7 +148,12 @@ def export_graph(graph: InferenceGraph, example: torch.Tensor, path: Path, o: Ex
 def run_exported(path: Path, fmt: str, images: torch.Tensor) -> torch.Tensor:
     """The written file's scores for ``images`` (onnxruntime on the CPU, or the loaded .pt2 program)."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError(
+                "check=true runs the file in onnxruntime: pip install 'dgss[export]' (or check=false)"
+            ) from None
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
@@ -212,6 +218,8 @@ def export(cfg: DictConfig) -> dict:
     o = ExportOptions.of(
         {k: cfg.get(k) for k in ExportOptions.__dataclass_fields__ if k in cfg}, "dgss-export"
     )
+    if o.format == "onnx" and importlib.util.find_spec("onnxscript") is None:
+        raise ConfigError("format=onnx needs torch's ONNX exporter (onnxscript): pip install 'dgss[export]'")
     if o.format == "onnx" and o.opset < 16:
         raise ConfigError(
             f"opset={o.opset}: Mask2Former's deformable attention needs GridSample (opset >= 16)"

@@ -45,8 +45,7 @@ class VideoSource:
             for p in self.images:
                 yield read_rgb(p)
             return
-        import av
-
+        av = pyav()
         try:
             with av.open(str(self.path)) as container:
                 for frame in container.decode(video=0):
@@ -55,6 +54,15 @@ class VideoSource:
             raise ConfigError(
                 f"input={str(self.path)!r}: decoding stopped ({e}); the file is damaged"
             ) from None
+
+
+def pyav():
+    """PyAV, or one line saying how to install it (the ``video`` extra)."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("videos need PyAV (FFmpeg's libraries): pip install 'dgss[video]'") from None
+    return av
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -69,8 +77,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def open_video(path: Path) -> VideoSource:
     """A video file's first video stream (rate, frame count), or one line saying why it cannot be read."""
-    import av
-
+    av = pyav()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -97,8 +104,7 @@ def video_writer(
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """An H.264 MP4 written frame by frame (the yielded function takes (H, W, 3) uint8 RGB), atomically: the file
     appears when the block ends without an error."""
-    import av
-
+    av = pyav()
     with atomic_path(dst) as tmp:
         container = av.open(str(tmp), mode="w", format="mp4")
         try:

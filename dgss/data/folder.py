@@ -9,7 +9,7 @@ Layout (``<split>`` is ``train``, ``val`` or any name; sub-folders are kept, so 
 
 ``classes.yaml``::
 
-    names: [road, person, car]                  # trainId i = names[i]; at most 255 classes
+    names: [road, person, car]                  # trainId i = names[i]; at most 254 classes
     colors: [[128, 64, 128], [220, 20, 60], [0, 0, 142]]   # optional; default: fixed pseudo-random colours
     ignore_index: 255                           # optional: the label value not scored (dgss stores it as 255)
     id_to_train: {7: 0, 24: 1, 26: 2}           # optional: label value -> trainId, every other value ignored;
