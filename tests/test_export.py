@@ -38,7 +38,13 @@ def scores(m, images):
         return m.predict_logits(images, images.shape[-2:])
 
 
-@pytest.mark.parametrize("method", list(FOLDS))
+# one method that folds and one that keeps its modules in the default suite, every other one in the slow one
+DEFAULT = {"lora", "rein"}
+
+
+@pytest.mark.parametrize(
+    "method", [m if m in DEFAULT else pytest.param(m, marks=pytest.mark.slow) for m in FOLDS]
+)
 def test_every_method_exports_to_onnx_equal_to_predict_logits(compose_cfg, tmp_path, method):
     """Two batch sizes through the one graph (the batch axis is dynamic); the reference is the method's own
     predict_logits before folding."""
@@ -59,7 +65,10 @@ def test_every_method_exports_to_onnx_equal_to_predict_logits(compose_cfg, tmp_p
         assert not any(k in names for k in ("lora", "adapter", ".A0", ".B0"))
 
 
-@pytest.mark.parametrize("backbone", ["eva02_l", "samvit_b", "clip_l", "dinov3_s"])
+@pytest.mark.parametrize(
+    "backbone",
+    ["samvit_b", *(pytest.param(b, marks=pytest.mark.slow) for b in ("eva02_l", "clip_l", "dinov3_s"))],
+)
 def test_every_backbone_family_exports(compose_cfg, tmp_path, backbone):
     """EVA02 (RoPE), SAM (windowed attention with relative positions: no fused form in ONNX, written out), CLIP and
     DINOv3 (RoPE, registers), each through LoRA folded into it."""
