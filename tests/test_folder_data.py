@@ -100,6 +100,11 @@ def test_a_folder_trains_evaluates_predicts_and_checks_with_its_own_classes(comp
         (tmp_path / "iou.csv").read_text().splitlines()
     )  # the evaluation's IoU table: the folder's classes
     assert [row.split(",")[3] for row in table[1:5]] == ["road", "sky", "car", "mIoU"]
+    # another folder with the same classes, named on the command line
+    other = make_folder(tmp_path / "other", n_train=1, n_val=3)
+    metrics = evaluate(compose_cfg([f"ckpt_path={ckpt}", "data=folder", f"folder.root={other}",
+                                    "data.num_workers=0", "trainer=cpu", "~logger"], config_name="eval"))  # fmt: skip
+    assert "val/folder/mIoU" in metrics
     # a class file edited after training: the evaluation refuses in one line instead of scoring other classes
     (root / "classes.yaml").write_text(yaml.safe_dump({**CLASSES, "names": ["road", "car", "sky"]}))
     with pytest.raises(Exception) as e:
