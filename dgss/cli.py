@@ -188,6 +188,9 @@ def check_argv(argv: list[str]) -> None:
 HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "-hh", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p",
                "--package", "-sc", "--shell-completion", "--resolve", "--version", "--experimental-rerun")  # fmt: skip
 VALUED = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+# flags that print the composed config (``--cfg job``, ``--package <p>``, ``--resolve``): the config is checked as a
+# run would check it before it is printed, so what prints is what would run
+PRINTS_CONFIG = ("-c", "--cfg", "-p", "--package")
 
 
 def compose_error(e: BaseException) -> str:
@@ -231,19 +234,20 @@ def compose_error(e: BaseException) -> str:
 def check_compose(config_name: str, argv: list[str]) -> None:
     """Compose the config as Hydra will, before Hydra runs: a misspelt key or a value of the wrong type (the
     methods' options have typed schemas) becomes one :class:`ConfigError` line naming the key, and the methods'
-    ``Literal`` choices are checked (dgss.options). Skipped for multiruns and Hydra's informational flags."""
+    ``Literal`` choices are checked (dgss.options); also before ``--cfg job`` prints the config. Skipped for Hydra's
+    informational flags (``--help``, ``--info``, ...)."""
     from hydra import compose, initialize_config_module
 
     from dgss.options import Options, schema_for
 
-    informational = tuple(f for f in HYDRA_FLAGS if f not in MULTIRUN_FLAGS)
+    informational = tuple(f for f in HYDRA_FLAGS if f not in (*MULTIRUN_FLAGS, *PRINTS_CONFIG, "--resolve"))
     if any(a in informational or a.startswith(tuple(f + "=" for f in informational)) for a in argv):
         return
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     overrides, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a in VALUED:  # a flag and its value
+        if a in VALUED or a in PRINTS_CONFIG:  # a flag and its value
             if a in ("--config-name", "-cn") and i + 1 < len(argv):
                 config_name = argv[i + 1]
             i += 2

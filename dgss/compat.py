@@ -48,7 +48,8 @@ FALSE_WARNINGS = (
 
 @contextlib.contextmanager
 def quiet_fit() -> Iterator[None]:
-    """Around ``trainer.fit``: the warnings of :data:`FALSE_WARNINGS` are not shown (only there, only those)."""
+    """Around every Lightning loop a command runs (``trainer.fit``, dgss-eval's ``trainer.validate``): the warnings of
+    :data:`FALSE_WARNINGS` are not shown (only there, only those)."""
     with warnings.catch_warnings():
         for message, _ in FALSE_WARNINGS:
             warnings.filterwarnings("ignore", message=message)

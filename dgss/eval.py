@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from dgss.callbacks import IoUTables, SkippedSamples
 from dgss.checkpoint import load_method
 from dgss.cli import entry_point, run_cli
+from dgss.compat import quiet_fit
 from dgss.config import check_types, instantiate_group
 
 log = logging.getLogger("dgss.eval")
@@ -35,7 +36,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[IoUTables(out, title="evaluation IoU (%)"), SkippedSamples()],
         logger=instantiate_group(cfg.get("logger")) or False,
     )
-    trainer.validate(method, datamodule=datamodule, verbose=False)  # the IoU table says it once
+    # the Lightning warnings dgss-train's fit filters are false here too (dgss.compat.FALSE_WARNINGS)
+    with quiet_fit():
+        trainer.validate(method, datamodule=datamodule, verbose=False)  # the IoU table says it once
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

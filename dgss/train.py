@@ -11,7 +11,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -80,6 +80,15 @@ def steps_to_batches(trainer_cfg: DictConfig) -> dict[str, int]:
     checkpoints then fall on the same step boundaries)."""
     acc, every = trainer_cfg.get("accumulate_grad_batches", 1), trainer_cfg.get("val_check_interval")
     return {"val_check_interval": every * acc} if acc > 1 and isinstance(every, int) else {}
+
+
+def progress_display(callbacks: list, trainer_cfg: DictConfig) -> dict[str, bool]:
+    """dgss's step bar (``callbacks.progress_bar``) is the progress display: without it (``~callbacks.progress_bar``)
+    there is none, not Lightning's own epoch bar (``Epoch 0/-2`` on an iteration-based run), unless
+    ``trainer.enable_progress_bar`` says otherwise."""
+    if any(isinstance(c, ProgressBar) for c in callbacks) or "enable_progress_bar" in trainer_cfg:
+        return {}
+    return {"enable_progress_bar": False}
 
 
 def check_schedule(trainer_cfg: DictConfig) -> None:
@@ -256,9 +265,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
         log.info("no logger configured: LearningRateMonitor dropped (it only writes to loggers)")
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **steps_to_batches(cfg.trainer)
-    )
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  **steps_to_batches(cfg.trainer), **progress_display(callbacks, cfg.trainer))  # fmt: skip
     if trainer.world_size > 1 and cfg.trainer.get("use_distributed_sampler", True):
         raise ConfigError(
             "trainer.use_distributed_sampler must be false: the DataModule's samplers are DDP-exact"

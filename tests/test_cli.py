@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.limits import HANG_GUARD_S
 
 BIN = Path(sys.executable).parent
 TINY = ["debug=tiny", "trainer.max_steps=2", "synthetic.val_length=2", "logger=csv"]
 
 
-def run(args, cwd, prog="dgss-train", timeout=300):
+def run(args, cwd, prog="dgss-train", timeout=HANG_GUARD_S):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [str(BIN / prog), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -113,7 +114,7 @@ def test_optuna_study_optimizes_mean_miou(tmp_path):
 def test_wheel_ships_the_configs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     import zipfile
 
@@ -127,7 +128,7 @@ def test_wheel_ships_the_configs(tmp_path):
 def test_two_point_sweep_through_the_submitit_local_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     r = run(["-m", "hydra/launcher=submitit_local", "method=full,frozen", *TINY, f"hydra.sweep.dir={tmp_path}/sweep",
-             "hydra.launcher.timeout_min=10"], cwd=tmp_path, timeout=600)  # fmt: skip
+             "hydra.launcher.timeout_min=10"], cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     for job in ("0", "1"):  # one job (its own process) per sweep point
         hist = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import nbformat
+from helpers.limits import HANG_GUARD_S
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
@@ -14,7 +15,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=HANG_GUARD_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     outputs = {i: "".join(o.get("text", "") + json.dumps(o.get("data", {})) for o in c.get("outputs", []))
                for i, c in enumerate(nb.cells) if c.cell_type == "code"}  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.limits import HANG_GUARD_S
 from test_checkpoint_eval import DATA
 
 from dgss.checkpoint import AtomicCheckpointIO, find_resume_checkpoint
@@ -252,7 +253,7 @@ def dgss_train(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
 
 
-def finish(proc, timeout=300):
+def finish(proc, timeout=HANG_GUARD_S):
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -727,5 +728,5 @@ def test_a_process_with_live_loader_workers_exits_without_waiting_for_them(tmp_p
         "persistent_workers=True)\n"
         "it = iter(dl)\nnext(it)\nraise SystemExit(3)\n"
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 3, done.stderr[-2000:]
