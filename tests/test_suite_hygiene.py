@@ -26,6 +26,7 @@ def test_every_timeout_in_the_suite_is_the_hang_guard():
 
 def test_no_test_gives_a_script_a_time_budget():
     pattern = re.compile(r"--budget-s|budget_s\s*=|time_budget")
+    # (a test of how a script parses a budget, without running it, is not a budget)
     bad = [f"{p.relative_to(TESTS)}:{n}" for p in sources()
-           for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+           for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line) and ".parse(" not in line]  # fmt: skip
     assert not bad, bad
