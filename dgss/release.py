@@ -161,8 +161,13 @@ def build_release(ckpt_path: str | Path, folder: Path, backbone_weights: str | N
     run_dir = src.parent.parent if src.parent.name == "checkpoints" else None
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
+        try:  # the run's own file, but a user names the checkpoint beside it: a damaged one is one line
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{run_dir / 'metrics.json'} is not readable JSON ({e}); repair or remove it"
+            ) from None
         shutil.copyfile(run_dir / "metrics.json", folder / "metrics.json")
-        metrics = json.loads((folder / "metrics.json").read_text())
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     card = model_card(cfg, metrics, reproduce_command(run_dir, cfg), files, repo)

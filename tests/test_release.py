@@ -6,12 +6,15 @@ repository are one line each, nothing executed."""
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
+from PIL import Image
 
 from dgss import hub
 from dgss.cli import user_error
@@ -99,7 +102,7 @@ def test_push_to_the_hub_creates_the_repository_and_uploads_the_release(run):
 
         def upload_folder(self, repo_id, folder_path, **kw):
             self.calls.append(("upload_folder", repo_id, kw))
-            self.uploaded = {p.name: sha(p) for p in __import__("pathlib").Path(folder_path).iterdir()}
+            self.uploaded = {p.name: sha(p) for p in Path(folder_path).iterdir()}
             return type("Commit", (), {"oid": "c0ffee"})()
 
     api = RecordingApi()
@@ -128,7 +131,7 @@ def test_hf_urls_read_the_local_hub_cache_offline(run, tmp_path, offline_cache, 
         want, abs=1e-6
     )  # the same model as the run's last validation
     frame = tmp_path / "frame.png"
-    __import__("PIL.Image").Image.new("RGB", (64, 32), (90, 120, 30)).save(frame)
+    Image.new("RGB", (64, 32), (90, 120, 30)).save(frame)
     out = predict(compose_cfg(["ckpt_path=hf://me/tiny-lora", f"input={frame}", f"output={tmp_path / 'p'}",
                                "progress=false", "device=cpu"], config_name="predict"))  # fmt: skip
     assert out["images"] == 1
@@ -177,7 +180,7 @@ def test_a_bad_hub_release_is_one_line_and_nothing_runs(
         evaluate(compose_cfg(["ckpt_path=hf://me/broken", "trainer=cpu", "~logger"], config_name="eval"))
     line = user_error(e.value)
     assert line is not None and "\n" not in line and "hf://me/broken" in line
-    assert __import__("re").search(message, line), line
+    assert re.search(message, line), line
     assert not (tmp_path / "PWNED").exists()
 
 
