@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.table import Table
 
 from dgss import console
+from dgss.checkpoint import put_config, put_section, section, with_elements
 from dgss.compat import StepProgressBar  # noqa: F401  (the progress bar of callbacks=default)
 from dgss.console import show
 from dgss.data.classes import IGNORE_INDEX
@@ -273,7 +275,7 @@ class StoreConfig(pl.Callback):
         self.cfg = cfg
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["dgss_config"] = self.cfg
+        put_config(checkpoint, self.cfg)
 
 
 class FisherTuneReport(pl.Callback):
@@ -323,8 +325,7 @@ class FisherTuneReport(pl.Callback):
         if wb is not None:
             wb.log_table("fishertune/selection", columns=["step", "block", "kind", "selected", "share"],
                          data=[[t, r["block"], r["kind"], r["selected"], r["share"]] for r in rows], step=t)  # fmt: skip
-            import wandb
-
+            wandb = sys.modules["wandb"]  # imported by the WandbLogger that _wandb found
             kinds = wandb.Table(columns=["kind", "share"], data=[[k, v] for k, v in by_kind.items()])
             wb.experiment.log({"fishertune/kind_share": wandb.plot.bar(kinds, "kind", "share",
                                                                         title="selection per kind")}, step=t)  # fmt: skip
@@ -418,13 +419,13 @@ class EMA(pl.Callback):
             weights, average = (a, state[name]) if self._swapped else (state[name], a)
             raw[name] = sparse_difference(weights.detach(), average.detach())
             state[name] = average.detach().clone()
-        checkpoint["weight_averaging"] = {"raw": raw, "momentum": self.momentum, "begin": self.begin,
-                                          "step": self._step}  # fmt: skip
+        put_section(checkpoint, "weight_averaging", {"raw": raw, "momentum": self.momentum, "begin": self.begin,
+                                                     "step": self._step})  # fmt: skip
 
     @torch.no_grad()
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """A resumed fit: the model was loaded with the averages; they become ``avg`` and the raw weights return."""
-        wa = checkpoint.get("weight_averaging")
+        wa = section(checkpoint, "weight_averaging")
         if not wa:
             return
         params = dict(pl_module.named_parameters())
@@ -455,6 +456,4 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def undo_sparse_difference(stored: torch.Tensor | dict, reference: torch.Tensor) -> torch.Tensor:
-    from dgss.checkpoint import with_elements
-
     return stored if isinstance(stored, torch.Tensor) else with_elements(reference, stored)

@@ -1,14 +1,23 @@
-"""The dgss checkpoint format, in one place: reading a user's file safely, writing atomically, what a checkpoint
-holds of the model (frozen backbone tensors left out and re-attached from the weights file, checked by sha256;
-FisherTune's selected elements as a sparse delta; the method that wrote it), rebuilding a method from one
-(``load_method``: dgss-eval, dgss-predict), merging one with its weights file (``merge``: dgss-merge), random states,
-and ``resume=auto``'s search.
+"""The dgss checkpoint format, in one place: every key dgss adds to Lightning's checkpoint dict is written and read
+here; methods and callbacks add their own state as one named *section* (:func:`put_section` / :func:`section`).
 
-``AtomicCheckpointIO`` (the trainer's checkpoint plugin) writes every checkpoint to a hidden temporary in the same
-folder, fsyncs it and renames it over the target, so a kill at any moment leaves the previous file or the new one,
-never a truncated one, and reads every checkpoint back with :func:`load_file` (``weights_only``). A dgss-train
-checkpoint is Lightning's dict plus ``dgss_config`` (the resolved backbone / head / method / data config),
-``dgss`` (backbone identity, dropped keys), ``rng_states`` and, for FisherTune, ``fishertune``.
+A dgss-train checkpoint is Lightning's dict plus
+
+- ``dgss_format_version`` (:data:`FORMAT_VERSION`); files written before it had none (version 0: their sections were
+  top-level keys) and are read through :func:`upgrade`;
+- ``dgss_config``: the resolved backbone / head / method / data config that rebuilds the model (:func:`put_config`);
+- ``dgss``: the backbone's identity (name, weights file, sha256), how many frozen tensors were left out, the run's
+  ``max_steps`` / ``accumulate_grad_batches``, and for a merged file its provenance;
+- ``rng_states``: the process's random streams, so a resumed run draws what an uninterrupted one would;
+- ``dgss_sections``: ``{name: payload}`` of the method and callbacks (FisherTune's sparse delta and statistics under
+  ``fishertune``, the EMA callback's raw weights under ``weight_averaging``).
+
+What a checkpoint holds of the model: frozen backbone tensors are left out (:func:`strip_reattachable`) and re-attached
+from the weights file, checked by sha256 (:func:`check_reattach`); FisherTune's selected elements travel as a sparse
+delta (:func:`sparse_delta`). ``AtomicCheckpointIO`` (the trainer's checkpoint plugin) writes every checkpoint to a
+hidden temporary in the same folder, fsyncs it and renames it over the target, so a kill at any moment leaves the
+previous file or the new one, and reads every checkpoint back with :func:`dgss.io.load_file` (``weights_only``).
+Rebuilding a method from a checkpoint and merging one live above the config, in :mod:`dgss.restore`.
 """
 
 from __future__ import annotations
@@ -16,128 +25,127 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
-import shutil
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from dgss import hub
 from dgss.compat import should_accumulate
 from dgss.errors import ConfigError, TrainingAborted
-from dgss.io import atomic_path, check_output_file, remove_cut_off
-from dgss.trust import check_stored_config, command_line_config_dirs
+from dgss.io import UnreadableFile, atomic_path, load_checkpoint_dict, remove_cut_off, write_failure
+from dgss.models.weights import WEIGHTS_OPTION
 
 log = logging.getLogger("dgss.checkpoint")
 
-
-class UnreadableFile(ConfigError):
-    """A user's file that cannot be loaded; ``reason`` is the message without the file's name."""
-
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where} {reason}")
-        self.reason = reason
-
-
-def load_file(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> Any:
-    """``torch.load`` of a file a user names, safely: ``weights_only=True`` (tensors and plain containers only, so a
-    crafted file cannot run code), and every way it can fail as one :class:`ConfigError` line naming ``key``, the
-    file and the fix. dgss's own checkpoints hold only such types."""
-    path = Path(path).expanduser()
-    where = f"{key}={str(path)!r}"
-    if not path.exists():
-        raise UnreadableFile(where, "does not exist")
-    if path.is_dir():
-        raise UnreadableFile(where, "is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise UnreadableFile(
-            where, "is not a regular file (a pipe, socket or device); point at a checkpoint file"
-        )
-    if path.stat().st_size == 0:
-        raise UnreadableFile(where, "is empty (0 bytes): an interrupted copy or download? copy it again")
-    check_archive(path, where)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one line
-        if mmap and "mmap" in str(e):  # an old (non-zip) torch.save format: readable, just not memory-mapped
-            return load_file(path, key, mmap=False)
-        raise UnreadableFile(where, unreadable_reason(e)) from None
+#: the format this dgss writes; a file of a newer one is refused (in one line) rather than half read
+FORMAT_VERSION = 1
+VERSION_KEY, CONFIG_KEY, IDENTITY_KEY, RNG_KEY, SECTIONS_KEY = (
+    "dgss_format_version",
+    "dgss_config",
+    "dgss",
+    "rng_states",
+    "dgss_sections",
+)
+#: version 0 kept each section as a top-level key of its own name
+LEGACY_SECTIONS = ("fishertune", "weight_averaging")
 
 
-def check_archive(path: Path, where: str) -> None:
-    """A zip archive (``torch.save``'s format) is read only if its records' declared sizes fit the file (records
-    are stored uncompressed; a TorchScript archive's small code records aside): a crafted archive with a
-    compressed record would make ``torch.load`` allocate its declared size (GBs from a few MB) before failing."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return  # the legacy pickle format, or not an archive at all: torch.load says which
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UnreadableFile(
-            where, f"is a damaged zip archive ({e}); copy it again or point at the right file"
-        ) from None
-    declared, size = sum(i.file_size for i in infos), path.stat().st_size
-    if declared > size + ARCHIVE_SLACK:
-        packed = next((i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
-        why = f", in compressed records ({packed}) torch.save never writes" if packed else ""
-        raise UnreadableFile(where, f"declares {declared} bytes of records in a {size}-byte file{why}; refused "
-                                    "unread (a crafted file can claim any size): copy it again, or re-save it")  # fmt: skip
+def version_of(ckpt: dict) -> int:
+    return int(ckpt.get(VERSION_KEY, 0))
 
 
-ARCHIVE_SLACK = (
-    64 << 20
-)  # bytes an archive may declare beyond its size (TorchScript compresses its code records)
+def upgrade(ckpt: dict, where: str = "the checkpoint") -> dict:
+    """``ckpt`` in the current format, in place: a version-0 file's top-level sections move under ``dgss_sections``;
+    a file of a newer format than this dgss reads is one :class:`ConfigError` line."""
+    version = version_of(ckpt)
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{where} has dgss checkpoint format {version}, newer than this dgss reads "
+                          f"({FORMAT_VERSION}): upgrade dgss (pip install -U dgss)")  # fmt: skip
+    if version == 0:
+        sections = ckpt.setdefault(SECTIONS_KEY, {})
+        for name in LEGACY_SECTIONS:
+            if name in ckpt:
+                sections[name] = ckpt.pop(name)
+        if CONFIG_KEY in ckpt or IDENTITY_KEY in ckpt:  # a dgss file (an official release stays as it is)
+            ckpt[VERSION_KEY] = FORMAT_VERSION
+    return ckpt
 
 
-def unreadable_reason(e: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` (or a safetensors read) failed, as the tail of a one-line message."""
-    msg = str(e)
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-    if unsafe:
-        return (
-            f"holds Python objects beyond tensors and plain containers ({unsafe.group(1)}); refused, since loading "
-            "it could run code. dgss checkpoints and state dicts never need that: if you trust the file, re-save "
-            "its tensors as a plain state dict (or .safetensors) and pass that"
-        )
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)  # torch's own reason, not its advice
-    detail = detail.group(1) if detail else next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
-    detail = f"{type(e).__name__}: {detail.split('. ')[0][:120]}" if detail else type(e).__name__
-    return f"is not a readable PyTorch checkpoint, or it is truncated ({detail}); copy it again or point at the right file"
+def read_checkpoint(path, key: str = "ckpt_path", mmap: bool = False) -> dict:
+    """A user's checkpoint file (:func:`dgss.io.load_checkpoint_dict`: ``weights_only``, one-line errors), upgraded
+    to the current format."""
+    return upgrade(load_checkpoint_dict(path, key, mmap=mmap), f"{key}={str(path)!r}")
 
 
-def load_checkpoint_dict(path: str | os.PathLike, key: str = "ckpt_path", mmap: bool = False) -> dict:
-    """:func:`load_file` for a file that must be a dict (a Lightning checkpoint or a state dict)."""
-    obj = load_file(path, key, mmap=mmap)
-    if not isinstance(obj, dict):
-        raise UnreadableFile(
-            f"{key}={str(path)!r}", f"holds a {type(obj).__name__}, not a checkpoint (a dict)"
-        )
-    return obj
+def put_section(ckpt: dict, name: str, payload: Any) -> None:
+    """A method's or callback's own state, under its name (read back with :func:`section`)."""
+    ckpt.setdefault(SECTIONS_KEY, {})[name] = payload
+    ckpt[VERSION_KEY] = FORMAT_VERSION
 
 
-def write_failure(e: BaseException, path) -> str:
-    """Why a write failed, in words: the errno's (a full disk, a read-only folder), else the error's first line."""
-    err = (
-        e
-        if isinstance(e, OSError)
-        else next((c for c in (e.__cause__, e.__context__) if isinstance(c, OSError)), None)
-    )
-    if err is not None and err.errno is not None:
-        return os.strerror(err.errno).lower()
-    try:
-        if shutil.disk_usage(Path(path).parent).free < 1 << 20:
-            return "no space left on device"
-    except OSError:
-        pass
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def section(ckpt: dict, name: str) -> Any | None:
+    """The section ``name`` of ``ckpt`` (of either format version), None when it has none."""
+    found = (ckpt.get(SECTIONS_KEY) or {}).get(name)
+    return ckpt.get(name) if found is None and version_of(ckpt) == 0 and name in LEGACY_SECTIONS else found
+
+
+def put_config(ckpt: dict, cfg: dict) -> None:
+    """The resolved model + data config that rebuilds the model (``dgss.config.model_config``)."""
+    ckpt[CONFIG_KEY] = cfg
+    ckpt[VERSION_KEY] = FORMAT_VERSION
+
+
+def config_of(ckpt: dict) -> dict | None:
+    """The stored config of a dgss-train checkpoint; None for an official release (no dgss config)."""
+    return ckpt.get(CONFIG_KEY)
+
+
+def identity_of(ckpt: dict) -> dict:
+    """``dgss``: backbone identity, dropped keys, the run's settings, a merge's provenance (empty if none)."""
+    return ckpt.get(IDENTITY_KEY) or {}
+
+
+def run_settings(ckpt: dict) -> dict:
+    """What a resumed run must keep (``max_steps``, ``accumulate_grad_batches``), as the run that wrote it had them."""
+    return identity_of(ckpt).get("run") or {}
+
+
+def mark_merged(ckpt: dict, provenance: dict) -> None:
+    """``ckpt`` becomes a self-contained model file: every tensor inside (no weights file), the merge's provenance
+    recorded, the optimizer and scheduler states dropped (a model file, not a training state)."""
+    ident = identity_of(ckpt)
+    backbone = {**ident.get("backbone", {}), "weights": None, "weights_sha256": None}
+    ckpt[IDENTITY_KEY] = {**ident, "backbone": backbone, "merged": provenance}
+    ckpt[CONFIG_KEY]["backbone"]["weights"] = None
+    for key in ("optimizer_states", "lr_schedulers"):
+        ckpt.pop(key, None)
+    ckpt[VERSION_KEY] = FORMAT_VERSION
+
+
+def save_model_part(ckpt: dict, method, trainer=None) -> None:
+    """What every method writes: the frozen tensors left out (:func:`strip_reattachable`), the random streams, the
+    run's settings when a trainer saves, the format version."""
+    strip_reattachable(ckpt, method)
+    ckpt[RNG_KEY] = rng_states()
+    if trainer is not None:  # what a resumed run must keep (dgss.train.check_unchanged)
+        ckpt[IDENTITY_KEY]["run"] = {"max_steps": int(trainer.max_steps),
+                                     "accumulate_grad_batches": int(trainer.accumulate_grad_batches)}  # fmt: skip
+    ckpt[VERSION_KEY] = FORMAT_VERSION
+
+
+def load_model_part(ckpt: dict, method, resuming: bool) -> bool:
+    """Before ``method`` loads ``ckpt``: the same method, the random streams back when a fit resumes, the left-out
+    tensors checked against the weights file. Returns whether loading must be non-strict."""
+    upgrade(ckpt)
+    check_same_method(ckpt, type(method))
+    if resuming and RNG_KEY in ckpt:
+        set_rng_states(ckpt[RNG_KEY])
+    return check_reattach(ckpt, method)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -147,7 +155,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict:
-        ckpt = load_checkpoint_dict(path)
+        ckpt = read_checkpoint(path)
         if "state_dict" not in ckpt:
             raise ConfigError(
                 f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no state_dict): resume from a "
@@ -197,16 +205,9 @@ def readable(path: Path) -> bool:
     return True
 
 
-def _is_training_checkpoint(path: Path) -> bool:
-    try:
-        return is_training_state(load_checkpoint_dict(path, "--out", mmap=True))
-    except UnreadableFile:
-        return False
-
-
 def is_training_state(ckpt: dict) -> bool:
     """A checkpoint a run can resume from: Lightning's loops and the optimizer states, not a merged model file."""
-    return "loops" in ckpt and "optimizer_states" in ckpt and "merged" not in (ckpt.get("dgss") or {})
+    return "loops" in ckpt and "optimizer_states" in ckpt and "merged" not in identity_of(ckpt)
 
 
 def find_resume_checkpoint(folder: str | Path) -> Path | None:
@@ -225,17 +226,23 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------- the model part
-def method_target(method) -> str:
-    return f"{type(method).__module__}.{type(method).__name__}"
-
-
-def check_same_method(checkpoint: dict, target: str) -> None:
-    """A dgss checkpoint names the method it was trained with (``_target_``); loading it into another is a user
-    error, named as such (not as the missing tensors it would otherwise surface as)."""
-    saved = ((checkpoint.get("dgss_config") or {}).get("method") or {}).get("_target_")
-    if saved and saved != target:
+def check_same_method(checkpoint: dict, cls: type | str) -> None:
+    """A dgss checkpoint names the method it was trained with (``_target_``); loading it into another (a class, or
+    the ``_target_`` of this run's config) is a user error, named as such (not as the missing tensors it would
+    otherwise surface as). Compared as classes: a method that moved keeps its old ``_target_`` importable."""
+    saved = ((config_of(checkpoint) or {}).get("method") or {}).get("_target_")
+    if not saved:
+        return
+    cls = get_class(cls) if isinstance(cls, str) else cls
+    try:
+        same = (
+            get_class(saved) is cls
+        )  # (the stored config was checked by dgss.trust before anything reads it)
+    except Exception:  # noqa: BLE001 - a class this dgss no longer has
+        same = False
+    if not same:
         raise ConfigError(
-            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {target.rsplit('.', 1)[-1]}: "
+            f"the checkpoint was trained with method {saved.rsplit('.', 1)[-1]}, not {cls.__name__}: "
             "resume it with the method (experiment) it was trained with, or evaluate it with dgss-eval "
             "ckpt_path=<file>"
         )
@@ -248,7 +255,7 @@ def strip_reattachable(checkpoint: dict, method) -> None:
     state = checkpoint["state_dict"]
     for k in [k for k in state if k in drop]:
         del state[k]
-    checkpoint["dgss"] = {"backbone": method.backbone.identity, "dropped_keys": len(drop)}
+    checkpoint[IDENTITY_KEY] = {"backbone": method.backbone.identity, "dropped_keys": len(drop)}
 
 
 def check_reattach(checkpoint: dict, method) -> bool:
@@ -257,9 +264,7 @@ def check_reattach(checkpoint: dict, method) -> bool:
     missing = set(method.state_dict()) - set(checkpoint["state_dict"])
     if not missing:
         return False
-    from dgss.models.backbone import WEIGHTS_OPTION
-
-    saved = checkpoint.get("dgss", {}).get("backbone", {})
+    saved = identity_of(checkpoint).get("backbone", {})
     key = WEIGHTS_OPTION.get()
     if not method.backbone.weights:
         raise ConfigError(
@@ -299,139 +304,6 @@ def with_elements(base: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tenso
     full = base.detach().clone()
     full.view(-1)[d["index"].to(full.device)] = d["value"].to(full.device, full.dtype)
     return full
-
-
-# --------------------------------------------------------------------------------------------- rebuilding
-@runtime_checkable
-class TakesOfficialRelease(Protocol):
-    """A method that imports a published release of its paper (an mmengine dict without a dgss config): Rein."""
-
-    def load_official(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
-def load_method(ckpt_path: str | os.PathLike, backbone_weights: str | None = None, inference: dict | None = None,
-                recipe=None, config_dirs=None, weights_option: str = "backbone_weights"):  # fmt: skip
-    """The trained method of a checkpoint, frozen backbone re-attached, in eval-ready state; also its config.
-
-    A dgss-train checkpoint carries its own config. An official release (an mmengine dict with ``backbone.reins.*``
-    and ``decode_head.*``, e.g. a published Rein or SoMA checkpoint) needs ``recipe``, the config it was trained with
-    (``experiment=rein``; SoMA: its recipe with ``method.soma.init=official``): the method is built from it and the
-    release's tensors imported. The stored config is checked first (:func:`dgss.trust.check_stored_config`: only
-    classes of the config tree, ``config_dirs`` or this run's ``--config-dir`` included); nothing is built before.
-    ``weights_option``: how the command takes the weights file, named in its messages (``--backbone-weights``).
-    """
-    from dgss.models.backbone import WEIGHTS_OPTION
-
-    token = WEIGHTS_OPTION.set(weights_option)
-    try:
-        return _load_method(ckpt_path, backbone_weights, inference, recipe, config_dirs)
-    finally:
-        WEIGHTS_OPTION.reset(token)
-
-
-def _load_method(ckpt_path, backbone_weights, inference, recipe, config_dirs):
-    from omegaconf import OmegaConf
-
-    from dgss.config import build_method
-
-    path = hub.resolve(ckpt_path)  # a local file, or hf://user/name checked against its release's manifest
-    try:
-        ckpt = load_checkpoint_dict(path, "ckpt_path")
-    except UnreadableFile as e:  # named as the user named it (the Hub cache's path says little)
-        if not str(ckpt_path).startswith(hub.SCHEME):
-            raise
-        raise UnreadableFile(f"ckpt_path={str(ckpt_path)!r}", e.reason) from None
-    official = "dgss_config" not in ckpt
-    if not official:
-        dirs = command_line_config_dirs() if config_dirs is None else config_dirs
-        check_stored_config(ckpt["dgss_config"], f"ckpt_path={str(path)!r}", dirs)
-    if not official and recipe is not None:
-        given = [k for k in ("backbone", "head", "method") if recipe.get(k) is not None]
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is a dgss-train checkpoint: it rebuilds its own "
-            f"{str(ckpt['dgss_config']['method']['_target_']).rsplit('.', 1)[-1]} model, so {', '.join(given)} (or the "
-            "experiment setting them) would be ignored; drop them (data=, inference=, backbone_weights= still apply)"
-        )
-    if official:
-        state = ckpt.get("state_dict", ckpt)
-        if not any(str(k).startswith(("backbone.reins.", "decode_head.")) for k in state):
-            raise ConfigError(
-                f"ckpt_path={str(path)!r} is not a dgss-train checkpoint (no 'dgss_config' entry)"
-            )
-        if recipe is None or recipe.get("method") is None:
-            raise ConfigError(f"ckpt_path={str(path)!r} is an official release without a dgss config; add the recipe "
-                              "it was trained with, e.g. experiment=rein (and backbone.weights=<converted file>)")  # fmt: skip
-        saved = OmegaConf.create(OmegaConf.to_container(recipe, resolve=True))
-    else:
-        saved = OmegaConf.create(ckpt["dgss_config"])
-    if backbone_weights:
-        saved.backbone.weights = backbone_weights
-    if inference:
-        saved.method.inference = OmegaConf.merge(saved.method.get("inference", {}), inference)
-    # the checkpoint or the release supplies every trained tensor: no data-dependent init (SoMA's SVD)
-    method = build_method(saved, restoring=True)
-    if official:
-        if not isinstance(method, TakesOfficialRelease):
-            raise ConfigError(
-                f"method {type(method).__name__} has no official checkpoint format; use experiment=rein or a SoMA "
-                "recipe with method.soma.init=official"
-            )
-        method.load_official(state)
-    else:
-        method.on_load_checkpoint(ckpt)
-        method.load_state_dict(ckpt["state_dict"], strict=method.strict_loading)
-    return method, saved
-
-
-def merge(ckpt_path: str | os.PathLike, out: str | os.PathLike | None, backbone_weights: str | None = None,
-          backbone_out: str | os.PathLike | None = None, config_dirs=()) -> dict:  # fmt: skip
-    """One self-contained checkpoint from a frozen-backbone / sparse one and its weights file: every tensor inside,
-    ``backbone.weights: null`` in its config, the merge's provenance recorded; optimizer and scheduler state left
-    out (a model file, not a training state). Written atomically; returns the provenance. ``backbone_out``: also (or,
-    with ``out=None``, only) the plain backbone with the method folded in (:meth:`SegmentationMethod.plain_backbone`),
-    a ``.safetensors`` file of timm's keys that ``backbone.weights`` loads into the same ``backbone.name``."""
-    import hashlib
-
-    from omegaconf import OmegaConf
-
-    method, saved = load_method(
-        ckpt_path, backbone_weights, config_dirs=config_dirs, weights_option="--backbone-weights"
-    )
-    identity = method.backbone.identity
-    inputs = {"the checkpoint to merge": ckpt_path, "its backbone weights file": identity.get("weights")}
-    if out is not None:
-        check_output_file(out, "--out", inputs)
-        if Path(out).is_file() and _is_training_checkpoint(Path(out)):
-            raise ConfigError(f"--out={str(out)!r} is a training checkpoint (a run resumes from it); a merged model "
-                              "file would replace it: write the merged file to another name")  # fmt: skip
-    if backbone_out is not None:
-        check_output_file(backbone_out, "--backbone-out", {**inputs, "--out": out})
-    written = {}
-    if backbone_out is not None:
-        from safetensors.torch import save_file
-
-        state = method.backbone.timm_state(method.plain_backbone())
-        plain = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        with atomic_path(backbone_out) as tmp:
-            save_file(
-                plain, str(tmp), metadata={"dgss_merged_from": str(ckpt_path), "backbone": identity["name"]}
-            )
-        written["backbone_out"] = str(backbone_out)
-    if out is None:
-        return written
-    ckpt = load_checkpoint_dict(ckpt_path)
-    ckpt["state_dict"] = {k: v.detach().cpu() for k, v in method.state_dict().items()}
-    cfg = OmegaConf.to_container(saved, resolve=True)
-    cfg["backbone"]["weights"] = None  # every tensor is in this file now
-    ckpt["dgss_config"] = cfg
-    ckpt["dgss"] = {**ckpt.get("dgss", {}), "backbone": {**identity, "weights": None, "weights_sha256": None},
-                    "merged": {"from": str(ckpt_path), "from_sha256": hashlib.sha256(Path(ckpt_path).read_bytes()).hexdigest(),
-                               "backbone_weights": identity["weights"], "backbone_sha256": identity["weights_sha256"]}}  # fmt: skip
-    for key in ("optimizer_states", "lr_schedulers"):
-        ckpt.pop(key, None)
-    with atomic_path(out) as tmp:
-        torch.save(ckpt, tmp)
-    return {"tensors": len(ckpt["state_dict"]), **ckpt["dgss"]["merged"], **written}
 
 
 # ------------------------------------------------------------------------------------------ random states

@@ -10,15 +10,27 @@ import re
 import sys
 import typing
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dgss.compat import optuna_distribution
+from dgss.config import check_types
 from dgss.errors import ConfigError, TrainingAborted
+from dgss.io import writable_folder
+from dgss.options import Options, schema_for
 from dgss.preemption import Preempted
+from dgss.runfolder import check_run_name
 
 
 def first_line(err: BaseException) -> str:
@@ -66,9 +78,6 @@ FAILED_JOBS: list[str] = []  # the sweep jobs of this process that ended with a 
 def sweep_job() -> str | None:
     """``job <n> (<overrides>)`` when running as one job of a multirun (``-m``, or a config setting multirun such as
     ``hparams_search=optuna``), else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hc = HydraConfig.get()
@@ -120,12 +129,8 @@ def check_argv(argv: list[str]) -> None:
     """What Hydra would report as a traceback or a screenful, as one :class:`ConfigError` line: a ``--config-dir``
     that is missing, a YAML file in it that is not text, not YAML or not a mapping, and a config choice
     (``experiment=nme``) that exists in no config folder."""
-    import yaml
-
     packaged = Path(__file__).resolve().parent.parent / "conf"
     try:
-        from importlib.resources import files
-
         packaged = Path(str(files("dgss.conf")))
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
@@ -195,8 +200,6 @@ PRINTS_CONFIG = ("-c", "--cfg", "-p", "--package")
 
 def compose_error(e: BaseException) -> str:
     """One line for an error of composing a config: the key it names, and what is wrong or valid."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
     chain = []
     while e is not None:
         chain.append(e)
@@ -236,10 +239,6 @@ def check_compose(config_name: str, argv: list[str]) -> None:
     methods' options have typed schemas) becomes one :class:`ConfigError` line naming the key, and the methods'
     ``Literal`` choices are checked (dgss.options); also before ``--cfg job`` prints the config. Skipped for Hydra's
     informational flags (``--help``, ``--info``, ...)."""
-    from hydra import compose, initialize_config_module
-
-    from dgss.options import Options, schema_for
-
     informational = tuple(f for f in HYDRA_FLAGS if f not in (*MULTIRUN_FLAGS, *PRINTS_CONFIG, "--resolve"))
     if any(a in informational or a.startswith(tuple(f + "=" for f in informational)) for a in argv):
         return
@@ -272,10 +271,6 @@ def check_compose(config_name: str, argv: list[str]) -> None:
                           "multirun (hparams_search=...)")  # fmt: skip
     if multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")):
         check_search_space(cfg, sweeps)
-    from dgss.config import check_types
-    from dgss.io import writable_folder
-    from dgss.runfolder import check_run_name
-
     check_run_name(cfg.get("run_name"))
     check_types(cfg)
     # where Hydra creates the run folder before dgss runs (its OSError would be a traceback)
@@ -309,8 +304,6 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 
 def split_sweeps(overrides: list[str]) -> tuple[list, list[str]]:
     """(the sweep overrides, parsed: ``lr=interval(1e-5,1e-3)``, ``seed=1,2``; the others as given)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # noqa: BLE001 - composing reports the syntax error in one line
@@ -322,15 +315,12 @@ def split_sweeps(overrides: list[str]) -> tuple[list, list[str]]:
 def check_search_space(cfg: DictConfig, sweeps: list) -> None:
     """Every parameter of an Optuna search space (the config's ``hydra.sweeper.params`` and the command line's
     sweeps) as the sweeper will build it: a reversed interval, an empty choice -> one line naming the key."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
-
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     lines = [f"{k}={v}" for k, v in params.items()] + [o.input_line for o in sweeps]
     for line in lines:
         try:
             (override,) = OverridesParser.create().parse_overrides([line])
-            create_optuna_distribution_from_override(override)
+            optuna_distribution(override)
         except Exception as e:  # noqa: BLE001 - optuna's ValueError, Hydra's grammar error
             raise ConfigError(f"search space {line}: {first_line(e)}") from None
 

@@ -8,18 +8,42 @@ silenced here, each by its exact text and where it is raised, never by a blanket
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler  # noqa: F401  (re-exported)
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "parameters_swapped", "quiet_fit",
-           "should_accumulate", "vit_pos_embed"]  # fmt: skip
+from dgss.errors import ConfigError
+
+__all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "optional_module",
+           "optuna_distribution", "parameters_swapped", "quiet_fit", "should_accumulate", "vit_pos_embed"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ optional dependencies
+def optional_module(name: str, missing: str) -> ModuleType:
+    """An optional dependency, imported where it is first needed (PyAV for videos, onnxruntime to check an export,
+    the Optuna sweeper's internals): the one place dgss imports at run time, so a command that never needs one never
+    pays its import, and a missing one is one :class:`ConfigError` line, ``missing``, saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(missing) from None
+
+
+def optuna_distribution(override):
+    """The Optuna distribution the sweeper builds from one search-space override (``lr=interval(1e-5,1e-3)``):
+    ``hydra_optuna_sweeper._impl.create_optuna_distribution_from_override``, a private function of the plugin."""
+    impl = optional_module("hydra_plugins.hydra_optuna_sweeper._impl",
+                           "hparams_search needs the sweep extra: pip install 'dgss[sweep]'")  # fmt: skip
+    return impl.create_optuna_distribution_from_override(override)
 
 
 # ------------------------------------------------------------------------------------------------- Lightning
@@ -133,8 +157,6 @@ def vit_pos_embed(model: nn.Module, tokens: torch.Tensor):
 def parameters_swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
     """A context in which ``module``'s parameters named in ``tensors`` are those tensors (``torch.func``'s
     reparametrisation, as ``functional_call`` does it), restored after: ``torch.nn.utils.stateless``."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
     return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import dgss.methods  # noqa: F401,E402  (registers the methods' option schemas before any composition)
 from dgss.data.folder import folder_classes
 from dgss.errors import ConfigError
+from dgss.runfolder import check_run_name
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 # a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps
@@ -29,8 +30,6 @@ def run_folder(run_name: str | None) -> str:
     keeps runs that start in the same second apart (a sweep, an array job); Hydra caches the value per config and
     copies the cache into every sweep job's config, so one run sees one name."""
     if run_name not in (None, ""):
-        from dgss.runfolder import check_run_name
-
         check_run_name(run_name)  # (dgss-train checks it in one line before this; a sweep's value lands here)
         return str(run_name)
     name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"

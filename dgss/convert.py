@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_png, read_file
 from tqdm import tqdm
 
+from dgss.data.folder import FolderDataset, read_classes
 from dgss.data.label_maps import (
     CITYSCAPES_ID_TO_TRAIN,
     MAPILLARY_V12_TO_TRAIN,
@@ -45,6 +47,7 @@ from dgss.data.label_maps import (
     lookup_table,
     to_train_ids,
 )
+from dgss.data.real import LAYOUTS, RealDataset
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, remove_cut_off
 
@@ -90,8 +93,6 @@ def _index_label(path: Path) -> np.ndarray:
 
 def _synthia_ids(path: Path) -> np.ndarray:
     """Synthia's 16-bit multi-channel label, read unchanged: the class id is the first channel in file order."""
-    from torchvision.io import ImageReadMode, decode_png, read_file
-
     try:
         label = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
     except RuntimeError as e:
@@ -278,8 +279,6 @@ def check_split(ds, row: dict, samples: int | None = None, shown: int = 10) -> d
 def check_folder(root: Path, samples: int | None = None, shown: int = 10) -> list[dict]:
     """A folder data set (``classes.yaml``, ``images/<split>``, ``labels/<split>``): every split, its labels read
     through the class file's map (so label values are trainIds, 255 ignored)."""
-    from dgss.data.folder import FolderDataset, read_classes
-
     try:
         read_classes(root)
     except ConfigError as e:
@@ -309,8 +308,6 @@ def check(root: str | Path, samples: int | None = None, shown: int = 10) -> list
     their message. ``samples``: read only that many pairs per split. A root with a ``classes.yaml`` is a folder data
     set (``data=folder``: :func:`check_folder`). A missing root, or one that holds none of the data sets, is a
     :class:`ConvertError`."""
-    from dgss.data.real import LAYOUTS, RealDataset
-
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ConvertError(

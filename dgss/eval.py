@@ -1,4 +1,4 @@
-"""``dgss-eval ckpt_path=<file>``: rebuild a trained model from its checkpoint (``dgss.checkpoint.load_method``) and
+"""``dgss-eval ckpt_path=<file>``: rebuild a trained model from its checkpoint (``dgss.restore.load_method``) and
 evaluate any targets."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dgss.callbacks import IoUTables, SkippedSamples
-from dgss.checkpoint import load_method
 from dgss.cli import entry_point, run_cli
 from dgss.compat import quiet_fit
 from dgss.config import check_types, instantiate_group
+from dgss.restore import load_method
 
 log = logging.getLogger("dgss.eval")
 

@@ -39,12 +39,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dgss import hub
-from dgss.checkpoint import load_method
 from dgss.cli import entry_point, run_cli
+from dgss.compat import optional_module
 from dgss.data.classes import ClassSet
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, check_output_folder
 from dgss.options import Options
+from dgss.restore import load_method
 
 log = logging.getLogger("dgss.export")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -148,13 +149,10 @@ def export_graph(graph: InferenceGraph, example: torch.Tensor, path: Path, o: Ex
 def run_exported(path: Path, fmt: str, images: torch.Tensor) -> torch.Tensor:
     """The written file's scores for ``images`` (onnxruntime on the CPU, or the loaded .pt2 program)."""
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConfigError(
-                "check=true runs the file in onnxruntime: pip install 'dgss[export]' (or check=false)"
-            ) from None
-
+        ort = optional_module(
+            "onnxruntime",
+            "check=true runs the file in onnxruntime: pip install 'dgss[export]' (or check=false)",
+        )
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """``dgss-merge <ckpt> --out <file> [--backbone-weights <file>]``: one self-contained checkpoint from a frozen-backbone
-or sparse (FisherTune) dgss checkpoint and its weights file (``dgss.checkpoint.merge``).
+or sparse (FisherTune) dgss checkpoint and its weights file (``dgss.restore.merge``).
 
 dgss checkpoints of frozen-backbone methods (frozen, rein, lora, adaptformer, vpt, cobot) hold only what trained, and
 FisherTune's hold the selected elements as a sparse delta; both re-attach the backbone from its weights file (checked
@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from dgss.cli import user_error
+from dgss.restore import merge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.out is None and a.backbone_out is None:
         p.error("give --out (a merged checkpoint), --backbone-out (a plain backbone), or both")
-    from dgss.checkpoint import merge
-    from dgss.cli import user_error
-
     try:
         print(json.dumps(merge(a.ckpt, a.out, a.backbone_weights, a.backbone_out, a.config_dir)))
     except Exception as e:  # a user's file or option: one line; anything else is a bug (traceback)

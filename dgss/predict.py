@@ -34,7 +34,6 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from dgss.checkpoint import load_method
 from dgss.cli import entry_point, run_cli
 from dgss.config import check_types
 from dgss.data.classes import ClassSet
@@ -43,6 +42,7 @@ from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
 from dgss.io import atomic_path, check_output_folder
 from dgss.models.inference import windows
+from dgss.restore import load_method
 from dgss.video import VIDEO_SUFFIXES, frame_folder, open_video, predict_video
 
 log = logging.getLogger("dgss.predict")

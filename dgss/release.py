@@ -15,13 +15,15 @@ import tempfile
 from pathlib import Path
 
 import hydra
+from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
 
-from dgss.checkpoint import load_checkpoint_dict, merge
+from dgss.checkpoint import config_of, read_checkpoint
 from dgss.cli import entry_point, run_cli
 from dgss.errors import ConfigError
 from dgss.hub import CHECKPOINT, MANIFEST, REPO_RE, sha256_file
 from dgss.io import atomic_path, check_output_folder
+from dgss.restore import merge
 
 log = logging.getLogger("dgss.release")
 
@@ -157,7 +159,7 @@ def build_release(ckpt_path: str | Path, folder: Path, backbone_weights: str | N
         named = folder / f"{stem}-{sha256_file(model)[:8]}.ckpt"
         model.replace(named)
         model = named
-    cfg = load_checkpoint_dict(model)["dgss_config"]
+    cfg = config_of(read_checkpoint(model))
     run_dir = src.parent.parent if src.parent.name == "checkpoints" else None
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
@@ -193,8 +195,6 @@ def push(ckpt_path: str | Path, repo: str, target: str | None = None, backbone_w
                 shutil.copyfile(src, dst / src.name)
             return {"target": str(dst), "files": files}
         if api is None:
-            from huggingface_hub import HfApi
-
             api = HfApi()
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo, folder_path=tmp, repo_type="model",

@@ -16,7 +16,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgss.callbacks import StoreConfig
-from dgss.checkpoint import check_same_method, find_resume_checkpoint, is_training_state, load_checkpoint_dict
+from dgss.checkpoint import (
+    check_same_method,
+    config_of,
+    find_resume_checkpoint,
+    identity_of,
+    is_training_state,
+    read_checkpoint,
+    run_settings,
+)
 from dgss.cli import entry_point, run_cli
 from dgss.compat import quiet_fit
 from dgss.config import (
@@ -111,18 +119,20 @@ def check_resume(cfg: DictConfig, path: str) -> int:
     """Read the checkpoint to resume from before anything is built (memory-mapped: cheap): unreadable, unsafe, not
     dgss-train's, a model-only file, another method's, or a run this command would silently change -> one line.
     Returns the step it was saved at."""
-    ckpt = load_checkpoint_dict(path, "ckpt_path", mmap=True)
+    ckpt = read_checkpoint(path, "ckpt_path", mmap=True)
     if "state_dict" not in ckpt or "global_step" not in ckpt:
         raise ConfigError(
             f"ckpt_path={path!r} is not a dgss-train checkpoint (an official release or a plain state dict?): "
             "dgss-train resumes its own runs; evaluate a release with dgss-eval ckpt_path=<file> experiment=rein, "
             "or start from backbone weights with backbone.weights=<file>"
         )
-    if "dgss_config" in ckpt:  # never built from here, but a crafted file is refused by every command alike
-        check_stored_config(ckpt["dgss_config"], f"ckpt_path={path!r}", command_line_config_dirs())
+    if (
+        config_of(ckpt) is not None
+    ):  # never built from here, but a crafted file is refused by every command alike
+        check_stored_config(config_of(ckpt), f"ckpt_path={path!r}", command_line_config_dirs())
     if not is_training_state(ckpt):
         raise ConfigError(
-            f"ckpt_path={path!r} is a model-only file ({'a dgss-merge output' if 'merged' in (ckpt.get('dgss') or {}) else 'no optimizer or loop state'}): "
+            f"ckpt_path={path!r} is a model-only file ({'a dgss-merge output' if 'merged' in identity_of(ckpt) else 'no optimizer or loop state'}): "
             "it evaluates (dgss-eval ckpt_path=<file>) but cannot resume a run; resume from a training checkpoint "
             "(checkpoints/last.ckpt, step*.ckpt, preempted.ckpt)"
         )  # fmt: skip
@@ -159,7 +169,7 @@ def check_unchanged(cfg: DictConfig, ckpt: dict, path: str) -> None:
     data (:data:`RESUME_FIXED`), the same ``trainer.max_steps`` (the schedule decays to 0 there; a raised one
     would train every added step at learning rate 0, a lowered one stop mid-decay) and gradient accumulation, and
     weight averaging as it was (the checkpoint's ``state_dict`` holds the averages)."""
-    stored, now = ckpt.get("dgss_config") or {}, model_config(cfg)
+    stored, now = config_of(ckpt) or {}, model_config(cfg)
     changed = []
     for key in RESUME_FIXED:
         if key.split(".")[0] not in stored:
@@ -168,7 +178,7 @@ def check_unchanged(cfg: DictConfig, ckpt: dict, path: str) -> None:
         for k in sorted(set(fa) | set(fb)):
             if not k.startswith(RESUME_FREE) and fa.get(k) != fb.get(k):
                 changed.append(f"{k}={fa.get(k)!r} (this command: {fb.get(k)!r})")
-    run = (ckpt.get("dgss") or {}).get("run") or {}
+    run = run_settings(ckpt)
     for key in ("max_steps", "accumulate_grad_batches"):
         if key in run and cfg.trainer.get(key, 1) != run[key]:
             changed.append(f"trainer.{key}={run[key]} (this command: {cfg.trainer.get(key)})")

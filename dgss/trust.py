@@ -25,9 +25,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
+import dgss.conf
+import dgss.methods  # noqa: F401  (registers the methods' schemas)
 from dgss.errors import ConfigError
+from dgss.options import SCHEMAS
 
 #: the sections of a stored config and the config group whose files name their classes
 SECTIONS = ("backbone", "head", "method", "data")
@@ -36,8 +43,6 @@ PLAIN = (str, int, float, bool, type(None))
 
 def packaged_conf() -> Path:
     """dgss's own config tree (the ``dgss.conf`` package, ``conf/`` in a checkout)."""
-    import dgss.conf
-
     return Path(dgss.conf.__file__).resolve().parent
 
 
@@ -70,9 +75,6 @@ def _group_targets(root: str, group: str) -> frozenset[str]:
 
 def allowed_targets(section: str, config_dirs: Iterable[str | os.PathLike] = ()) -> frozenset[str]:
     """The ``_target_`` values a stored ``section`` config may name."""
-    import dgss.methods  # noqa: F401  (registers the methods' schemas)
-    from dgss.options import SCHEMAS
-
     roots = [packaged_conf(), *(Path(d).expanduser().resolve() for d in config_dirs)]
     allowed = set().union(*(_group_targets(str(r), section) for r in roots))
     if section == "method":
@@ -83,9 +85,6 @@ def allowed_targets(section: str, config_dirs: Iterable[str | os.PathLike] = ())
 @functools.lru_cache(maxsize=1)
 def _schema_targets() -> frozenset[str]:
     """The ``_target_`` values inside the registered method schemas (e.g. ``method.optimizer``'s AdamW)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
     found: set[str] = set()
     for entry in ConfigStore.instance().repo.get("method", {}).values():
         found.update(_targets_in(OmegaConf.to_container(entry.node)))
@@ -95,8 +94,6 @@ def _schema_targets() -> frozenset[str]:
 def torch_optimizer(target: str) -> bool:
     """``torch.optim.<Name>`` naming an optimizer class of the (already imported) ``torch.optim``; nothing is
     imported to find out."""
-    import torch
-
     module, _, name = target.rpartition(".")
     cls = getattr(torch.optim, name, None) if module == "torch.optim" else None
     return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
@@ -104,8 +101,6 @@ def torch_optimizer(target: str) -> bool:
 
 def command_line_config_dirs() -> list[str]:
     """The config folders of this run: ``--config-dir`` / ``hydra.searchpath`` entries, as Hydra recorded them."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     sources = HydraConfig.get().runtime.get("config_sources") or []

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dgss.compat import optional_module
 from dgss.data.classes import ClassSet
 from dgss.data.transforms import TestPipeline
 from dgss.errors import ConfigError
@@ -58,11 +59,7 @@ class VideoSource:
 
 def pyav():
     """PyAV, or one line saying how to install it (the ``video`` extra)."""
-    try:
-        import av
-    except ImportError:
-        raise ConfigError("videos need PyAV (FFmpeg's libraries): pip install 'dgss[video]'") from None
-    return av
+    return optional_module("av", "videos need PyAV (FFmpeg's libraries): pip install 'dgss[video]'")
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 
+import dgss.convert_weights as convert_weights
 from dgss import convert as convert_datasets
 from dgss import merge
 from dgss.cli import check_argv, run_cli
@@ -21,10 +22,6 @@ from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.predict import predict
 from dgss.train import train
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import convert_weights  # noqa: E402
 
 TINY = dict(depth=4, embed_dim=96, num_heads=3, patch_size=8)  # conf/backbone/toy.yaml
 DATA = ["data=synthetic", "synthetic.height=32", "synthetic.width=64", "synthetic.train_length=4",

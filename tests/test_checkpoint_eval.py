@@ -9,9 +9,9 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from dgss.checkpoint import load_method
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
+from dgss.restore import load_method
 from dgss.train import train
 
 TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2, patch_size=16)
@@ -226,7 +226,7 @@ def test_rein_with_mask2former_trains_and_eval_reproduces(compose_cfg, tmp_path)
 
 
 def test_merged_checkpoint_evaluates_without_the_weights_file(compose_cfg, tmp_path, weights):
-    from dgss.checkpoint import merge
+    from dgss.restore import merge
 
     cfg = compose_cfg([*DATA, *RUN, *backbone_args(weights), "method=frozen"])
     metrics = train(cfg)

@@ -1,8 +1,7 @@
-"""scripts/convert_weights.py: random models written in each release's official layout (Meta DINOv2 .pth, EVA02
+"""dgss-convert-weights (dgss/convert_weights.py): random models written in each release's official layout (Meta DINOv2 .pth, EVA02
 {'module': ...}, SAM image_encoder.*, OpenAI CLIP TorchScript) come back through the backbone loader unchanged,
 except the patch kernel and position grid, which equal Rein's plain bicubic conversion."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dgss.convert_weights as cw
 from dgss.models.backbone import Backbone
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import convert_weights as cw  # noqa: E402
 
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 

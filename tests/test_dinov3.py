@@ -1,18 +1,13 @@
 """DINOv3 backbones (timm's Eva class): Meta's .pth layout loads (directly and through the converter) to the same
 model, a non-zero q/v bias the plain variant would drop is refused, names, normalisation and sizes (spec dinov3.md)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 
+from dgss.convert_weights import ConvertError, convert
 from dgss.errors import ConfigError
 from dgss.models.backbone import Backbone, supported_models
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from convert_weights import ConvertError, convert  # noqa: E402
 
 NAME = "vit_large_patch16_dinov3.lvd1689m"
 SMALL = dict(depth=2, embed_dim=64, num_heads=2)

@@ -383,7 +383,7 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     for k in ("val/mean_mIoU", "val/game/mIoU", "val/fog/mIoU"):
         assert again[k] == metrics[k], k
     # merged with the backbone into one file (dgss-merge), it evaluates without the weights file
-    from dgss.checkpoint import merge
+    from dgss.restore import merge
 
     merge(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "merged.ckpt")
     weights.unlink()

@@ -11,13 +11,13 @@ from PIL import Image
 from test_checkpoint_eval import RUN
 
 from dgss import convert
-from dgss.checkpoint import load_method
 from dgss.cli import user_error
 from dgss.data.folder import FolderDataset, read_classes
 from dgss.data.synthetic import render_sample
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.predict import predict
+from dgss.restore import load_method
 from dgss.train import train
 
 # the embedded scenes' road / sky / car as label values 7 / 23 / 26 (Cityscapes labelIds), everything else 0

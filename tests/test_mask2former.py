@@ -320,10 +320,10 @@ def test_an_official_decoder_layer_computes_what_mmdet_computes():
 
 
 def test_an_official_rein_release_loads_and_evaluates(compose_cfg, tmp_path):
-    from dgss.checkpoint import load_method
     from dgss.config import build_method
     from dgss.errors import ConfigError
     from dgss.eval import evaluate
+    from dgss.restore import load_method
 
     tiny = ["experiment=rein", "trainer=cpu", "backbone.tiny=true", "backbone.weights=null", "backbone.img_size=64",
             "head.tiny=true", "data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.val_length=2",

@@ -66,10 +66,10 @@ def test_dgss_eval_scores_the_real_frame(compose_cfg, layout, trained):
     """``dgss-eval data=gta2cbm`` with only its Cityscapes target on the real frame (its shipped trainIds): one image
     scored, and the per-class IoU that of the model's own prediction on that frame, computed here from a confusion
     matrix."""
-    from dgss.checkpoint import load_method
     from dgss.data.real import RealDataset
     from dgss.data.transforms import TestPipeline
     from dgss.eval import evaluate
+    from dgss.restore import load_method
 
     root, kept = layout
     shutil.copy(kept, root / f"cityscapes/gtFine/val/{FRAME}_gtFine_labelTrainIds.png")

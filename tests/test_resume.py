@@ -691,9 +691,9 @@ def test_a_merged_file_in_the_run_folder_is_skipped_and_refused_as_ckpt_path(com
     folder; resume=auto picked it (the newest) and died with Lightning's KeyError, as ckpt_path=<it> did. Now
     resume=auto skips it with a warning and continues from the newest training checkpoint, and ckpt_path=<it> is
     one line saying what the file is for."""
-    from dgss.checkpoint import merge
     from dgss.cli import run_cli
     from dgss.errors import ConfigError
+    from dgss.restore import merge
 
     folder = tmp_path / "run"
     run = [*RESUMABLE, f"paths.output_dir={folder}"]

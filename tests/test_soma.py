@@ -12,7 +12,7 @@ from test_methods import H, W, make_dm, make_method, snapshot, trainer
 
 from dgss.callbacks import EMA
 from dgss.errors import ConfigError
-from dgss.methods.base import cosine_weight_decay
+from dgss.methods.recipe import cosine_weight_decay
 from dgss.methods.soma import SoMA, SoMAFusedQKV, SoMALinear, default_start_block, singular_factors
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead

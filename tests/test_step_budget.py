@@ -131,7 +131,7 @@ def test_the_optimizer_takes_its_fused_path_on_cuda_and_foreach_elsewhere(compos
     import doctest
     import functools
 
-    import dgss.methods.base as base
+    import dgss.methods.recipe as base
     from dgss.config import build_method
 
     assert doctest.testmod(base, verbose=False).failed == 0

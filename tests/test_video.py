@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (the fixture)
 
-from dgss.checkpoint import load_method
 from dgss.data.classes import ClassSet
 from dgss.data.synthetic import render_sample
 from dgss.errors import ConfigError
 from dgss.predict import predict
+from dgss.restore import load_method
 from dgss.train import train
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy.io import loadmat
 
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
@@ -222,8 +223,6 @@ class RealDataset:
         return f"{self.dataset}/{self.pairs[i][0].name}"
 
     def _subset(self, images: list[Path]) -> list[Path]:
-        from scipy.io import loadmat
-
         file, key = self.layout.subset
         path = self.root / file
         if not path.is_file():

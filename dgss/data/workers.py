@@ -18,6 +18,8 @@ import os
 import signal
 import time
 
+from lightning.fabric.utilities.seed import pl_worker_init_function
+
 #: the signals the main process owns (dgss.preemption acts on them)
 OWNED_BY_MAIN = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -28,8 +30,6 @@ def worker_init(worker_id: int) -> None:
     for sig in OWNED_BY_MAIN:
         signal.signal(sig, signal.SIG_IGN)
     if os.environ.get("PL_SEED_WORKERS") == "1":
-        from lightning.fabric.utilities.seed import pl_worker_init_function
-
         pl_worker_init_function(worker_id)
 
 

@@ -16,8 +16,7 @@ trains (:meth:`adopt`, e.g. AdaptFormer's adapters with their dropout) run in th
 
 from __future__ import annotations
 
-import functools
-import math
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -25,43 +24,21 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from dgss import console
-from dgss.checkpoint import (
-    check_reattach,
-    check_same_method,
-    method_target,
-    rng_states,
-    set_rng_states,
-    strip_reattachable,
-)
-from dgss.compat import grad_norm
+from dgss.checkpoint import load_model_part, put_section, save_model_part, section
 from dgss.data.classes import IGNORE_INDEX
-from dgss.errors import ConfigError, TrainingAborted
-from dgss.methods.paramwise import ParamwiseOptions, describe_groups, group_parameters
+from dgss.errors import ConfigError
+from dgss.methods import recipe
+from dgss.methods.guard import NonFiniteGuard
+from dgss.methods.paramwise import ParamwiseOptions, group_parameters
+from dgss.methods.recipe import OptimizerConfig, SchedulerOptions, default_optimizer
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, RegionalHead, SegmentationHead
 from dgss.options import Options, option_path
-
-
-@dataclass
-class SchedulerOptions(Options):
-    """``method.scheduler``: a linear warm-up from ``warmup_start_factor`` × lr over ``warmup_steps``, then a poly
-    decay (``power``) to 0 at ``trainer.max_steps`` (Rein's recipe: no warm-up, power 0.9)."""
-
-    warmup_steps: int = 0
-    warmup_start_factor: float = 1e-6
-    power: float = 0.9
-    # every group's weight decay: constant, or cosine-annealed from its own value to weight_decay_min at max_steps
-    # (SoMA's recipe: mmengine's CosineAnnealingParamScheduler on weight_decay, eta_min 1e-5, stepped per iteration)
-    weight_decay: Literal["constant", "cosine"] = "constant"
-    weight_decay_min: float = 1e-5
-    # groups without decay: keep 0 (ours) | rise to weight_decay_min as the official scheduler makes them
-    weight_decay_zero: Literal["keep", "official"] = "keep"
 
 
 @dataclass
@@ -86,19 +63,6 @@ class InferenceOptions(Options):
 
 
 @dataclass
-class OptimizerConfig:
-    """``method.optimizer``: the optimizer as a Hydra partial (Rein's AdamW); the method supplies the param groups
-    (lr multipliers, no decay on norms / biases / tokens)."""
-
-    _target_: str = "torch.optim.AdamW"
-    _partial_: bool = True
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-
-
-@dataclass
 class MethodConfig:
     """The Hydra node of every method: the base's options. A method's config subclasses it, sets ``_target_`` and
     adds its own option groups; ``method/<name>.yaml`` starts from the registered ``<name>_schema``."""
@@ -113,55 +77,6 @@ class MethodConfig:
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     max_nonfinite: int = (
         10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
-    )
-
-
-def cosine_weight_decay(wd0: float, t: int, total: int, wd_min: float, zero: str = "keep") -> float:
-    """Weight decay at step t of ``total``: wd_min + (wd0 − wd_min)·(1 + cos(π·t/total))/2 (mmengine's cosine
-    annealing in closed form; wd0 at t = 0, wd_min from t = total on). A group without decay (wd0 = 0) keeps 0 under
-    ``zero='keep'``; ``'official'`` lets it rise to wd_min as the official scheduler does."""
-    if wd0 == 0.0 and zero == "keep":
-        return 0.0
-    return wd_min + (wd0 - wd_min) * (1.0 + math.cos(math.pi * min(t, total) / total)) / 2.0
-
-
-def fast_implementation(
-    factory: Callable[..., torch.optim.Optimizer], device_types: set[str]
-) -> dict[str, bool]:
-    """The keyword that makes a torch optimizer take its fastest exact path for parameters on ``device_types``:
-    ``fused=True`` on CUDA (AdamW's whole update in one kernel launch per ~100 tensors, found-inf aware),
-    ``foreach=True`` elsewhere (one vectorised op per update term, not one per tensor); nothing when the optimizer
-    has no such option or the config chose (``+method.optimizer.fused=false`` / ``foreach``).
-
-    >>> import functools
-    >>> fast_implementation(functools.partial(torch.optim.AdamW, lr=1e-4), {"cuda"})
-    {'fused': True}
-    >>> fast_implementation(functools.partial(torch.optim.AdamW, lr=1e-4), {"cpu"})
-    {'foreach': True}
-    >>> fast_implementation(functools.partial(torch.optim.AdamW, fused=False), {"cuda"})
-    {}
-    """
-    import inspect
-
-    func = getattr(factory, "func", factory)
-    chosen = {
-        k for k, v in getattr(factory, "keywords", {}).items() if k in ("fused", "foreach") and v is not None
-    }
-    try:
-        accepted = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return {}
-    if chosen or not device_types:
-        return {}
-    if device_types == {"cuda"} and "fused" in accepted:
-        return {"fused": True}
-    return {"foreach": True} if "foreach" in accepted else {}
-
-
-def default_optimizer() -> Callable[..., torch.optim.Optimizer]:
-    c = OptimizerConfig()
-    return functools.partial(
-        torch.optim.AdamW, lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas), eps=c.eps
     )
 
 
@@ -200,18 +115,12 @@ class SegmentationMethod(pl.LightningModule):
         self.scheduler_options = SchedulerOptions.of(scheduler, "method.scheduler")
         self.inference_options = InferenceOptions.of(inference, "method.inference")
         self.paramwise = ParamwiseOptions.of(paramwise, "method.paramwise")
-        self.max_nonfinite = int(max_nonfinite)
-        self.nonfinite = {"total": 0, "streak": 0}
+        self.guard = NonFiniteGuard(self, max_nonfinite)
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None
         self.last_val: dict[str, torch.Tensor] = {}  # per-class IoU of the last validation, for callbacks
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
-        self._saved_buffers: list[torch.Tensor] | None = None  # running statistics before this step's forward
-        self._skip_window = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
-        self._loss_finite: torch.Tensor | None = (
-            None  # the window's losses all finite (on the device, unchecked)
-        )
         mean, std = backbone.normalization
         self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1) * 255, persistent=False)
@@ -308,134 +217,35 @@ class SegmentationMethod(pl.LightningModule):
                                  **asdict(self.inference_options))  # fmt: skip
 
     # ---------------------------------------------------------------------------------- steps
-    def running_buffers(self) -> list[torch.Tensor]:
-        """The buffers a forward in training mode changes: running statistics of batch norms that train."""
-        return [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
-                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
-
-    def save_buffers(self) -> None:
-        """Before a step's first forward (of an accumulation window): what a skipped step restores."""
-        if self._saved_buffers is None:
-            self._saved_buffers = [b.detach().clone() for b in self.running_buffers()]
-
-    def restore_buffers(self, forget: bool = True) -> None:
-        """A skipped step leaves no trace: running statistics back to their values before its forward. With
-        ``forget=False`` the saved values stay for a later restore (a statistics-only pass inside a step)."""
-        if self._saved_buffers is not None:
-            with torch.no_grad():
-                for b, saved in zip(self.running_buffers(), self._saved_buffers):
-                    b.copy_(saved)
-        if forget:
-            self._saved_buffers = None
-
-    def step_is_finite(self, value: torch.Tensor | None, what: str = "loss") -> bool:
-        """The non-finite guard, checked now (one host synchronisation): False (skip the step) when ``value`` (a loss,
-        or the gradients' summed norms) is NaN / inf on any rank; see :meth:`record_finite`. The training step itself
-        does not wait here: its loss is checked with its gradients, in :meth:`finish_window`."""
-        return self.record_finite(
-            bool(torch.isfinite(value.detach()).all()) if value is not None else True, what
-        )
-
-    def record_finite(self, finite: bool, what: str = "loss") -> bool:
-        """The guard's decision: a skipped step changes no parameter, buffer or optimizer state (its running
-        statistics are restored, its gradients dropped); it is counted, logged and warned about, and
-        ``max_nonfinite`` in a row raise :class:`TrainingAborted`. The iteration still counts, so the schedule stays
-        on the step axis. Every rank decides together (or DDP would hang)."""
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            return True
-        self.restore_buffers()
-        self._loss_finite = None
-        for p in self.parameters():
-            p.grad = None
-        self._skip_window = True
-        self.nonfinite["total"] += 1
-        self.nonfinite["streak"] += 1
-        n, total = self.nonfinite["streak"], self.nonfinite["total"]
-        if trainer is not None:
-            self.log("train/nonfinite_skipped", float(total), batch_size=1)
-        rank_zero_warn(
-            f"non-finite {what} at step {self.global_step}: step skipped ({n} in a row, {total} in all)"
-        )
-        if n >= self.max_nonfinite:
-            raise TrainingAborted(
-                f"{n} non-finite losses or gradients in a row at step {self.global_step} (method.max_nonfinite="
-                f"{self.max_nonfinite}); the model and every checkpoint hold the weights from before them: lower "
-                "method.optimizer.lr, set trainer.gradient_clip_val or check the data, then resume=auto"
-            )
-        return False
-
-    def _fp16_scaler(self) -> bool:
-        """Lightning's fp16 grad scaler checks the gradients itself and must see the backward it scaled."""
-        return self._trainer is not None and str(self.trainer.precision).startswith("16")
-
-    def step_done(self) -> None:
-        """An update went through: the streak ends and the saved running statistics are dropped."""
-        self.nonfinite["streak"] = 0
-        self._saved_buffers = None
-
-    def skipped_step_output(self) -> torch.Tensor | None:
-        """What ``training_step`` returns for a skipped step: ``None`` (Lightning skips the backward), or under DDP,
-        where Lightning refuses ``None``, a zero loss over every trainable parameter, so that every rank runs the same
-        backward and gradient all-reduce; those (zero) gradients are dropped before the optimizer step."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return None
-        return sum(
-            (p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device)
-        )
-
-    def finish_window(self, optimizer, extra_grads: Sequence[torch.Tensor] = ()) -> bool:
-        """At the end of an accumulation window (before clipping): True when the optimizer step goes ahead. The
-        window's losses (:meth:`training_step` left their finiteness on the device) and its gradients — the
-        optimizer's, and ``extra_grads`` a method took outside it — are checked together, in one host
-        synchronisation; a non-finite one skips the window's update: its gradients are dropped and its running
-        statistics restored (under fp16 Lightning's grad scaler checks the gradients itself)."""
-        if not self._skip_window:
-            checks = {"loss": self._loss_finite} if self._loss_finite is not None else {}
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grads += list(extra_grads)
-            if grads and not self._fp16_scaler():
-                checks["gradients"] = torch.isfinite(grad_norm(grads))
-            self._loss_finite = None
-            if checks:
-                finite = (
-                    torch.stack(list(checks.values())).cpu().numpy().tolist()
-                )  # the step's one host synchronisation
-                self.record_finite(all(finite), next((w for w, ok in zip(checks, finite) if not ok), "loss"))
-        if self._skip_window:  # the window ends here; no member of the optimizer sees a gradient
-            self._skip_window = False
-            for p in self.parameters():
-                p.grad = None
-            return False
-        self.step_done()
-        return True
+    @property
+    def nonfinite(self) -> dict[str, int]:
+        """Skipped non-finite steps: ``{"total", "streak"}`` (:class:`~dgss.methods.guard.NonFiniteGuard`)."""
+        return self.guard.counts
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.finish_window(optimizer)
+        self.guard.finish_window(optimizer)
 
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The losses of one training forward (the head's, by name). A method with passes of its own overrides this;
-        ``None`` means one of them already skipped the step (:meth:`step_is_finite` returned False)."""
+        ``None`` means one of them already skipped the step (``self.guard.check`` returned False)."""
         return self.head.loss(self(images), labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if self._skip_window:  # an earlier micro-batch of this accumulation window was non-finite
-            return self.skipped_step_output()
-        self.save_buffers()
+        if self.guard.skipping:  # an earlier micro-batch of this accumulation window was non-finite
+            return self.guard.skipped_output()
+        self.guard.save_buffers()
         images, labels = self.prepare_batch(batch)
         losses = self.training_losses(images, labels)
         if losses is None:  # no backward (a zero one under DDP); the optimizer step has no gradients
-            return self.skipped_step_output()
+            return self.guard.skipped_output()
         loss = sum(losses.values())
-        if self._fp16_scaler():  # the scaler must not step on dropped gradients: decide before the backward
-            if not self.step_is_finite(loss):
-                return self.skipped_step_output()
+        if (
+            self.guard.fp16_scaler()
+        ):  # the scaler must not step on dropped gradients: decide before the backward
+            if not self.guard.check(loss):
+                return self.guard.skipped_output()
         else:  # checked with the gradients at the window's end (finish_window): no host synchronisation here
-            finite = torch.isfinite(loss.detach())
-            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+            self.guard.note_loss(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
@@ -503,22 +313,8 @@ class SegmentationMethod(pl.LightningModule):
         return groups
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """``method.optimizer`` over :meth:`param_groups`, each group's lr and decay times its multipliers, in its
-        fastest exact implementation for the parameters' device (:func:`fast_implementation`: fused on CUDA); the
-        groups are printed."""
-        groups = self.param_groups()
-        devices = {p.device.type for g in groups for p in g["params"]}
-        opt = self.optimizer_factory(
-            [{k: v for k, v in g.items() if k not in ("names", "rules")} for g in groups],
-            **fast_implementation(self.optimizer_factory, devices),
-        )
-        base_lr, base_wd = opt.defaults["lr"], opt.defaults.get("weight_decay", 0.0)
-        for g in opt.param_groups:
-            g["lr"] = g["lr"] * g["lr_mult"]
-            g["weight_decay"] = g["weight_decay"] * g["decay_mult"]
-        console.info(f"parameter groups ({type(opt).__name__}, lr {base_lr:.3g}, weight decay {base_wd:.3g}):\n"
-                     + describe_groups(groups, base_lr, base_wd))  # fmt: skip
-        return opt
+        """``method.optimizer`` over :meth:`param_groups` (:func:`dgss.methods.recipe.build_optimizer`)."""
+        return recipe.build_optimizer(self.optimizer_factory, self.param_groups())
 
     def configure_optimizers(self):
         opt = self.build_optimizer()
@@ -533,39 +329,20 @@ class SegmentationMethod(pl.LightningModule):
         return t.max_steps if t.max_steps > 0 else int(t.estimated_stepping_batches)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """``scheduler.weight_decay: cosine``: every group's decay for this step, from its value at step 0."""
-        o = self.scheduler_options
-        if o.weight_decay == "constant":
-            return
-        total = self.total_steps()
-        for opt in self.trainer.optimizers:
-            for g in opt.param_groups:
-                wd0 = g.setdefault("initial_weight_decay", g.get("weight_decay", 0.0))
-                g["weight_decay"] = cosine_weight_decay(wd0, self.global_step, total, o.weight_decay_min,
-                                                        o.weight_decay_zero)  # fmt: skip
+        """``scheduler.weight_decay: cosine``: every group's decay for this step (:func:`~dgss.methods.recipe.anneal_weight_decay`)."""
+        recipe.anneal_weight_decay(
+            self.trainer.optimizers, self.global_step, self.total_steps(), self.scheduler_options
+        )
 
     def build_scheduler(self, opt: torch.optim.Optimizer):
-        """Linear warm-up from ``warmup_start_factor`` then poly decay to 0 at the last step."""
-        total = self.total_steps()
-        cfg = self.scheduler_options
-        warm = cfg.warmup_steps
-        if warm >= total:
-            raise ConfigError(f"method.scheduler.warmup_steps={warm} must be below trainer.max_steps={total}")
-        poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=cfg.power)
-        if not warm:
-            return poly
-        linear = torch.optim.lr_scheduler.LinearLR(
-            opt, start_factor=cfg.warmup_start_factor, total_iters=warm
-        )
-        return torch.optim.lr_scheduler.SequentialLR(opt, [linear, poly], milestones=[warm])
+        """Linear warm-up then poly decay to 0 at the last step (:func:`dgss.methods.recipe.build_scheduler`)."""
+        return recipe.build_scheduler(opt, self.total_steps(), self.scheduler_options)
 
     def plain_backbone(self) -> nn.Module:
         """A copy of the backbone's timm model with what the method trained folded into its weights
         (``dgss-merge --backbone-out``). Methods that leave the backbone a timm model (full, frozen, FisherTune) give
         it as is; a method whose modules cannot be folded into the weights (Rein's tokens, prompts, adapters with a
         nonlinearity) raises, one that can (SoMA) overrides this."""
-        import copy
-
         own = [n for n, m in self.backbone.model.named_modules() if type(m).__module__.startswith("dgss.")]
         if own or self.backbone.has_block_hooks:
             raise ConfigError(f"method {type(self).__name__} adds modules to the backbone that do not fold into its "
@@ -582,20 +359,34 @@ class SegmentationMethod(pl.LightningModule):
         keys |= {f"backbone.{n}" for n, _ in self.backbone.model.named_buffers()}
         return keys
 
+    #: the name of the method's own part of its checkpoints (``dgss.checkpoint.section``), None for none: written
+    #: by :meth:`save_section`, handed back to :meth:`load_section`
+    checkpoint_section: str | None = None
+
+    def save_section(self, checkpoint: dict) -> Any:
+        """The method's own state to save beside the state dict (``checkpoint`` as the callbacks left it: a weight
+        averaging callback's averages in its ``state_dict``)."""
+        raise NotImplementedError
+
+    def load_section(self, checkpoint: dict, payload: Any) -> None:
+        """Restore what :meth:`save_section` wrote, before the state dict loads (it may complete it)."""
+        raise NotImplementedError
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        strip_reattachable(checkpoint, self)
-        checkpoint["rng_states"] = rng_states()
-        if self._trainer is not None:  # what a resumed run must keep (dgss.train.check_unchanged)
-            t = self.trainer
-            checkpoint["dgss"]["run"] = {"max_steps": int(t.max_steps),
-                                         "accumulate_grad_batches": int(t.accumulate_grad_batches)}  # fmt: skip
+        payload = self.save_section(checkpoint) if self.checkpoint_section else None
+        save_model_part(checkpoint, self, self.trainer if self._trainer is not None else None)
+        if self.checkpoint_section:
+            put_section(checkpoint, self.checkpoint_section, payload)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_same_method(checkpoint, method_target(self))
-        if "rng_states" in checkpoint and self._trainer is not None:  # a fit resumes (not an evaluation)
-            set_rng_states(checkpoint["rng_states"])
-        if check_reattach(checkpoint, self):
+        if load_model_part(checkpoint, self, resuming=self._trainer is not None):
             self.strict_loading = False  # the frozen tensors come from the weights file
+        if self.checkpoint_section:
+            payload = section(checkpoint, self.checkpoint_section)
+            if payload is None:
+                raise ConfigError(f"the checkpoint has no {self.checkpoint_section} state: it was not written by "
+                                  f"method={self.checkpoint_section}")  # fmt: skip
+            self.load_section(checkpoint, payload)
 
     # ---------------------------------------------------------------------------- summary
     def parameter_summary(self) -> dict[str, float]:

@@ -661,7 +661,7 @@ class FisherTune(SegmentationMethod):
         with torch.random.fork_rng(devices=cuda), shift:
             output, losses, fisher_loss = self._forward(images if paired is None else paired, labels)
             train_loss = sum(losses.values())
-            if not self.step_is_finite(fisher_loss) or not self.step_is_finite(train_loss):
+            if not self.guard.check(fisher_loss) or not self.guard.check(train_loss):
                 return None  # nothing enters the statistics; the step is skipped
             cands = [p for p in self.candidates.values() if p.requires_grad]
             if self.options.fisher.per_sample:
@@ -676,8 +676,8 @@ class FisherTune(SegmentationMethod):
                 ]
                 tg = torch.autograd.grad(train_loss, params, allow_unused=True)
                 train = {p: g for p, g in zip(params, tg) if g is not None}
-        if not with_head:  # back to save_buffers()'s values of the step's start (this was its first forward)
-            self.restore_buffers(forget=False)
+        if not with_head:  # back to the guard's saved values of the step's start (this was its first forward)
+            self.guard.restore_buffers(forget=False)
         if self.perturbation.batch_of_one and not self._warned_batch_of_one:
             self._warned_batch_of_one = True
             rank_zero_warn("FisherTune: one image per rank, so the perturbation has no batch spread to draw from: "
@@ -763,7 +763,7 @@ class FisherTune(SegmentationMethod):
         output, losses, fisher_loss = self._forward(images, labels)
         per_sample = self.options.fisher.per_sample
         if step.stats and (per_sample or self.options.fisher.loss != "train_loss"):
-            if not self.step_is_finite(fisher_loss):
+            if not self.guard.check(fisher_loss):
                 return None
             cands = {n: p for n, p in self.candidates.items() if p.requires_grad}
             if per_sample:
@@ -781,11 +781,11 @@ class FisherTune(SegmentationMethod):
         finite batch); then unselected elements' gradients are zeroed, so clipping never counts them."""
         step, self._pending = self._pending, None
         extra = []
-        if step is not None and not self._skip_window and self._growing:
+        if step is not None and not self.guard.skipping and self._growing:
             self._all_reduce_mean(self._backbone_grads().values())
             extra = [*step.perturbed.values(), *step.train_p.values(), *step.fisher_x.values()]
             self._all_reduce_mean(extra)
-        if self.finish_window(optimizer, extra) and step is not None and step.stats:
+        if self.guard.finish_window(optimizer, extra) and step is not None and step.stats:
             self._take_statistics(step)
         del extra
         if step is None or not self._growing:
@@ -946,13 +946,14 @@ class FisherTune(SegmentationMethod):
         keys = super().reattachable_keys()  # frozen tensors and buffers (empty without a weights file)
         return keys | {f"backbone.{n}" for n, _ in self.backbone.named_parameters()} if keys else keys
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the values the state dict being saved holds (a weight-averaging callback put its averages there)
+    checkpoint_section = "fishertune"
+
+    def save_section(self, checkpoint: dict) -> dict:
+        # the values of the state dict being saved (a weight-averaging callback put its averages there)
         state = checkpoint["state_dict"]
         values = {n: state.get(f"backbone.model.{n}", p) for n, p in self.candidates.items()}
-        super().on_save_checkpoint(checkpoint)
         index = {n: self.selected_opt.index(n) for n in self.candidates if self.selected_opt.index(n).numel()}
-        checkpoint["fishertune"] = {  # SelectedAdamW's moments travel in optimizer_states, as any optimizer's
+        return {  # SelectedAdamW's moments travel in optimizer_states, as any optimizer's
             "delta": sparse_delta(values, index),
             "fisher": {w: {n: v.cpu() for n, v in d.items()} for w, d in self.fisher.items()},
             "stat_counts": dict(self.stat_counts),
@@ -961,13 +962,7 @@ class FisherTune(SegmentationMethod):
             "final": self._final,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        ft = checkpoint.get("fishertune")
-        if ft is None:
-            raise ConfigError(
-                "the checkpoint has no FisherTune state: it was not written by method=fishertune"
-            )
+    def load_section(self, checkpoint: dict, ft: dict) -> None:
         apply_sparse_delta(checkpoint["state_dict"], ft["delta"], self.candidates, "backbone.model.")
         self.masks = {}
         for (

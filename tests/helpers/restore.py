@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dgss.checkpoint import load_method, merge
 from dgss.eval import evaluate
 from dgss.models.backbone import Backbone
+from dgss.restore import load_method, merge
 
 
 def assert_restores_and_folds(compose_cfg, ckpt_path, metrics: dict, tmp_path, height: int, width: int):
