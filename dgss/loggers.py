@@ -76,3 +76,8 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(*args, **kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+
+def wandb_logger(trainer) -> _LightningWandbLogger | None:
+    """The trainer's wandb logger, if it has one (tables and media go there)."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, _LightningWandbLogger)), None)

@@ -149,6 +149,7 @@ RESUME_FREE = (
     "backbone.weights",
     "method.inference",
     "method.max_nonfinite",
+    "method.input",  # the data's crop, linked (data.train_pipeline is checked itself); absent before issue 29
 )  # may change (checked elsewhere)
 
 

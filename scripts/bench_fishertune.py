@@ -86,7 +86,7 @@ def run_variant(method: str, a: argparse.Namespace, out) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     info = {"method": method, "mean_step_s": sum(period) / len(period), "peak_mb": peak}
     if method == "fishertune":
-        info["stat_steps"] = sum(m.is_stat_step(t) for t in range(first, last + 1))
+        info["stat_steps"] = sum(m.schedule.is_stat_step(t) for t in range(first, last + 1))
         info["selected"] = m.selected_opt.num_selected()
     out.put(info)
 

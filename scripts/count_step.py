@@ -288,7 +288,7 @@ def _count_on(build, device: str) -> Recorder:
     with _fake_world(device):
         method = method.to(device)
         batch = {"image": images.to(device), "label": labels.to(device)}
-        method.train_crop = (size, size)
+        method.input.crop = (size, size)
         opt = method.build_optimizer()
         for group in opt.param_groups:  # torch's default on real CUDA tensors (fake ones are not "supported")
             if not group.get("fused") and group.get("foreach") is None:

@@ -92,7 +92,7 @@ def test_the_model_pads_after_normalising_bottom_right_with_image_0_and_label_25
     x, y = TrainPipeline(crop=(32, 32), short_edge=None, photometric=False, flip=1.0)(img, lab)
     assert x.shape == (3, 20, 24) and x.dtype == torch.uint8 and (x == 128).all()  # flipped, not padded
     m = make_method(FullFineTune)
-    m.train_crop = (32, 32)
+    m.input.crop = (32, 32)
     images, labels = m.prepare_batch({"image": [x, x[:, :16, :16]], "label": [y, y[:16, :16]]})
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in m.backbone.normalization)
     assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64

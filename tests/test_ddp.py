@@ -67,14 +67,14 @@ class SaveSelection(pl.Callback):
     def on_train_end(self, trainer, m):
         torch.save({"masks": m.masks, "history": m.history, "backbone": m.backbone.state_dict(),
                     "head": dict(m.head.named_parameters()), "nonfinite": dict(m.nonfinite),
-                    "counts": dict(m.stat_counts)}, self.folder / f"rank{trainer.global_rank}.pt")  # fmt: skip
+                    "counts": dict(m.stats.counts)}, self.folder / f"rank{trainer.global_rank}.pt")  # fmt: skip
 
 
 class NanOnRank1(FisherTune):
     """The clean pass of step 2 (a statistic step) is NaN on rank 1 only."""
 
-    def _forward(self, images, labels):
-        output, losses, fisher_loss = super()._forward(images, labels)
+    def fisher_forward(self, images, labels):
+        output, losses, fisher_loss = super().fisher_forward(images, labels)
         if self.global_rank == 1 and self.global_step == 2 and not self.perturbation.enabled:
             nan = float("nan")
             return output, {k: v * nan for k, v in losses.items()}, fisher_loss * nan

@@ -9,10 +9,20 @@ import torch
 from test_checkpoint_eval import DATA, RUN
 from test_methods import make_dm, make_method, snapshot, trainer
 
+from dgss.checkpoint import section
 from dgss.config import build_method
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
-from dgss.methods.fishertune import FisherTune, apportion, dr_fim, growth_ratio, kind_counts, top_k_first
+from dgss.methods.fishertune import (
+    FimScore,
+    FisherTune,
+    apportion,
+    dr_fim,
+    growth_ratio,
+    kind_counts,
+    top_k_first,
+)
+from dgss.methods.guard import running_buffers
 from dgss.methods.selected_adamw import SelectedAdamW
 from dgss.models.style_perturb import ChannelStatPerturbation
 from dgss.train import train
@@ -22,7 +32,7 @@ SCHED = dict(warmup_iters=2, growth_tau=3, growth_end=8, refresh_every=2, delta_
 
 def nan_on(m, when):
     """Make every loss of ``m``'s forward passes NaN on the calls (counted from 1) where ``when(call)`` holds."""
-    forward, calls = m._forward, []
+    forward, calls = m.fisher_forward, []
 
     def patched(images, labels):
         calls.append(None)
@@ -31,7 +41,7 @@ def nan_on(m, when):
             return output, {k: v * float("nan") for k, v in losses.items()}, fisher_loss * float("nan")
         return output, losses, fisher_loss
 
-    m._forward = patched
+    m.fisher_forward = patched
 
 
 def fishertune(**kw):
@@ -189,18 +199,18 @@ def test_fisher_estimate_is_the_mean_of_squared_batch_gradients(tmp_path):
 
     def known_loss(images, labels):
         a = float(images.mean())  # differs per batch
-        if m.is_stat_step(m.global_step) and not m.perturbation.enabled:
+        if m.schedule.is_stat_step(m.global_step) and not m.perturbation.enabled:
             slopes.append(a)
         head = sum(0 * p.sum() for p in m.head.parameters())  # the warm-up trains the head only
         loss = head + sum((a * base[n] * p).sum() for n, p in m.candidates.items())
         return None, {"known": loss}, loss
 
-    m._forward = known_loss
+    m.fisher_forward = known_loss
     trainer(tmp_path, steps=6).fit(m, make_dm())
     assert (
-        len(slopes) == 5 == m.stat_counts["x"]
+        len(slopes) == 5 == m.stats.counts["x"]
     )  # steps 1..5: the warm-up's last refresh_every steps (1, 2) too
-    est = m.fisher_estimate("x")
+    est = m.stats.estimates("x")
     for n in m.candidates:
         want = torch.stack([(a * base[n]) ** 2 for a in slopes]).mean(0)
         assert torch.allclose(est[n], want, rtol=1e-5), n
@@ -211,11 +221,11 @@ def test_ema_estimate_matches_the_bias_corrected_recursion():
     name, p = next(iter(m.candidates.items()))
     gs = [torch.randn_like(p) for _ in range(3)]
     for g in gs:
-        m._accumulate("x", {name: g.clone()})
+        m.stats.accumulate("x", {name: g.clone()})
     f = torch.zeros_like(p)
     for g in gs:
         f = 0.9 * f + 0.1 * g**2
-    assert torch.allclose(m.fisher_estimate("x")[name], f / (1 - 0.9**3), rtol=1e-5)
+    assert torch.allclose(m.stats.estimates("x")[name], f / (1 - 0.9**3), rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------- selection
@@ -266,11 +276,11 @@ class Watch(pl.Callback):
     def on_train_batch_start(self, trainer, m, batch, batch_idx):
         t = m.global_step
         if t == m.options.schedule.warmup_iters:
-            self.at_t1 = (snapshot(m.backbone), dict(m.stat_counts))
+            self.at_t1 = (snapshot(m.backbone), dict(m.stats.counts))
 
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
         t = m.global_step - 1
-        if m.is_refresh(t):
+        if m.schedule.is_refresh(t):
             self.masks[t] = {n: k.clone() for n, k in m.masks.items()}
 
 
@@ -284,11 +294,11 @@ def test_training_moves_only_the_scheduled_selection(tmp_path):
     # the first selection (step 1 done when step T1 = 2 starts), so it rests on a window like every later one
     bb_t1, counts_t1 = watch.at_t1
     assert all(torch.equal(bb_t1[k], pretrained[k]) for k in pretrained)
-    assert counts_t1 == {"x": 1, "p": 1, "eps": 1} and m.stats_start() == 1
+    assert counts_t1 == {"x": 1, "p": 1, "eps": 1} and m.schedule.stats_start() == 1
     # the schedule at each refresh, non-decreasing, nested masks
     assert [h["step"] for h in m.history] == [2, 4, 6, 8]
     for h in m.history:
-        assert h["selected"] == h["target"] == m.k_target(h["step"])
+        assert h["selected"] == h["target"] == m.schedule.k_target(h["step"])
     steps = sorted(watch.masks)
     for a, b in zip(steps, steps[1:]):
         assert all((watch.masks[a][n] <= watch.masks[b][n]).all() for n in m.candidates)
@@ -306,7 +316,7 @@ def test_training_moves_only_the_scheduled_selection(tmp_path):
         changed += int(diff.sum())
     assert k_final - 5 <= changed <= k_final  # an element whose gradient is exactly 0 may stay put
     assert all(not torch.equal(v, head0[k]) for k, v in snapshot(m.head).items())
-    assert m.fisher == {} and m._final  # statistics freed after the last refresh
+    assert m.stats.fisher == {} and m.final  # statistics freed after the last refresh
     assert all(not p.requires_grad for n, p in m.candidates.items() if not m.masks[n].any())
     assert (tmp_path / "fishertune_mask.pt").is_file() and (tmp_path / "fishertune_selection.csv").is_file()
     saved = torch.load(tmp_path / "fishertune_mask.pt")
@@ -323,14 +333,14 @@ def test_the_paper_recipes_select_15_2m_elements_of_a_vit_l(compose_cfg, experim
         m = build_method(cfg)
     end = m.options.schedule.growth_end
     assert m.backbone.num_blocks == 24 and m.backbone.embed_dim == 1024
-    assert m.n_base == pytest.approx(304.2e6, rel=0.002) and m.k_target(end) == pytest.approx(
+    assert m.n_base == pytest.approx(304.2e6, rel=0.002) and m.schedule.k_target(end) == pytest.approx(
         15.21e6, rel=0.002
     )
-    assert m.k_target(m.options.schedule.warmup_iters - 1) == 0
+    assert m.schedule.k_target(m.options.schedule.warmup_iters - 1) == 0
     with torch.device("meta"):
         pinned = build_method(compose_cfg([f"experiment={experiment}", "backbone.weights=null", "trainer=cpu",
                                            "method.schedule.budget=15210000"]))  # fmt: skip
-    assert pinned.k_target(end) == pinned.k_target(end + 1000) == 15_210_000
+    assert pinned.schedule.k_target(end) == pinned.schedule.k_target(end + 1000) == 15_210_000
 
 
 # ---------------------------------------------------------------------- families, sparse checkpoints
@@ -372,7 +382,7 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
     metrics = train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # the backbone lives in the delta
-    delta = ckpt["fishertune"]["delta"]
+    delta = section(ckpt, "fishertune")["delta"]
     n_delta = sum(len(d["index"]) for d in delta.values())
     total = sum(p.numel() for p in m.parameters())
     assert 0 < n_delta <= 0.05 * total + 1
@@ -402,13 +412,15 @@ def test_scores_use_both_estimates_in_the_clean_estimates_unit(normalize):
     torch.manual_seed(0)
     m = fishertune(fisher=dict(gamma=2.0, prior_precision=0.5, normalize=normalize, quantile=0.9))
     for _ in range(2):
-        m._accumulate("x", {n: torch.randn_like(p) for n, p in m.candidates.items()})
-        m._accumulate("p", {n: 2 * torch.randn_like(p) for n, p in m.candidates.items() if "blocks.1." in n})
-    m.eps_ema, m.stat_counts["eps"] = (
+        m.stats.accumulate("x", {n: torch.randn_like(p) for n, p in m.candidates.items()})
+        m.stats.accumulate(
+            "p", {n: 2 * torch.randn_like(p) for n, p in m.candidates.items() if "blocks.1." in n}
+        )
+    m.stats.eps_ema, m.stats.counts["eps"] = (
         torch.tensor([0.008, 0.004]),
         1,
     )  # EMA (0.99) after one update of (0.8, 0.4)
-    fx, fp = m.fisher_estimate("x"), m.fisher_estimate("p")
+    fx, fp = m.stats.estimates("x"), m.stats.estimates("p")
     allv = np.concatenate([v.reshape(-1).numpy() for v in fx.values()])
     unit = {
         "quantile": {n: float(np.quantile(allv, 0.9, method="inverted_cdf")) for n in fx},
@@ -420,7 +432,7 @@ def test_scores_use_both_estimates_in_the_clean_estimates_unit(normalize):
     for n in m.candidates:
         want = dr_fim(fx[n] / unit[n], fp[n] / unit[n], 1.2, gamma=2.0, prior_precision=0.5)
         assert torch.allclose(got[n], want, rtol=1e-5), n
-    m.options.fisher.score = "fim"
+    m.score = FimScore(m.options.fisher)  # the score strategy of fisher.score=fim
     got = m.scores()
     assert all(torch.allclose(got[n], fx[n] / unit[n], rtol=1e-5) for n in m.candidates)
 
@@ -467,7 +479,7 @@ def test_nonfinite_losses_skip_without_poisoning_the_statistics(tmp_path):
         t.fit(m, make_dm())
     assert t.global_step == 6 and m.nonfinite["total"] == 2
     for which in ("x", "p"):
-        assert all(torch.isfinite(v).all() for v in m.fisher[which].values()), which
+        assert all(torch.isfinite(v).all() for v in m.stats.fisher[which].values()), which
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
@@ -476,15 +488,15 @@ def test_a_step_whose_clean_pass_is_nonfinite_leaves_every_statistic_bit_identic
     Fisher estimates, the perturbation magnitudes or the counts (nor the weights and Adam moments)."""
     torch.manual_seed(0)
     m = fishertune(schedule={**SCHED, "growth_end": 100})
-    assert m.is_stat_step(2)
+    assert m.schedule.is_stat_step(2)
     seen = {}
     nan_on(m, lambda call: call == 4)  # step 2 makes calls 3 (perturbed) and 4 (clean); steps 0, 1 one each
 
     class Look(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen[batch_idx] = {
-                "fisher": {w: {n: v.clone() for n, v in d.items()} for w, d in pl_module.fisher.items()},
-                "eps": pl_module.eps_ema.clone(), "counts": dict(pl_module.stat_counts),
+                "fisher": {w: {n: v.clone() for n, v in d.items()} for w, d in pl_module.stats.fisher.items()},
+                "eps": pl_module.stats.eps_ema.clone(), "counts": dict(pl_module.stats.counts),
                 "weights": snapshot(pl_module),
                 "adam": {id(p): {k: v.clone() for k, v in st.items()} for p, st in pl_module.selected_opt.state.items()},
             }  # fmt: skip
@@ -511,7 +523,7 @@ class Masks(pl.Callback):
 
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
         t = m.global_step - 1
-        if m.is_refresh(t):
+        if m.schedule.is_refresh(t):
             self.at[t] = {n: k.clone() for n, k in m.masks.items()}
 
 
@@ -532,8 +544,8 @@ def test_with_the_perturbation_off_dr_fim_selects_exactly_what_fim_selects(tmp_p
     dr, dr_masks = _run(tmp_path / "dr", schedule=sched, perturb=dict(after_blocks=[0], scale=0.0))
     fim, fim_masks = _run(tmp_path / "fim", schedule=sched, fisher=dict(window=2, score="fim"))
     for n in dr.candidates:
-        assert torch.equal(dr.fisher["x"][n], dr.fisher["p"][n]), n
-    assert float(dr.eps_ema.abs().sum()) == 0.0
+        assert torch.equal(dr.stats.fisher["x"][n], dr.stats.fisher["p"][n]), n
+    assert float(dr.stats.eps_ema.abs().sum()) == 0.0
     assert dr_masks.keys() == fim_masks.keys() == {2, 4, 6, 8}
     for t in dr_masks:
         assert all(torch.equal(dr_masks[t][n], fim_masks[t][n]) for n in dr.candidates), t
@@ -546,7 +558,7 @@ def test_the_statistics_pass_leaves_the_training_stream_and_running_statistics_a
     sched = {**SCHED, "warmup_iters": 4}
     dr, _ = _run(tmp_path / "dr", steps=4, schedule=sched)
     fim, _ = _run(tmp_path / "fim", steps=4, schedule=sched, fisher=dict(window=2, score="fim"))
-    assert dr.stat_counts["p"] == 1 and fim.stat_counts["p"] == 0  # step 3: the window before T1 = 4 began
+    assert dr.stats.counts["p"] == 1 and fim.stats.counts["p"] == 0  # step 3: the window before T1 = 4 began
     for (k, a), b in zip(dr.head.state_dict().items(), fim.head.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -561,8 +573,8 @@ def test_dr_fim_and_fim_differ_with_the_perturbation_on(tmp_path):
 
 def test_random_selection_keeps_budget_and_schedule_without_statistics(tmp_path):
     m, masks = _run(tmp_path, fisher=dict(window=2, score="random"))
-    assert m.stat_counts == {"x": 0, "p": 0, "eps": 0} and m.stats_start() == SCHED["warmup_iters"]
-    assert [h["selected"] for h in m.history] == [m.k_target(t) for t in (2, 4, 6, 8)]
+    assert m.stats.counts == {"x": 0, "p": 0, "eps": 0} and m.schedule.stats_start() == SCHED["warmup_iters"]
+    assert [h["selected"] for h in m.history] == [m.schedule.k_target(t) for t in (2, 4, 6, 8)]
     # uniform: the final selection's share per tensor follows the tensor's size (within sampling noise)
     sel = {n: int(k.sum()) for n, k in m.masks.items()}
     total = sum(sel.values())
@@ -614,7 +626,7 @@ def _statistic_step(tmp_path, **fisher):
                 seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
     trainer(tmp_path, steps=3, callbacks=[Grab()]).fit(m, make_dm())
-    assert m.stat_counts["x"] == 1
+    assert m.stats.counts["x"] == 1
     ref = _mask2former_fishertune(**fisher)
     ref.load_state_dict(seen["state"])
     ref.eval()  # no dropout in this head: the prediction is deterministic
@@ -643,7 +655,7 @@ def test_pixel_ce_fisher_is_the_squared_gradient_of_the_pixel_log_likelihood(tmp
     differs = False
     for (n, p), g, gt in zip(ref.candidates.items(), grads, g_train):
         g = torch.zeros_like(p) if g is None else g
-        assert torch.allclose(m.fisher["x"][n], g**2, rtol=1e-3, atol=1e-10), n
+        assert torch.allclose(m.stats.fisher["x"][n], g**2, rtol=1e-3, atol=1e-10), n
         differs |= gt is not None and not torch.allclose(gt**2, g**2, rtol=1e-2)
     assert differs  # the training loss would have given other statistics
 
@@ -666,7 +678,7 @@ def test_per_sample_fisher_is_the_mean_of_each_images_own_squared_gradient(tmp_p
     batch = torch.autograd.grad(_pixel_nll(ref, images, labels), params, allow_unused=True)
     differs = False
     for n, w, g in zip(ref.candidates, want, batch):
-        assert torch.allclose(m.fisher["x"][n], w, rtol=1e-3, atol=1e-10), n
+        assert torch.allclose(m.stats.fisher["x"][n], w, rtol=1e-3, atol=1e-10), n
         differs |= g is not None and not torch.allclose(g**2, w, rtol=1e-2)
     assert differs  # the batch gradient's square is another statistic
 
@@ -677,12 +689,13 @@ def test_per_sample_statistics_leave_the_training_stream_alone(tmp_path):
     sched = {**SCHED, "warmup_iters": 4}
     ps, _ = _run(tmp_path / "ps", steps=4, schedule=sched, fisher=dict(window=2, per_sample=True))
     batch, _ = _run(tmp_path / "batch", steps=4, schedule=sched)
-    assert ps.stat_counts == batch.stat_counts and ps.stat_counts["p"] == 1
+    assert ps.stats.counts == batch.stats.counts and ps.stats.counts["p"] == 1
     for (k, a), b in zip(ps.head.state_dict().items(), batch.head.state_dict().values()):
         assert torch.equal(a, b), k
     for w in ("x", "p"):
         assert any(
-            not torch.allclose(ps.fisher[w][n], batch.fisher[w][n], rtol=1e-2, atol=0) for n in ps.candidates
+            not torch.allclose(ps.stats.fisher[w][n], batch.stats.fisher[w][n], rtol=1e-2, atol=0)
+            for n in ps.candidates
         ), w
 
 
@@ -828,12 +841,12 @@ def test_a_good_step_ends_the_nonfinite_streak(tmp_path):
 
     class Look(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen[pl_module.global_step] = [b.clone() for b in pl_module.running_buffers()]
+            seen[pl_module.global_step] = [b.clone() for b in running_buffers(pl_module)]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             t = pl_module.global_step - 1
             if t % 2 == 0 and t < 8:  # a skipped step: its buffers are those of its own start
-                assert all(torch.equal(a, b) for a, b in zip(pl_module.running_buffers(), seen[t]))
+                assert all(torch.equal(a, b) for a, b in zip(running_buffers(pl_module), seen[t]))
 
     with pytest.warns(UserWarning, match="non-finite loss at step"):
         trainer(tmp_path, steps=9, callbacks=[Look()]).fit(m, make_dm())
@@ -952,21 +965,21 @@ def test_the_paired_render_oracle_feeds_the_same_scenes_in_another_domain_as_x_p
     torch.manual_seed(0)
     m = fishertune(perturb=dict(after_blocks=[0], type="paired_render"))
     seen = []
-    forward = m._forward
+    forward = m.fisher_forward
 
     def record(images, labels):
         seen.append(images.detach().clone())
         return forward(images, labels)
 
-    m._forward = record
+    m.fisher_forward = record
     trainer(tmp_path, steps=4, limit_val_batches=0).fit(m, dm("game", ["fog"]))
-    assert m.stat_counts["p"] > 0 and float(m.eps_ema.sum()) > 0
+    assert m.stats.counts["p"] > 0 and float(m.stats.eps_ema.sum()) > 0
     # a statistic step's first forward is x′: the fog renders of its batch, prepared as the model prepares any batch
     stream = [b for _, b in zip(range(4), dm("game", ["fog"]).train_dataloader())]
     x_primes = [m.prepare_batch({"image": b["paired_image"], "label": b["label"]})[0] for b in stream]
     cleans = [m.prepare_batch(b)[0] for b in stream]
     fed = [any(torch.equal(s, x) for s in seen) for x in x_primes]
-    assert sum(fed) == m.stat_counts["p"] and not any(torch.equal(a, b) for a, b in zip(x_primes, cleans))
+    assert sum(fed) == m.stats.counts["p"] and not any(torch.equal(a, b) for a, b in zip(x_primes, cleans))
     torch.manual_seed(0)
     m2 = fishertune(perturb=dict(after_blocks=[0], type="paired_render"))
     with pytest.raises(ConfigError, match=r"paired_render needs training data that renders each scene"):

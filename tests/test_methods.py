@@ -13,6 +13,7 @@ from dgss.data.transforms import TrainPipeline
 from dgss.errors import ConfigError
 from dgss.methods.frozen import FrozenBackbone
 from dgss.methods.full import FullFineTune
+from dgss.methods.summary import parameter_summary
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead
 
@@ -193,7 +194,7 @@ def test_frozen_backbone_bit_identical_eval_mode_and_not_in_optimizer(tmp_path):
     assert modes and not any(modes)  # every training and validation forward ran the backbone in eval mode
     opt_params = {id(p) for g in m.trainer.optimizers[0].param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in m.head.parameters()}
-    s = m.parameter_summary()
+    s = parameter_summary(m)
     assert s["params/trainable"] == sum(p.numel() for p in m.head.parameters()) == s["params/head"]
     assert s["params/total"] == s["params/backbone"] + s["params/head"]
     assert math.isclose(s["params/trainable_pct"], 100 * s["params/head"] / s["params/total"])
@@ -231,9 +232,8 @@ def test_num_classes_mismatch_is_one_clear_line(tmp_path):
 
 
 def test_crop_not_multiple_of_patch_is_refused(tmp_path):
-    m = make_method(FullFineTune)
+    m = make_method(FullFineTune, input={"crop": [30, 64]})  # method.input.crop: the data's, linked by the config
     dm = make_dm()
-    dm.train_pipeline.crop = (30, 64)
     with pytest.raises(
         ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"
     ):

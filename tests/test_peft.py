@@ -9,6 +9,7 @@ from test_methods import make_dm, snapshot, trainer
 
 from dgss.methods.cobot import Cobot, CobotState, quaternion_matrix
 from dgss.methods.peft import VPT, AdaptFormer, LoRA
+from dgss.methods.summary import parameter_summary
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead
 
@@ -375,5 +376,5 @@ def test_cobot_relation_ablations_and_the_official_linear_head_init():
     assert lin.abs().max() <= 0.5 and (lin < 0).any() and lin.std() > 0.1
     # a Cobot method logs its base and extra counts (spec §8)
     m = build(Cobot, "samvit_base_patch16", img_size=1024, base="lora")
-    s = m.parameter_summary()
+    s = parameter_summary(m)
     assert s["params/cobot_extra"] == 864 and s["params/peft_base"] == 147_456

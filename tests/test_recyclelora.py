@@ -16,6 +16,7 @@ from test_methods import H, W, make_method, snapshot
 from dgss.errors import ConfigError
 from dgss.methods import recyclelora as rl
 from dgss.methods.recyclelora import RecycleLoRA, RecycleLoRALinear, pivoted_qr_factors
+from dgss.methods.summary import parameter_summary
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead
 
@@ -147,7 +148,7 @@ def test_counts_on_dinov2_l_are_derived_by_hand():
         m.restoring = True
         m.configure_model()
     assert getattr(bb.model, "mask_token", None) is None
-    assert m.parameter_summary()["params/backbone_trainable"] == 36 * per_block * 24 == 14_155_776
+    assert parameter_summary(m)["params/backbone_trainable"] == 36 * per_block * 24 == 14_155_776
     s = m.extra_summary()
     assert (
         s["params/recyclelora_main"] == 32 * per_block * 24

@@ -13,7 +13,7 @@ import torch
 from helpers.limits import HANG_GUARD_S
 from test_checkpoint_eval import DATA
 
-from dgss.checkpoint import AtomicCheckpointIO, find_resume_checkpoint
+from dgss.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, section
 from dgss.train import train
 
 
@@ -540,7 +540,7 @@ def test_a_group_signalled_run_with_loader_workers_saves_and_resumes_bit_identic
     assert not [
         k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])
     ]  # averages
-    raw_a, raw_b = a["weight_averaging"]["raw"], b["weight_averaging"]["raw"]
+    raw_a, raw_b = section(a, "weight_averaging")["raw"], section(b, "weight_averaging")["raw"]
     assert raw_a.keys() == raw_b.keys() and raw_a
     for k in raw_a:  # the weights the run goes on from
         assert torch.equal(
@@ -549,7 +549,7 @@ def test_a_group_signalled_run_with_loader_workers_saves_and_resumes_bit_identic
     if method == "fishertune":  # the raw weights cost what the selection costs: per tensor, only its selected
         # elements differ from the average; a tensor is stored sparse (those elements) unless a third of it differs,
         # then dense — so at most 3 x its selected elements
-        delta = a["fishertune"]["delta"]
+        delta = section(a, "fishertune")["delta"]
         stored = selected = 0
         for k, v in raw_a.items():
             if not k.startswith("backbone."):

@@ -11,9 +11,11 @@ from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401
 from test_methods import H, W, make_dm, make_method, snapshot, trainer
 
 from dgss.callbacks import EMA
+from dgss.checkpoint import section
 from dgss.errors import ConfigError
 from dgss.methods.recipe import cosine_weight_decay
 from dgss.methods.soma import SoMA, SoMAFusedQKV, SoMALinear, default_start_block, singular_factors
+from dgss.methods.summary import parameter_summary
 from dgss.models.backbone import Backbone
 from dgss.models.heads.light import LightHead
 
@@ -84,7 +86,7 @@ def test_counts_on_dinov2_l_are_the_specs():
     assert default_start_block(24) == 8 and default_start_block(12) == 4 and default_start_block(32) == 11
     s = m.extra_summary()
     assert s["params/soma_adapters"] == 4_718_592 and s["params/soma_biases"] == 147_456
-    assert m.parameter_summary()["params/backbone_trainable"] == 4_866_048
+    assert parameter_summary(m)["params/backbone_trainable"] == 4_866_048
     assert all(
         not p.requires_grad for n, p in m.backbone.named_parameters() if ".blocks.7." in n or "blocks.0." in n
     )
@@ -197,7 +199,7 @@ def test_ema_follows_mmengine_and_validation_uses_it(tmp_path):
     ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     n = next(iter(want))
     assert torch.allclose(ckpt["state_dict"][n], want[n], atol=1e-6)
-    assert torch.equal(ckpt["weight_averaging"]["raw"][n], raw[4][n])
+    assert torch.equal(section(ckpt, "weight_averaging")["raw"][n], raw[4][n])
 
 
 def test_checkpoint_restores_without_svd_and_merges_to_a_plain_backbone(

@@ -81,7 +81,7 @@ def _tiny_step(method, compiled_backend=None):
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8),
              "label": torch.randint(0, 19, (2, 64, 64), generator=g, dtype=torch.uint8)}  # fmt: skip
-    method.train_crop = (64, 64)
+    method.input.crop = (64, 64)
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         images, labels = method.prepare_batch(batch)

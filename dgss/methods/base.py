@@ -1,14 +1,17 @@
 """``SegmentationMethod``: everything a tuning method shares, so that a method file only says what trains.
 
-The base owns the training / validation steps, per-domain IoU, parameter groups (mmengine's ``paramwise_cfg`` rule as
-the official configs use it: :mod:`dgss.methods.paramwise`), AdamW (or any partial optimizer),
-the poly schedule with optional linear warm-up, frozen modules kept in eval mode, checkpoints that drop
-frozen backbone tensors (re-attached from the weights file on load), and the parameter summary.
+The base composes its parts: the input (normalise + pad, :mod:`dgss.methods.input`, as mmseg's
+``SegDataPreProcessor``), the non-finite guard (:mod:`dgss.methods.guard`), the optimizer recipe (parameter groups
+by mmengine's ``paramwise_cfg`` rule, :mod:`dgss.methods.paramwise`; AdamW or any partial optimizer, the poly schedule,
+weight-decay annealing: :mod:`dgss.methods.recipe`), the checkpoint format (:mod:`dgss.checkpoint`) and the summary
+(:mod:`dgss.methods.summary`). It owns the training step, validation with per-domain IoU, and which modules train.
 
 A method is one file: a dataclass of its options (registered as its Hydra schema) and a subclass that overrides
-:meth:`configure_tuning` (freeze, wrap, add modules) and, where it needs them, ``recipe_custom_keys`` (its
-official config's parameter-group keys) or the step hooks. Tuning is built once, in :meth:`configure_model` (Lightning calls it before
-fit / validate; ``dgss.config.build_method`` right after construction), never from a constructor.
+:meth:`configure_tuning` (freeze, wrap, add modules) and, where it needs them, ``recipe_custom_keys`` (its official
+config's parameter-group keys), :meth:`training_pass` (the one extension point of the step: passes of its own,
+:class:`TrainingPass`) and ``checkpoint_section`` with :meth:`save_section` / :meth:`load_section` (state of its own
+in checkpoints). Tuning is built once, in :meth:`configure_model` (Lightning calls it before fit / validate;
+``dgss.config.build_method`` right after construction), never from a constructor.
 
 Eval mode, one rule: modules a method freezes (:meth:`freeze`) run in eval mode; modules it places inside them and
 trains (:meth:`adopt`, e.g. AdaptFormer's adapters with their dropout) run in the trainer's mode.
@@ -19,47 +22,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dgss import console
 from dgss.checkpoint import load_model_part, put_section, save_model_part, section
-from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
 from dgss.methods import recipe
 from dgss.methods.guard import NonFiniteGuard
+from dgss.methods.input import InputOptions, SegInput
 from dgss.methods.paramwise import ParamwiseOptions, group_parameters
 from dgss.methods.recipe import OptimizerConfig, SchedulerOptions, default_optimizer
+from dgss.methods.summary import describe_summary, parameter_summary
 from dgss.metrics import DomainIoU, summarize
 from dgss.models import inference
 from dgss.models.backbone import Backbone
 from dgss.models.heads.protocol import HeadFactory, RegionalHead, SegmentationHead
-from dgss.options import Options, option_path
-
-
-@dataclass
-class InferenceOptions(Options):
-    """``method.inference``: how validation, ``dgss-eval`` and ``dgss-predict`` run the model."""
-
-    mode: Literal["whole", "slide"] = "whole"  # slide: windows of ``crop`` every ``stride``, logits averaged
-    crop: int = 512
-    stride: int = 341
-    window_batch: int = 8  # slide: windows per forward pass
-    flip: bool = False  # TTA: also the mirrored image
-    scales: list[float] = field(default_factory=lambda: [1.0])  # TTA, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        where = option_path(self)
-        for name in ("crop", "stride", "window_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        if not self.scales or min(self.scales) <= 0:
-            raise ConfigError(f"{where}.scales={self.scales} must be positive factors, e.g. [1.0]")
+from dgss.models.inference import InferenceOptions
 
 
 @dataclass
@@ -75,9 +57,33 @@ class MethodConfig:
         default_factory=ParamwiseOptions
     )  # groups: keys over the method's own
     inference: InferenceOptions = field(default_factory=InferenceOptions)
+    input: InputOptions = field(default_factory=InputOptions)  # the training crop (linked to the data's)
     max_nonfinite: int = (
         10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
     )
+
+
+class TrainingPass:
+    """One training step of a method, from its forward to its optimizer step: the one extension point of the step.
+
+    :meth:`SegmentationMethod.training_step` runs :meth:`losses` between the batch's preparation and the backward
+    (``None``: a pass of its own was non-finite, the step is skipped); after the backward the non-finite guard checks
+    the optimizer's gradients together with :meth:`extra_grads` (gradients the pass took outside the optimizer), and
+    :meth:`finish` runs before clipping and the update, told whether it goes ahead. What a step gathers between its
+    forward and its update lives here, never on the method. A method with passes of its own (FisherTune) returns its
+    subclass from :meth:`SegmentationMethod.training_pass`."""
+
+    def __init__(self, method: SegmentationMethod):
+        self.method = method
+
+    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        return self.method.training_losses(images, labels)
+
+    def extra_grads(self) -> Sequence[torch.Tensor]:
+        return ()
+
+    def finish(self, went_ahead: bool) -> None:
+        pass
 
 
 class SegmentationMethod(pl.LightningModule):
@@ -87,7 +93,8 @@ class SegmentationMethod(pl.LightningModule):
         backbone: the feature extractor.
         head: a factory ``head(in_channels=..., num_classes=...)`` (a Hydra partial).
         optimizer: a factory ``optimizer(param_groups)`` carrying ``lr`` and ``weight_decay`` (a Hydra partial).
-        scheduler, inference: :class:`SchedulerOptions`, :class:`InferenceOptions` (or their dicts).
+        scheduler, inference, input: :class:`SchedulerOptions`, :class:`InferenceOptions`, :class:`InputOptions` (or
+            their dicts).
         num_classes, paramwise, max_nonfinite: as :class:`MethodConfig`.
     """
 
@@ -102,6 +109,7 @@ class SegmentationMethod(pl.LightningModule):
         scheduler: SchedulerOptions | dict | None = None,
         paramwise: ParamwiseOptions | dict | None = None,
         inference: InferenceOptions | dict | None = None,
+        input: InputOptions | dict | None = None,
         max_nonfinite: int = MethodConfig.max_nonfinite,
     ):
         super().__init__()
@@ -116,17 +124,15 @@ class SegmentationMethod(pl.LightningModule):
         self.inference_options = InferenceOptions.of(inference, "method.inference")
         self.paramwise = ParamwiseOptions.of(paramwise, "method.paramwise")
         self.guard = NonFiniteGuard(self, max_nonfinite)
+        self.step_pass: TrainingPass | None = (
+            None  # this step's passes, from training_step to the optimizer step
+        )
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None
         self.last_val: dict[str, torch.Tensor] = {}  # per-class IoU of the last validation, for callbacks
         self.last_counts: dict[str, dict[str, int]] = {}  # images scored / skipped per target, likewise
-        mean, std = backbone.normalization
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1) * 255, persistent=False)
-        self.train_crop: tuple[int, int] | None = (
-            None  # the DataModule's (setup); else a batch pads to its largest
-        )
+        self.input = SegInput(*backbone.normalization, InputOptions.of(input, "method.input").crop)
         self._frozen: list[nn.Module] = []  # eval mode (freeze)
         self._adopted: list[nn.Module] = []  # the trainer's mode, inside frozen modules (adopt)
         self._built = False
@@ -165,31 +171,13 @@ class SegmentationMethod(pl.LightningModule):
         return self
 
     # ---------------------------------------------------------------------------------- input
-    # The model owns its input (as mmseg's SegDataPreProcessor): the data hands out uint8 images and labels; the
-    # method normalises with its backbone's mean / std, then pads a training batch to the crop size.
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB images (..., 3, H, W) -> float32 normalised with the backbone's mean / std."""
-        if images.dtype != torch.uint8:
-            raise TypeError(
-                f"the model takes uint8 RGB images and normalises them itself; got {images.dtype}"
-            )
-        return (images.float() - self.pixel_mean) / self.pixel_std
+        """uint8 RGB images (..., 3, H, W) -> float32 normalised with the backbone's mean / std (:class:`SegInput`)."""
+        return self.input.normalize(images)
 
     def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch as the model takes it: every uint8 image normalised, then images and labels padded
-        bottom / right to the training crop (image 0, label 255; mmseg's order, so padding never enters the flip or
-        the photometric distortion) and stacked; labels as int64."""
-        images, labels = list(batch["image"]), list(batch["label"])
-        h, w = self.train_crop or (max(x.shape[-2] for x in images), max(x.shape[-1] for x in images))
-        if all(
-            tuple(x.shape[-2:]) == (h, w) for x in images
-        ):  # nothing to pad: the whole batch in a few kernels
-            return self.normalize(torch.stack(images)), torch.stack(labels).long()
-        x = torch.stack([F.pad(self.normalize(im), (0, w - im.shape[-1], 0, h - im.shape[-2]), value=0.0)
-                         for im in images])  # fmt: skip
-        y = torch.stack([F.pad(lab.long(), (0, w - lab.shape[-1], 0, h - lab.shape[-2]), value=IGNORE_INDEX)
-                         for lab in labels])  # fmt: skip
-        return x, y
+        """A training batch normalised, padded to ``method.input.crop`` and stacked (:class:`SegInput`)."""
+        return self.input(batch)
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> Any:
@@ -222,12 +210,13 @@ class SegmentationMethod(pl.LightningModule):
         """Skipped non-finite steps: ``{"total", "streak"}`` (:class:`~dgss.methods.guard.NonFiniteGuard`)."""
         return self.guard.counts
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.guard.finish_window(optimizer)
+    def training_pass(self, batch: dict) -> TrainingPass:
+        """The extension point of the step: the :class:`TrainingPass` that runs this batch's passes (``batch`` as the
+        data module gave it). The default is one forward of the head's losses (:meth:`training_losses`)."""
+        return TrainingPass(self)
 
     def training_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The losses of one training forward (the head's, by name). A method with passes of its own overrides this;
-        ``None`` means one of them already skipped the step (``self.guard.check`` returned False)."""
+        """The losses of one training forward (the head's, by name)."""
         return self.head.loss(self(images), labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -235,7 +224,8 @@ class SegmentationMethod(pl.LightningModule):
             return self.guard.skipped_output()
         self.guard.save_buffers()
         images, labels = self.prepare_batch(batch)
-        losses = self.training_losses(images, labels)
+        self.step_pass = self.training_pass(batch)
+        losses = self.step_pass.losses(images, labels)
         if losses is None:  # no backward (a zero one under DDP); the optimizer step has no gradients
             return self.guard.skipped_output()
         loss = sum(losses.values())
@@ -251,6 +241,14 @@ class SegmentationMethod(pl.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After the backward, before clipping: the guard checks the window (with the pass's own gradients), then the
+        pass finishes, told whether the update goes ahead."""
+        step, self.step_pass = self.step_pass, None
+        went_ahead = self.guard.finish_window(optimizer, step.extra_grads() if step is not None else ())
+        if step is not None:
+            step.finish(went_ahead)
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
@@ -260,13 +258,12 @@ class SegmentationMethod(pl.LightningModule):
                 f"the data has {dm.num_classes} classes but the model was built for num_classes={self.num_classes}; "
                 f"set num_classes={dm.num_classes} (or use data with {self.num_classes} classes)"
             )
-        crop = dm.train_pipeline.crop
-        if stage == "fit" and any(c % self.backbone.patch_size for c in crop):
+        crop = self.input.crop
+        if stage == "fit" and crop is not None and any(c % self.backbone.patch_size for c in crop):
             raise ConfigError(
                 f"the training crop {list(crop)} is not a multiple of the backbone's patch size "
                 f"{self.backbone.patch_size}; change data.train_pipeline.crop"
             )
-        self.train_crop = tuple(crop)
         self.domains = list(dm.target_names)
         self.mean_domains = list(dm.mean_targets)
         self.val_iou = DomainIoU(self.domains, self.num_classes).to(self.device)
@@ -389,36 +386,12 @@ class SegmentationMethod(pl.LightningModule):
             self.load_section(checkpoint, payload)
 
     # ---------------------------------------------------------------------------- summary
-    def parameter_summary(self) -> dict[str, float]:
-        """Counts logged at fit start (console, ``<task>.log``, every logger's hyperparameters), with the
-        method's own (:meth:`extra_summary`)."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        backbone_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
-        return {
-            "params/total": total,
-            "params/trainable": trainable,
-            "params/trainable_pct": 100.0 * trainable / max(total, 1),
-            "params/backbone": sum(p.numel() for p in self.backbone.parameters()),
-            "params/backbone_trainable": backbone_trainable,
-            "params/head": sum(p.numel() for p in self.head.parameters()),
-            **self.extra_summary(),
-        }
-
     def extra_summary(self) -> dict[str, float]:
         """A method's own counts for the summary (e.g. COBOT's extra parameters); none by default."""
         return {}
 
     def on_fit_start(self) -> None:
-        s = self.parameter_summary()
-        console.info(
-            f"{type(self).__name__}: {s['params/total']:,} parameters, {s['params/trainable']:,} trainable "
-            f"({s['params/trainable_pct']:.2f}%), backbone trainable {s['params/backbone_trainable']:,}, "
-            f"head {s['params/head']:,}"
-            + "".join(
-                f", {k.removeprefix('params/').replace('_', ' ')} {int(v):,}"
-                for k, v in self.extra_summary().items()
-            )
-        )
+        s = parameter_summary(self)
+        console.info(describe_summary(type(self).__name__, s, self.extra_summary()))
         for logger in self.loggers:
             logger.log_hyperparams(s)

@@ -9,14 +9,38 @@ output size first; without TTA the raw logits are returned.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from dgss.errors import ConfigError
+from dgss.options import Options, option_path
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, h, w) -> logits (B, K, h, w)
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1
+
+
+@dataclass
+class InferenceOptions(Options):
+    """``method.inference``: how validation, ``dgss-eval`` and ``dgss-predict`` run the model."""
+
+    mode: Literal["whole", "slide"] = "whole"  # slide: windows of ``crop`` every ``stride``, logits averaged
+    crop: int = 512
+    stride: int = 341
+    window_batch: int = 8  # slide: windows per forward pass
+    flip: bool = False  # TTA: also the mirrored image
+    scales: list[float] = field(default_factory=lambda: [1.0])  # TTA, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = option_path(self)
+        for name in ("crop", "stride", "window_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if not self.scales or min(self.scales) <= 0:
+            raise ConfigError(f"{where}.scales={self.scales} must be positive factors, e.g. [1.0]")
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
