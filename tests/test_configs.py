@@ -421,7 +421,9 @@ def test_every_paper_experiment_shrinks_to_the_embedded_data(compose_cfg, experi
 def test_the_training_crop_is_the_datas_linked_when_the_config_composes(compose_cfg, experiment):
     """Issue 29 (1): the model pads a training batch to ``method.input.crop``, which the config links to
     ``data.train_pipeline.crop`` (conf/method/_common.yaml) instead of the method reading the data module in setup."""
-    cfg = compose_cfg([f"experiment={experiment}", "data.train_pipeline.crop=[48,96]", "backbone.weights=null"])
+    cfg = compose_cfg(
+        [f"experiment={experiment}", "data.train_pipeline.crop=[48,96]", "backbone.weights=null"]
+    )
     assert list(cfg.method.input.crop) == [48, 96]
     with torch.device("meta"):
         method = build_method(cfg)

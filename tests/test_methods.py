@@ -232,7 +232,9 @@ def test_num_classes_mismatch_is_one_clear_line(tmp_path):
 
 
 def test_crop_not_multiple_of_patch_is_refused(tmp_path):
-    m = make_method(FullFineTune, input={"crop": [30, 64]})  # method.input.crop: the data's, linked by the config
+    m = make_method(
+        FullFineTune, input={"crop": [30, 64]}
+    )  # method.input.crop: the data's, linked by the config
     dm = make_dm()
     with pytest.raises(
         ConfigError, match=r"crop \[30, 64\] is not a multiple of the backbone's patch size 8"
