@@ -240,7 +240,7 @@ def test_a_frozen_backbones_weights_are_cast_once_with_bit_identical_outputs_and
     trainable = [x, *(p for p in bb.parameters() if p.requires_grad)]
 
     def run(once: bool):
-        bb.cast_frozen_once = once
+        bb.cast.enabled = once
         casts = []
 
         class Casts(torch.utils._python_dispatch.TorchDispatchMode):
@@ -261,7 +261,7 @@ def test_a_frozen_backbones_weights_are_cast_once_with_bit_identical_outputs_and
     assert all(torch.equal(a, b) for a, b in zip(per_forward, once))
     assert all(torch.equal(a, b) for a, b in zip(g_per_forward, g_once))
     weights = {tuple(p.shape) for p in bb.parameters() if p.dim() == 2}
-    castable = bb._castable_frozen()
+    castable = bb.cast.castable()
     assert len(castable) == (
         26 if method == "frozen" else 24
     )  # qkv's weight and bias inside the adapter stay
@@ -270,10 +270,10 @@ def test_a_frozen_backbones_weights_are_cast_once_with_bit_identical_outputs_and
         assert all("blocks.1.attn.qkv" not in n for n, _ in castable)
     with torch.no_grad():  # a changed weight is cast again
         bb.model.blocks[0].mlp.fc1.weight.mul_(2)
-    bb.cast_frozen_once = True
+    bb.cast.enabled = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         changed = bb(x)
-    bb.cast_frozen_once = False
+    bb.cast.enabled = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = bb(x)
     assert all(torch.equal(a, b) for a, b in zip(changed, want)) and not torch.equal(changed[0], once[0])
@@ -288,10 +288,10 @@ def test_the_cast_once_scan_sees_a_layer_wrapped_after_a_forward():
     bb.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bb(torch.randn(1, 3, 32, 64))
-    assert any("blocks.1.attn.qkv" in n for n, _ in bb._castable_frozen())
+    assert any("blocks.1.attn.qkv" in n for n, _ in bb.cast.castable())
     bb.model.blocks[1].attn.qkv = _BaseReader(bb.model.blocks[1].attn.qkv)
-    assert not any("blocks.1.attn.qkv" in n for n, _ in bb._castable_frozen())
+    assert not any("blocks.1.attn.qkv" in n for n, _ in bb.cast.castable())
     wrapper = _BaseReader(torch.nn.Linear(2, 2))
     wrapper.inner = bb.model.blocks[0].mlp  # a module above the layers: its Linears are now a dgss module's
     bb.model.blocks[0].mlp = wrapper
-    assert not any("blocks.0.mlp" in n for n, _ in bb._castable_frozen())
+    assert not any("blocks.0.mlp" in n for n, _ in bb.cast.castable())

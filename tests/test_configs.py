@@ -94,9 +94,8 @@ SETTINGS = {  # folder -> (sources, targets in the mean): the DGSS protocols of 
     "cs2bm": (["cityscapes"], ["bdd100k", "mapillary"]),
     "cs2acdc": (["cityscapes"], ["fog", "night", "rain", "snow"]),
 }
-METHODS = {"full": "FullFineTune", "frozen": "FrozenBackbone", "rein": "Rein", "fishertune": "FisherTune",
-           "lora": "LoRA", "adaptformer": "AdaptFormer", "vpt": "VPT", "cobot_lora": "Cobot",
-           "cobot_adaptformer": "Cobot", "soma": "SoMA", "recyclelora": "RecycleLoRA"}  # fmt: skip
+# every method: a config of the method group (each registered schema has one; test_every_registered_method_has_a_config)
+METHODS = config_names("method")
 BACKBONES = {"dinov2_l": "vit_large_patch14_dinov2.lvd142m", "eva02_l": "eva02_large_patch14_224.mim_m38m",
              "clip_l": "vit_large_patch14_clip_224.openai", "samvit_h": "samvit_huge_patch16.sa1b",
              "dinov3_l": "vit_large_patch16_dinov3.lvd1689m"}  # fmt: skip
@@ -110,7 +109,7 @@ def test_every_paper_experiment_composes_to_the_recipe_its_name_promises(compose
     setting, name = experiment.split("/")
     method, backbone = name.rsplit("_", 2)[0], "_".join(name.rsplit("_", 2)[1:])
     cfg = compose_cfg([f"experiment={experiment}"])
-    assert cfg.method._target_.rsplit(".", 1)[1] == METHODS[method]
+    assert cfg.method._target_ == compose_cfg([f"method={method}"]).method._target_
     assert cfg.backbone.name == BACKBONES[backbone] and cfg.head._target_.endswith("Mask2FormerHead")
     assert cfg.backbone.weights == f"{cfg.paths.weights_dir}/{cfg.backbone.name}.safetensors"
     sources, targets = SETTINGS[setting]
@@ -132,14 +131,18 @@ FAMILIES = ["dinov2_l", "eva02_l", "clip_l", "samvit_h", "dinov3_l"]
 
 
 @pytest.mark.parametrize("backbone", FAMILIES)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_every_family_trains_exactly_its_own_parameters(compose_cfg, method, backbone):
     """Built as dgss-train builds it (tiny, random init): the pretrained backbone is frozen except under full
     fine-tuning, and only parameters the method adds train beside the head; one forward / backward on a uint8 batch
     gives a finite loss and gradients to exactly the trainable parameters (an unused trainable parameter would stall
     DDP); the optimizer's groups hold each trainable parameter once and nothing else."""
-    head = [] if method == "rein" else ["head=light"]  # Rein links its tokens to Mask2Former's queries
-    cfg = compose_cfg([f"experiment=gta2cbm/{method}_{backbone}", "debug=tiny", *head])
+    head = (
+        ["head=mask2former"] if method == "rein" else ["head=light"]
+    )  # Rein links its tokens to the queries
+    cfg = compose_cfg(
+        [f"method={method}", f"backbone={backbone}", "debug=tiny", "backbone.weights=null", *head]
+    )
     torch.manual_seed(0)
     m = build_method(cfg)
     pretrained = {n: p.numel() for n, p in hydra.utils.instantiate(cfg.backbone).model.named_parameters()}
@@ -160,7 +163,7 @@ def test_every_method_on_every_family_trains_exactly_its_own_parameters(compose_
         added = {n for n in trainable if not n.startswith("head.")}
         assert all(named[n].numel() > 0 for n in added)
         assert bool(added) == (
-            method not in ("frozen", "fishertune")
+            not method.startswith(("frozen", "fishertune"))
         )  # FisherTune selects elements, not tensors
     gen = torch.Generator().manual_seed(0)
     batch = {"image": list(torch.randint(0, 256, (2, 3, 64, 128), dtype=torch.uint8, generator=gen)),
@@ -428,3 +431,12 @@ def test_the_training_crop_is_the_datas_linked_when_the_config_composes(compose_
     with torch.device("meta"):
         method = build_method(cfg)
     assert method.input.crop == (48, 96)
+
+
+def test_every_registered_method_has_a_config_and_every_config_a_registered_method(compose_cfg):
+    """Issue 29: a method is its file and its YAML. Importing ``dgss.methods`` registers every module's schema (no
+    hand-kept list); each registered method class has a config in the method group, and each config names one."""
+    from dgss.options import SCHEMAS
+
+    targets = {n: compose_cfg([f"method={n}"]).method._target_ for n in METHODS}
+    assert set(targets.values()) == set(SCHEMAS)

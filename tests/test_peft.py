@@ -154,7 +154,7 @@ def test_official_lora_init_moves_the_model():
 
 
 def test_vpt_on_sam_reimplements_timms_attention_and_prompts_act_as_keys():
-    from dgss.methods.peft import PromptedSAMAttention
+    from dgss.methods.peft_layers import PromptedSAMAttention
 
     torch.manual_seed(0)
     bb = Backbone("samvit_base_patch16", tiny=True, img_size=64)
@@ -296,7 +296,7 @@ def types_simple_block(blk):
 
 def test_adaptformer_defaults_are_chen_et_al_and_cobot_keeps_sam_cobots_variant(compose_cfg):
     from dgss.methods.cobot import CobotAdapterOptions
-    from dgss.methods.peft import AdapterOptions
+    from dgss.methods.peft_layers import AdapterOptions
 
     assert AdapterOptions() == AdapterOptions(bottleneck=64, scale=0.1, dropout=0.1, norm=False, input="block",
                                               position="after_ls2")  # fmt: skip

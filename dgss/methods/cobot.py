@@ -26,7 +26,8 @@ from torch import nn
 
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig
-from dgss.methods.peft import AdapterOptions, LoRAOptions, PEFTMethod, wrap_adapters, wrap_lora
+from dgss.methods.peft import PEFTMethod
+from dgss.methods.peft_layers import AdapterOptions, LoRAOptions, wrap_adapters, wrap_lora
 from dgss.options import Options, register
 
 

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dgss.compat import parameters_swapped, vit_pos_embed
 from dgss.errors import ConfigError
+from dgss.models.cast_once import FrozenCast
 from dgss.models.weights import checked_state, file_sha256, filtered_state, hub_weights
 
 BlockHook = Callable[[torch.Tensor, int], torch.Tensor]
@@ -184,6 +185,7 @@ class Backbone(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self._block_hooks: OrderedDict[int, BlockHook] = OrderedDict()
         self._model_hooks: set[int] = set()  # ids of the hooks that change what the trained model computes
+        self.cast = FrozenCast(self.model)  # frozen weights cast once under autocast
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -347,61 +349,8 @@ class Backbone(nn.Module):
         b, _, c = x.shape
         return x[:, self.num_prefix_tokens :].transpose(1, 2).reshape(b, c, *grid)
 
-    # ------------------------------------------------------------------ frozen weights, cast once
-    # Under autocast every nn.Linear / conv casts its weight and bias to the low precision on every call; autocast
-    # caches the cast only for tensors that require grad, so a frozen backbone (Rein, VPT, frozen, COBOT, SoMA's base)
-    # paid ~2 casts per layer per forward. Its frozen plain Linear / conv weights are cast once instead (the same
-    # rounding: bit-identical outputs) and made again only when a weight changes (a load, EMA's swap).
-    cast_frozen_once = True
-
-    def _plain_layers(self) -> list[tuple[str, nn.Module]]:
-        """Every plain ``nn.Linear`` / ``nn.Conv2d`` (its forward the only reader of its weights) outside dgss modules
-        (an adapter may read its base layer's weight in float32). The structural scan is cached while every link from
-        the model down to those layers still holds (a method wrapping a layer or its parent later makes a new scan)."""
-        cached = self.__dict__.get("_plain_scan")
-        if cached is not None and all(
-            getattr(parent, attr, None) is child for parent, attr, child in cached[1]
-        ):
-            return cached[0]
-        dgss_owned: set[int] = set()
-        for m in self.model.modules():
-            if type(m).__module__.startswith("dgss."):
-                dgss_owned |= {id(c) for c in m.modules() if c is not m}
-        layers, links = [], {}
-        for name, m in self.model.named_modules():
-            if type(m).forward not in (nn.Linear.forward, nn.Conv2d.forward) or id(m) in dgss_owned:
-                continue
-            layers.append((name, m))
-            parent = self.model
-            for part in name.split("."):
-                child = getattr(parent, part)
-                links[(id(parent), part)] = (parent, part, child)
-                parent = child
-        self.__dict__["_plain_scan"] = (layers, list(links.values()))
-        return layers
-
-    def _castable_frozen(self) -> list[tuple[str, torch.Tensor]]:
-        """Frozen weights and biases of :meth:`_plain_layers`: what autocast would cast on every forward."""
-        return [(f"{name}.{pname}" if name else pname, p) for name, m in self._plain_layers()
-                for pname, p in m.named_parameters(recurse=False)
-                if not p.requires_grad and p.is_floating_point()]  # fmt: skip
-
-    def _low_precision_weights(self, device_type: str) -> dict[str, torch.Tensor]:
-        """The frozen castable weights in autocast's dtype, made when a weight (or the dtype) changed."""
-        if not (self.cast_frozen_once and torch.is_autocast_enabled(device_type)):
-            return {}
-        dtype = torch.get_autocast_dtype(device_type)
-        params = self._castable_frozen()
-        key = (dtype, tuple((n, id(p), p._version, p.device) for n, p in params))
-        cached = self.__dict__.get("_cast_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, {n: p.detach().to(dtype) for n, p in params})
-            self.__dict__["_cast_cache"] = cached
-        return cached[1]
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        low = self._low_precision_weights(images.device.type) if not torch.compiler.is_compiling() else {}
+        low = self.cast.weights(images.device.type) if not torch.compiler.is_compiling() else {}
         if not low:
             return self._forward(images)
         with parameters_swapped(self.model, low):

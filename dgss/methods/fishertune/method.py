@@ -28,7 +28,6 @@ selected elements as a sparse delta (indices and values) over the backbone's wei
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dgss import console
@@ -40,7 +39,7 @@ from dgss.methods.fishertune.options import GROUPS, FisherTuneOptions
 from dgss.methods.fishertune.report import FisherTuneReport
 from dgss.methods.fishertune.schedule import Schedule
 from dgss.methods.fishertune.score import SCORES
-from dgss.methods.fishertune.selection import breakdown, grow_selection, scope_groups, selection_digest
+from dgss.methods.fishertune.selection import breakdown, check_ranks_agree, grow_selection, scope_groups
 from dgss.methods.fishertune.statistics import FisherStatistics
 from dgss.methods.fishertune.step import FisherStep, fisher_loss
 from dgss.methods.selected_adamw import SelectedAdamW
@@ -79,12 +78,6 @@ class FisherTune(SegmentationMethod):
                 f"method.schedule: a final selection of {k_final:,} elements (budget / delta_max) with delta_min="
                 f"{s.delta_min} does not fit the {n_cand:,} candidate elements; lower budget or delta_max"
             )
-        if not 0 <= s.warmup_iters <= s.growth_end or s.refresh_every < 1 or s.growth_tau <= 0:
-            raise ConfigError(
-                "method.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
-                f"warmup_iters={s.warmup_iters}, growth_end={s.growth_end}, "
-                f"refresh_every={s.refresh_every}, growth_tau={s.growth_tau}"
-            )
         p = self.options.perturb
         bad = [b for b in p.after_blocks if not 0 <= b < self.backbone.num_blocks]
         if bad:
@@ -94,8 +87,6 @@ class FisherTune(SegmentationMethod):
         self.perturb_seed = int(p.seed)
         self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens,
                                                     scale_sigma=p.scale_sigma, sigma=p.sigma)  # fmt: skip
-        if not 0 < self.options.fisher.quantile <= 1:
-            raise ConfigError(f"method.fisher.quantile={self.options.fisher.quantile} must be in (0, 1]")
         # the identity outside the perturbed pass: the trained model is the timm model (dgss-merge --backbone-out)
         self.backbone.register_block_hook(self.perturbation, part_of_model=False)
         o = self.options.optim
@@ -107,9 +98,7 @@ class FisherTune(SegmentationMethod):
         self.stats = FisherStatistics(self.candidates, self.options.fisher.ema_decay)
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []  # one row per refresh: step, ratio, target, selected
-        self.growing = (
-            False  # candidates require grad (applied at the first statistic step, after any DDP wrap)
-        )
+        self.growing = False  # candidates require grad (from the first statistic step, after any DDP wrap)
         self.warned_batch_of_one = False
         self.final = False  # the selection is fixed (after growth_end)
 
@@ -238,24 +227,13 @@ class FisherTune(SegmentationMethod):
             else:
                 mask.view(-1)[idx] = True
             self.selected_opt.add(name, idx)
-        self.check_ranks_agree()
+        check_ranks_agree(
+            [self.selected_opt.index(n) for n in self.candidates], self.trainer.world_size, self.device
+        )
         selected = self.selected_opt.num_selected()
         self.history.append(
             {"step": t, "target": k, "selected": selected, "fraction": selected / self.n_base}
         )
-
-    def check_ranks_agree(self) -> None:
-        """Every rank selected the same elements: an exact int64 digest (:func:`selection_digest`), min = max."""
-        if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
-            return
-        digest = selection_digest([self.selected_opt.index(n) for n in self.candidates]).to(self.device)
-        lo, hi = digest.clone(), digest.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError(
-                "FisherTune: the selection differs across ranks (gradients were not synchronised)"
-            )
 
     def breakdown(self) -> list[dict]:
         """Selected elements per block and module kind (:func:`~dgss.methods.fishertune.selection.breakdown`)."""

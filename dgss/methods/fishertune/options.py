@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig
 from dgss.options import Options, register
 
@@ -30,6 +31,15 @@ class ScheduleOptions(Options):
     monotone: bool = (
         True  # false: re-select from scratch; deselected elements return to their pretrained value
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.warmup_iters <= self.growth_end or self.refresh_every < 1 or self.growth_tau <= 0:
+            raise ConfigError(
+                "method.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
+                f"warmup_iters={self.warmup_iters}, growth_end={self.growth_end}, "
+                f"refresh_every={self.refresh_every}, growth_tau={self.growth_tau}"
+            )
 
 
 @dataclass
@@ -77,6 +87,11 @@ class FisherOptions(Options):
         "mul_gamma"  # the two readings of the paper's ratio term
     )
     estimator: Literal["ema"] = "ema"  # closed-form Lambda = F / gamma + tau^-2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.quantile <= 1:
+            raise ConfigError(f"method.fisher.quantile={self.quantile} must be in (0, 1]")
 
 
 @dataclass

@@ -8,6 +8,7 @@ import math
 import re
 
 import torch
+import torch.distributed as dist
 
 KINDS = ("q", "k", "v", "proj", "fc1", "fc2", "norm", "other")
 
@@ -109,6 +110,18 @@ def selection_digest(indices: list[torch.Tensor]) -> torch.Tensor:
         out[1] += (t + 1) * int(i.sum())
         out[2] = (out[2] + int(((i * i) % 2147483647).sum())) % 2147483647
     return out
+
+
+def check_ranks_agree(indices: list[torch.Tensor], world_size: int, device: torch.device) -> None:
+    """Every rank selected the same elements: an exact int64 digest (:func:`selection_digest`), min = max."""
+    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+        return
+    digest = selection_digest(indices).to(device)
+    lo, hi = digest.clone(), digest.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError("FisherTune: the selection differs across ranks (gradients were not synchronised)")
 
 
 def block_of(name: str) -> int:
