@@ -53,6 +53,9 @@ VERSION_KEY, CONFIG_KEY, IDENTITY_KEY, RNG_KEY, SECTIONS_KEY = (
 )
 #: version 0 kept each section as a top-level key of its own name
 LEGACY_SECTIONS = ("fishertune", "weight_averaging")
+#: version 0 stored FisherTune's option groups at method level (now under method.fishertune)
+LEGACY_NESTED = {"dgss.methods.fishertune.FisherTune": ("fishertune", ("schedule", "selection", "fisher", "perturb",
+                                                                       "optim", "finalize"))}  # fmt: skip
 
 
 def version_of(ckpt: dict) -> int:
@@ -71,6 +74,10 @@ def upgrade(ckpt: dict, where: str = "the checkpoint") -> dict:
         for name in LEGACY_SECTIONS:
             if name in ckpt:
                 sections[name] = ckpt.pop(name)
+        method = (ckpt.get(CONFIG_KEY) or {}).get("method") or {}
+        nest, groups = LEGACY_NESTED.get(method.get("_target_"), (None, ()))
+        if nest and any(g in method for g in groups):
+            method[nest] = {g: method.pop(g) for g in groups if g in method}
         if CONFIG_KEY in ckpt or IDENTITY_KEY in ckpt:  # a dgss file (an official release stays as it is)
             ckpt[VERSION_KEY] = FORMAT_VERSION
     return ckpt

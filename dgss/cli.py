@@ -28,7 +28,7 @@ from dgss.compat import optuna_distribution
 from dgss.config import check_types
 from dgss.errors import ConfigError, TrainingAborted
 from dgss.io import writable_folder
-from dgss.options import Options, schema_for
+from dgss.options import Options, renamed, schema_for
 from dgss.preemption import Preempted
 from dgss.runfolder import check_run_name
 
@@ -65,6 +65,8 @@ def user_error(e: BaseException) -> str | None:
         if isinstance(err, (TypeError, ValueError)) and full_key:
             msg = first_line(err)
             m = re.search(r"unexpected keyword argument '(\w+)'", msg)
+            if m and renamed(f"{full_key}.{m.group(1)}"):
+                return f"{full_key}.{m.group(1)} is now called {renamed(f'{full_key}.{m.group(1)}')}"
             if m:  # e.g. experiment=demo (FisherTune keys) with method=frozen
                 return (f"{full_key} does not take the key {m.group(1)!r} (set for another {full_key} by an "
                         f"experiment or override); drop it with ~{full_key}.{m.group(1)}")  # fmt: skip
@@ -218,6 +220,8 @@ def compose_error(e: BaseException) -> str:
     if err is None:
         return first_line(chain[0]).rstrip(".")
     key, msg = err.full_key, str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, AttributeError)) and renamed(key):
+        return f"{key} is now called {renamed(key)}"
     if isinstance(err, (ConfigKeyError, AttributeError)):
         owner = getattr(err, "object_type", None)
         valid = [f.name for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner) else []
@@ -291,7 +295,13 @@ def check_compose(config_name: str, argv: list[str]) -> None:
     node = schema_for(method) if method is not None else None
     if node is None:
         return
-    for name, hint in typing.get_type_hints(node).items():
+    hints = typing.get_type_hints(node)
+    for name in method:
+        if name not in hints:  # a key added with + (a struct node refuses the others while composing)
+            new = renamed(f"method.{name}")
+            raise ConfigError(f"method.{name} is now called {new}" if new else f"method.{name} is not an option of "
+                              f"{str(method.get('_target_')).rsplit('.', 1)[-1]}; valid: {', '.join(hints)}")  # fmt: skip
+    for name, hint in hints.items():
         if isinstance(hint, type) and issubclass(hint, Options):
             hint.of(method.get(name), f"method.{name}")
         elif typing.get_origin(hint) is typing.Literal and method.get(name) not in typing.get_args(hint):

@@ -24,6 +24,23 @@ from dgss.errors import ConfigError
 
 T = TypeVar("T", bound="Options")
 SCHEMAS: dict[str, list[type]] = {}  # a method's _target_ -> its registered Hydra nodes (dataclasses)
+#: option paths that moved, old -> new (FisherTune's groups moved under ``method.fishertune``): a config that sets an
+#: old one is refused in one line naming the new one (dgss.cli)
+RENAMED: dict[str, str] = {}
+
+
+def renamed(key: str) -> str | None:
+    """Where an old option path (or one under it) lives now; None for a current one.
+
+    >>> RENAMED["method.old"] = "method.new.old"
+    >>> renamed("method.old.x"), renamed("method.other")
+    ('method.new.old.x', None)
+    >>> del RENAMED["method.old"]
+    """
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return None
 
 
 _WHERE: ContextVar[str | None] = ContextVar(

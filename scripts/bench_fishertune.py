@@ -43,9 +43,9 @@ def run_variant(method: str, a: argparse.Namespace, out) -> None:
     bb = Backbone(a.model, img_size=a.size)
     head = functools.partial(LightHead, channels=256)
     if method == "fishertune":
-        m = FisherTune(bb, head, num_classes=19, perturb={"after_blocks": [0, 1, 2]}, fisher={"window": a.window},
-                       schedule={"warmup_iters": t1, "refresh_every": r, "growth_tau": 2 * r,
-                                 "growth_end": t1 + 4 * r})  # fmt: skip
+        m = FisherTune(bb, head, num_classes=19, fishertune=dict(perturb={"after_blocks": [0, 1, 2]},
+                       fisher={"window": a.window}, schedule={"warmup_iters": t1, "refresh_every": r,
+                                                              "growth_tau": 2 * r, "growth_end": t1 + 4 * r}))  # fmt: skip
     else:
         m = FullFineTune(bb, head, num_classes=19)
     batch = {

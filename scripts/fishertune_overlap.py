@@ -32,7 +32,7 @@ def gather(weights: str, window: int, scale: float, seed: int):
     with initialize_config_module("dgss.conf", version_base="1.3"):
         cfg = compose("train", overrides=[
             "experiment=demo", f"backbone.weights={weights}", f"seed={seed}", "~logger",
-            f"method.fisher.window={window}", f"method.perturb.scale={scale}", "data.num_workers=0",
+            f"method.fishertune.fisher.window={window}", f"method.fishertune.perturb.scale={scale}", "data.num_workers=0",
         ])  # fmt: skip
     pl.seed_everything(seed, verbose=False)
     m = build_method(cfg)

@@ -1,6 +1,6 @@
 """How large is a real domain shift of feature statistics, in the units FisherTune's perturbation draws in?
 
-FisherTune's simulated shift (``method.perturb``, :class:`dgss.models.style_perturb.ChannelStatPerturbation`) moves
+FisherTune's simulated shift (``method.fishertune.perturb``, :class:`dgss.models.style_perturb.ChannelStatPerturbation`) moves
 each sample's per-channel token mean μ by ``z · s · Σ_μ`` (z ~ N(0, 1), Σ_μ the batch std of μ) and its std σ
 likewise. The embedded data renders the *same scenes* in the source domain (game) and in every target domain, so the
 real shift of those statistics is measurable scene by scene at the blocks the perturbation acts after:
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--weights", default="weights/toy_mim.safetensors", help="the demo backbone's weights; none: random"
     )
-    ap.add_argument("--blocks", type=int, nargs="+", default=[0, 1, 2], help="method.perturb.after_blocks")
+    ap.add_argument(
+        "--blocks", type=int, nargs="+", default=[0, 1, 2], help="method.fishertune.perturb.after_blocks"
+    )
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--height", type=int, default=96)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     for t, r in res.items():
         print(f"{t:9s} perturb.scale {r['scale']:.2f}   perturb.scale_sigma {r['scale_sigma']:.2f}")
     mean = {k: sum(r[k] for r in res.values()) / len(res) for k in ("scale", "scale_sigma")}
-    print(f"mean over the targets: method.perturb.scale={mean['scale']:.2f} method.perturb.scale_sigma="
+    print(f"mean over the targets: method.fishertune.perturb.scale={mean['scale']:.2f} method.fishertune.perturb.scale_sigma="
           f"{mean['scale_sigma']:.2f}")  # fmt: skip
     print(json.dumps({"targets": res, "mean": mean}))
     return {"targets": res, "mean": mean}

@@ -32,9 +32,9 @@ STEPS = 1000  # experiment=demo's trainer.max_steps, stated in every run's comma
 SETTINGS: dict[str, list[str]] = {
     "demo": [],
     "answer": [
-        "method.schedule.delta_max=0.05",
-        "method.schedule.warmup_iters=100",
-        "method.fisher.window=64",
+        "method.fishertune.schedule.delta_max=0.05",
+        "method.fishertune.schedule.warmup_iters=100",
+        "method.fishertune.fisher.window=64",
     ],
 }
 
@@ -44,25 +44,34 @@ RUNS: dict[str, list[str]] = {
     "full": ["method=full", "+method.paramwise.custom_keys.backbone={lr_mult: 1.0}"],
     "frozen": ["method=frozen"],
     "rein": ["method=rein"],
-    "fishertune dr_fim": ["method.fisher.score=dr_fim"],
-    "fishertune fim": ["method.fisher.score=fim"],
-    "fishertune random": ["method.fisher.score=random"],
+    "fishertune dr_fim": ["method.fishertune.fisher.score=dr_fim"],
+    "fishertune fim": ["method.fishertune.fisher.score=fim"],
+    "fishertune random": ["method.fishertune.fisher.score=random"],
     # issue 27: the perturbation as large as the embedded targets' real shift (scripts/measure_shift.py on the demo's
     # toy: means 4.53, stds 8.83), the std drawn multiplicatively at that size; and training on x′ as well
     "fishertune dr_fim measured scale": [
-        "method.fisher.score=dr_fim",
-        "method.perturb.scale=4.53",
-        "method.perturb.scale_sigma=8.83",
-        "method.perturb.sigma=log",
+        "method.fishertune.fisher.score=dr_fim",
+        "method.fishertune.perturb.scale=4.53",
+        "method.fishertune.perturb.scale_sigma=8.83",
+        "method.fishertune.perturb.sigma=log",
     ],
-    "fishertune dr_fim train_aug": ["method.fisher.score=dr_fim", "method.perturb.train_aug=true"],
+    "fishertune dr_fim train_aug": [
+        "method.fishertune.fisher.score=dr_fim",
+        "method.fishertune.perturb.train_aug=true",
+    ],
     # the mean of per-image squared gradients instead of the square of the batch's mean gradient
-    "fishertune fim per_sample": ["method.fisher.score=fim", "method.fisher.per_sample=true"],
-    "fishertune dr_fim per_sample": ["method.fisher.score=dr_fim", "method.fisher.per_sample=true"],
+    "fishertune fim per_sample": [
+        "method.fishertune.fisher.score=fim",
+        "method.fishertune.fisher.per_sample=true",
+    ],
+    "fishertune dr_fim per_sample": [
+        "method.fishertune.fisher.score=dr_fim",
+        "method.fishertune.fisher.per_sample=true",
+    ],
     # the oracle: x′ = the same scenes rendered in the four targets (the ceiling any perturbation could reach)
     "fishertune dr_fim oracle": [
-        "method.fisher.score=dr_fim",
-        "method.perturb.type=paired_render",
+        "method.fishertune.fisher.score=dr_fim",
+        "method.fishertune.perturb.type=paired_render",
         "synthetic.paired=[photo,overcast,fog,night]",
     ],
 }

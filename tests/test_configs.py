@@ -11,6 +11,7 @@ from conftest import config_names
 from omegaconf import OmegaConf
 
 from dgss.config import build_method, instantiate_group
+from dgss.errors import ConfigError
 from dgss.methods.base import SegmentationMethod
 from dgss.train import train
 
@@ -230,8 +231,8 @@ def test_bad_override_values_name_the_key(compose_cfg, override, match):
      (["method=rein", "method.rein.num_tokns=4"], "method.rein.num_tokns is not an option (did you mean num_tokens?); "
       "valid: num_tokens, lora_rank, query_dim, patch_size, scale_init, zero_mlp_delta_f, use_softmax, link_token_to_query"),
      (["method=rein", "method.rein.lora_rank=none"], "method.rein.lora_rank='none' must be int"),
-     (["method=fishertune", "method.selection.scope=perblock"],
-      "method.selection.scope='perblock' is not supported; choose one of ['global', 'per_block', 'per_tensor']"),
+     (["method=fishertune", "method.fishertune.selection.scope=perblock"],
+      "method.fishertune.selection.scope='perblock' is not supported; choose one of ['global', 'per_block', 'per_tensor']"),
      (["method=cobot_lora", "method.cobot.head=quat"],
       "method.cobot.head='quat' is not supported; choose one of ['quaternion', 'linear', 'none']"),
      (["method=cobot_adaptformer", "method.peft.rank=3"],
@@ -298,13 +299,32 @@ def test_the_demo_takes_another_method_and_stray_method_keys_are_named(compose_c
         compose_cfg(["experiment=demo", "method=rein", "debug=tiny"])
     )  # no FisherTune keys left over
     assert type(m).__name__ == "Rein"
-    cfg = compose_cfg(["debug=tiny", "method=frozen", "+method.schedule.delta_max=0.2"])
+    cfg = compose_cfg(["debug=tiny", "method=frozen", "+method.fishertune.schedule.delta_max=0.2"])
     with pytest.raises(Exception) as e:
         build_method(cfg)
     assert user_error(e.value) == (
-        "method does not take the key 'schedule' (set for another method by an experiment or override); "
-        "drop it with ~method.schedule"
+        "method does not take the key 'fishertune' (set for another method by an experiment or override); "
+        "drop it with ~method.fishertune"
     )
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("method.schedule.delta_max=0.1", "method.schedule is now called method.fishertune.schedule"),
+        ("+method.fisher.score=fim", "method.fisher is now called method.fishertune.fisher"),
+        ("+method.foo=1", "method.foo is not an option of FisherTune; valid: _target_, num_classes"),
+    ],
+)
+def test_fishertunes_options_moved_under_method_fishertune_and_the_old_names_say_where(override, line):
+    """Issue 29: FisherTune's groups nest under ``method.fishertune`` like every method's (``method.rein``, ...),
+    which ends the ``schedule`` / ``scheduler`` and ``optim`` / ``optimizer`` look-alikes; the old paths are refused
+    in one line naming the new one, before anything runs."""
+    from dgss.cli import check_compose
+
+    with pytest.raises(ConfigError) as e:
+        check_compose("train", ["experiment=demo", override])
+    assert str(e.value).startswith(line)
 
 
 def test_paper_recipes_follow_the_protocol(compose_cfg):

@@ -59,7 +59,9 @@ def test_dgss_eval_shows_none_of_lightnings_false_warnings(compose_cfg, tmp_path
 
 def test_cfg_job_checks_the_config_before_printing_it(capsys, monkeypatch):
     monkeypatch.setattr(
-        sys, "argv", ["dgss-train", "experiment=demo", "+method.selection.scopee=global", "--cfg", "job"]
+        sys,
+        "argv",
+        ["dgss-train", "experiment=demo", "+method.fishertune.selection.scopee=global", "--cfg", "job"],
     )
     with pytest.raises(SystemExit) as e:
         train_main()
@@ -67,11 +69,13 @@ def test_cfg_job_checks_the_config_before_printing_it(capsys, monkeypatch):
     err = capsys.readouterr()
     assert (
         err.err.strip()
-        == "dgss-train: error: method.selection has no option 'scopee'; valid: granularity, scope, exclude"
+        == "dgss-train: error: method.fishertune.selection has no option 'scopee'; valid: granularity, scope, exclude"
     )
     assert "selection" not in err.out  # nothing printed as if it were a valid config
     monkeypatch.setattr(
-        sys, "argv", ["dgss-train", "experiment=demo", "method.selection.scope=per_block", "--cfg", "job"]
+        sys,
+        "argv",
+        ["dgss-train", "experiment=demo", "method.fishertune.selection.scope=per_block", "--cfg", "job"],
     )
     train_main()  # a valid one prints
     assert "scope: per_block" in capsys.readouterr().out

@@ -90,9 +90,9 @@ def test_fishertune_selects_identically_on_every_rank(tmp_path, score):
     torch.manual_seed(0)
     bb = Backbone("vit_small_patch14_reg4_dinov2", img_size=(32, 64),
                   model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
-    m = NanOnRank1(bb, functools.partial(LightHead, channels=16), num_classes=19, perturb={"after_blocks": [0]},
-                   fisher={"window": 2, "score": score}, schedule={"warmup_iters": 1, "growth_tau": 2, "growth_end": 5,
-                                                   "refresh_every": 2})  # fmt: skip
+    m = NanOnRank1(bb, functools.partial(LightHead, channels=16), num_classes=19, fishertune=dict(
+                   perturb={"after_blocks": [0]}, fisher={"window": 2, "score": score},
+                   schedule={"warmup_iters": 1, "growth_tau": 2, "growth_end": 5, "refresh_every": 2}))  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=7, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, limit_val_batches=0, callbacks=[SaveSelection(tmp_path)],

@@ -14,6 +14,7 @@ from dgss.config import build_method
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.methods.fishertune import (
+    GROUPS,
     FimScore,
     FisherTune,
     apportion,
@@ -45,10 +46,12 @@ def nan_on(m, when):
 
 
 def fishertune(**kw):
-    kw.setdefault("schedule", SCHED)
-    kw.setdefault("perturb", dict(after_blocks=[0]))
-    kw.setdefault("fisher", dict(window=2))
-    return make_method(FisherTune, **kw)
+    """A tiny FisherTune: its option groups (``method.fishertune.<group>``) and the base's options by keyword."""
+    groups = {g: kw.pop(g) for g in GROUPS if g in kw}
+    groups.setdefault("schedule", SCHED)
+    groups.setdefault("perturb", dict(after_blocks=[0]))
+    groups.setdefault("fisher", dict(window=2))
+    return make_method(FisherTune, fishertune=groups, **kw)
 
 
 # ------------------------------------------------------------------------------------------- formulas
@@ -258,7 +261,7 @@ def test_global_ranking_follows_the_scores_across_blocks():
 
 
 def test_bad_options_get_one_line_errors():
-    with pytest.raises(ConfigError, match=r"method.selection.scope='layer' is not supported"):
+    with pytest.raises(ConfigError, match=r"method.fishertune.selection.scope='layer' is not supported"):
         fishertune(selection=dict(scope="layer"))
     with pytest.raises(ConfigError, match="does not fit the .* candidate elements"):
         fishertune(schedule={**SCHED, "budget": 10**9})
@@ -339,14 +342,14 @@ def test_the_paper_recipes_select_15_2m_elements_of_a_vit_l(compose_cfg, experim
     assert m.schedule.k_target(m.options.schedule.warmup_iters - 1) == 0
     with torch.device("meta"):
         pinned = build_method(compose_cfg([f"experiment={experiment}", "backbone.weights=null", "trainer=cpu",
-                                           "method.schedule.budget=15210000"]))  # fmt: skip
+                                           "method.fishertune.schedule.budget=15210000"]))  # fmt: skip
     assert pinned.schedule.k_target(end) == pinned.schedule.k_target(end + 1000) == 15_210_000
 
 
 # ---------------------------------------------------------------------- families, sparse checkpoints
-FT_SMALL = ["method=fishertune", "method.schedule.warmup_iters=1", "method.schedule.growth_end=3",
-            "method.schedule.refresh_every=1", "method.schedule.growth_tau=2", "method.fisher.window=1",
-            "method.perturb.after_blocks=[0,1]"]  # fmt: skip
+FT_SMALL = ["method=fishertune", "method.fishertune.schedule.warmup_iters=1", "method.fishertune.schedule.growth_end=3",
+            "method.fishertune.schedule.refresh_every=1", "method.fishertune.schedule.growth_tau=2", "method.fishertune.fisher.window=1",
+            "method.fishertune.perturb.after_blocks=[0,1]"]  # fmt: skip
 
 
 @pytest.mark.parametrize("backbone", ["toy", "eva02_l", "samvit_b", "clip_l"])
@@ -605,8 +608,8 @@ def _mask2former_fishertune(**fisher):
                   model_kwargs=dict(depth=4, embed_dim=32, num_heads=2, patch_size=8))  # fmt: skip
     head = functools.partial(Mask2FormerHead, dim=32, num_queries=6, tiny=True, num_heads=4,
                              pyramid=[2.0, 1.0, 0.5, 0.25])  # fmt: skip
-    m = FisherTune(bb, head, num_classes=19, schedule={**SCHED, "growth_end": 100}, perturb=dict(after_blocks=[0]),
-                   fisher=dict(window=1, ema_decay=None, **fisher))  # fmt: skip
+    m = FisherTune(bb, head, num_classes=19, fishertune=dict(schedule={**SCHED, "growth_end": 100},
+                   perturb=dict(after_blocks=[0]), fisher=dict(window=1, ema_decay=None, **fisher)))  # fmt: skip
     m.configure_model()
     return m
 

@@ -57,8 +57,8 @@ def test_fishertune_selection_reaches_wandb_as_table_plot_and_series(compose_cfg
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    schedule = ["method=fishertune", "method.schedule.warmup_iters=1", "method.schedule.growth_end=1",
-                "method.schedule.refresh_every=1", "method.fisher.window=1"]  # fmt: skip
+    schedule = ["method=fishertune", "method.fishertune.schedule.warmup_iters=1", "method.fishertune.schedule.growth_end=1",
+                "method.fishertune.schedule.refresh_every=1", "method.fishertune.fisher.window=1"]  # fmt: skip
     cfg = compose_cfg([*TINY, "logger=wandb", *schedule])
     try:
         train(cfg)
@@ -118,9 +118,9 @@ def test_a_demo_run_prints_no_warning_and_logs_its_summary_and_tables(compose_cf
     import warnings
 
     run = ["experiment=demo", "backbone.weights=null", "synthetic.train_length=8", "synthetic.val_length=2", "trainer.max_steps=4",
-           "trainer.val_check_interval=4", "logger=csv", "~callbacks.progress_bar", "method.schedule.warmup_iters=1",
-           "method.schedule.growth_tau=1", "method.schedule.growth_end=3", "method.schedule.refresh_every=1",
-           "method.fisher.window=1", "method.scheduler.warmup_steps=1", "trainer.log_every_n_steps=1"]  # fmt: skip
+           "trainer.val_check_interval=4", "logger=csv", "~callbacks.progress_bar", "method.fishertune.schedule.warmup_iters=1",
+           "method.fishertune.schedule.growth_tau=1", "method.fishertune.schedule.growth_end=3", "method.fishertune.schedule.refresh_every=1",
+           "method.fishertune.fisher.window=1", "method.scheduler.warmup_steps=1", "trainer.log_every_n_steps=1"]  # fmt: skip
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="dgss"):
         warnings.simplefilter("always")
         train(compose_cfg(run))

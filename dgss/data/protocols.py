@@ -45,7 +45,7 @@ class LabelsOnly(Protocol):
 @runtime_checkable
 class PairedData(Protocol):
     """A data set that renders each item's scene again in other domains, with the same label: FisherTune's oracle x′
-    (``method.perturb.type: paired_render``). ``paired_domains`` empty: no pairing."""
+    (``method.fishertune.perturb.type: paired_render``). ``paired_domains`` empty: no pairing."""
 
     paired_domains: tuple[str, ...]
 

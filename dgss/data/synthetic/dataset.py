@@ -48,7 +48,7 @@ class SyntheticDomain:
             raise ConfigError(
                 f"synthetic paired={list(paired)}: {bad} are not domains; choose from {', '.join(DOMAINS)}"
             )
-        # the same scenes rendered in these domains (an oracle x′ for FisherTune: method.perturb.type=paired_render)
+        # the same scenes rendered in these domains (an oracle x′ for FisherTune: method.fishertune.perturb.type=paired_render)
         self.paired_domains = tuple(paired)
 
     def __len__(self) -> int:

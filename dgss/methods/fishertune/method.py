@@ -35,7 +35,7 @@ from dgss.checkpoint import apply_sparse_delta, sparse_delta
 from dgss.errors import ConfigError
 from dgss.methods.base import SegmentationMethod
 from dgss.methods.chained_optimizer import ChainedOptimizer
-from dgss.methods.fishertune.options import GROUPS, FisherTuneOptions
+from dgss.methods.fishertune.options import FisherTuneOptions
 from dgss.methods.fishertune.report import FisherTuneReport
 from dgss.methods.fishertune.schedule import Schedule
 from dgss.methods.fishertune.score import SCORES
@@ -49,14 +49,14 @@ from dgss.models.style_perturb import ChannelStatPerturbation
 class FisherTune(SegmentationMethod):
     """Selective fine-tuning of backbone elements ranked by DR-FIM; head trained throughout.
 
-    Option groups (see ``conf/method/fishertune.yaml`` and docs/methods.md): ``schedule``, ``selection``,
-    ``fisher``, ``perturb``, ``optim``, ``finalize``: :class:`FisherTuneOptions` (every key not given takes its default).
+    Options under ``method.fishertune`` (see ``conf/method/fishertune.yaml`` and docs/methods.md): ``schedule``,
+    ``selection``, ``fisher``, ``perturb``, ``optim``, ``finalize``: :class:`FisherTuneOptions` (every key not given
+    takes its default).
     """
 
-    def __init__(self, *args, **kwargs):
-        groups = {g: kwargs.pop(g, None) for g in GROUPS}
+    def __init__(self, *args, fishertune: FisherTuneOptions | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.options = FisherTuneOptions.of(groups, "method")
+        self.options = FisherTuneOptions.of(fishertune, "method.fishertune")
 
     # ------------------------------------------------------------------------------------ set-up
     def configure_tuning(self) -> None:
@@ -66,7 +66,7 @@ class FisherTune(SegmentationMethod):
         self.candidates = {n: p for n, p in named.items() if not any(e in n for e in exclude)}
         if not self.candidates:
             raise ConfigError(
-                f"method.selection.exclude={list(exclude)} leaves no backbone parameter to select"
+                f"method.fishertune.selection.exclude={list(exclude)} leaves no backbone parameter to select"
             )
         s = self.options.schedule
         n_cand = sum(p.numel() for p in self.candidates.values())
@@ -75,14 +75,14 @@ class FisherTune(SegmentationMethod):
         k_final = round(self.delta_max * self.n_base)
         if k_final > n_cand or not 0 <= s.delta_min <= self.delta_max:
             raise ConfigError(
-                f"method.schedule: a final selection of {k_final:,} elements (budget / delta_max) with delta_min="
+                f"method.fishertune.schedule: a final selection of {k_final:,} elements (budget / delta_max) with delta_min="
                 f"{s.delta_min} does not fit the {n_cand:,} candidate elements; lower budget or delta_max"
             )
         p = self.options.perturb
         bad = [b for b in p.after_blocks if not 0 <= b < self.backbone.num_blocks]
         if bad:
             raise ConfigError(
-                f"method.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
+                f"method.fishertune.perturb.after_blocks has {bad} outside the backbone's {self.backbone.num_blocks} blocks"
             )
         self.perturb_seed = int(p.seed)
         self.perturbation = ChannelStatPerturbation(p.after_blocks, p.scale, self.backbone.num_prefix_tokens,
@@ -143,7 +143,7 @@ class FisherTune(SegmentationMethod):
         s = self.options.schedule
         if self.trainer.max_steps > 0 and s.growth_end > self.trainer.max_steps:
             rank_zero_warn(
-                f"method.schedule.growth_end={s.growth_end} is past trainer.max_steps={self.trainer.max_steps}: "
+                f"method.fishertune.schedule.growth_end={s.growth_end} is past trainer.max_steps={self.trainer.max_steps}: "
                 f"the selection will not reach delta_max"
             )
         console.info(
@@ -172,7 +172,7 @@ class FisherTune(SegmentationMethod):
         paired = None
         if perturb and self.options.perturb.type == "paired_render":
             if "paired_image" not in batch:
-                raise ConfigError("method.perturb.type=paired_render needs training data that renders each scene "
+                raise ConfigError("method.fishertune.perturb.type=paired_render needs training data that renders each scene "
                                   "again in other domains (data=synthetic with synthetic.paired=[photo, fog, ...])")  # fmt: skip
             paired = self.prepare_batch({"image": batch["paired_image"], "label": batch["label"]})[0]
         n = self.selected_opt.num_selected()

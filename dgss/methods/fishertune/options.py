@@ -1,4 +1,4 @@
-"""FisherTune's options: ``method.schedule``, ``.selection``, ``.fisher``, ``.perturb``, ``.optim``, ``.finalize``
+"""FisherTune's options: ``method.fishertune.schedule``, ``.selection``, ``.fisher``, ``.perturb``, ``.optim``, ``.finalize``
 (typed, checked at compose time like every method's), and its Hydra node."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Literal
 
 from dgss.errors import ConfigError
 from dgss.methods.base import MethodConfig
-from dgss.options import Options, register
+from dgss.options import RENAMED, Options, register
 
 GROUPS = ("schedule", "selection", "fisher", "perturb", "optim", "finalize")
 
@@ -18,7 +18,7 @@ GROUPS = ("schedule", "selection", "fisher", "perturb", "optim", "finalize")
 # recipe (conf/method/fishertune.yaml) scales the schedule lengths with trainer.max_steps.
 @dataclass
 class ScheduleOptions(Options):
-    """``method.schedule``: when and how far the selection grows."""
+    """``method.fishertune.schedule``: when and how far the selection grows."""
 
     warmup_iters: int = 2000  # T1: head-only warm-up, backbone frozen (ours: 5 %)
     delta_min: float = 0.005  # first selected fraction (ours: grows 10x)
@@ -36,7 +36,7 @@ class ScheduleOptions(Options):
         super().__post_init__()
         if not 0 <= self.warmup_iters <= self.growth_end or self.refresh_every < 1 or self.growth_tau <= 0:
             raise ConfigError(
-                "method.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
+                "method.fishertune.schedule needs 0 <= warmup_iters <= growth_end, refresh_every >= 1 and growth_tau > 0; got "
                 f"warmup_iters={self.warmup_iters}, growth_end={self.growth_end}, "
                 f"refresh_every={self.refresh_every}, growth_tau={self.growth_tau}"
             )
@@ -44,7 +44,7 @@ class ScheduleOptions(Options):
 
 @dataclass
 class SelectionOptions(Options):
-    """``method.selection``: what is ranked, and over which scope."""
+    """``method.fishertune.selection``: what is ranked, and over which scope."""
 
     granularity: Literal["element", "row", "tensor"] = "element"
     scope: Literal["global", "per_block", "per_tensor"] = (
@@ -57,7 +57,7 @@ class SelectionOptions(Options):
 
 @dataclass
 class FisherOptions(Options):
-    """``method.fisher``: the Fisher estimates F(x) and F(x') and the DR-FIM score."""
+    """``method.fishertune.fisher``: the Fisher estimates F(x) and F(x') and the DR-FIM score."""
 
     # the ablations (paper Table 4): DR-FIM | the Fisher alone (no perturbed pass) | uniformly random elements
     # under the same budget and schedule (no statistics): the control every selection must beat
@@ -91,12 +91,12 @@ class FisherOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.quantile <= 1:
-            raise ConfigError(f"method.fisher.quantile={self.quantile} must be in (0, 1]")
+            raise ConfigError(f"method.fishertune.fisher.quantile={self.quantile} must be in (0, 1]")
 
 
 @dataclass
 class PerturbOptions(Options):
-    """``method.perturb``: the simulated domain shift x' (feature statistics of early blocks re-drawn)."""
+    """``method.fishertune.perturb``: the simulated domain shift x' (feature statistics of early blocks re-drawn)."""
 
     # dsu: re-draw channel mean / std of patch tokens around themselves | paired_render (an oracle for ablations): x′ is
     # the same scenes rendered in other domains by the data (synthetic.paired=[...]), through the same augmentation
@@ -116,7 +116,7 @@ class PerturbOptions(Options):
 
 @dataclass
 class OptimOptions(Options):
-    """``method.optim``: how selected backbone elements are stepped."""
+    """``method.fishertune.optim``: how selected backbone elements are stepped."""
 
     backbone_lr_mult: float = (
         0.1  # selected elements at 0.1 x the head's lr, like full fine-tuning in Rein's recipe
@@ -127,7 +127,7 @@ class OptimOptions(Options):
 
 @dataclass
 class FinalizeOptions(Options):
-    """``method.finalize``: after the last refresh."""
+    """``method.fishertune.finalize``: after the last refresh."""
 
     drop_fisher: bool = True  # free the statistics
     prune_frozen_tensors: bool = True  # no gradients for tensors without a selected element
@@ -144,10 +144,14 @@ class FisherTuneOptions(Options):
 
 
 @dataclass
-class FisherTuneConfig(MethodConfig, FisherTuneOptions):
-    """The Hydra node: the base's options plus FisherTune's groups (one list of groups, in FisherTuneOptions)."""
+class FisherTuneConfig(MethodConfig):
+    """The Hydra node: the base's options plus FisherTune's under ``method.fishertune``, as every method's."""
 
     _target_: str = "dgss.methods.fishertune.FisherTune"
+    fishertune: FisherTuneOptions = field(default_factory=FisherTuneOptions)
 
 
 register(FisherTuneConfig, "method", "fishertune_schema")
+RENAMED.update(
+    {f"method.{g}": f"method.fishertune.{g}" for g in GROUPS}
+)  # before issue 29 they were method.<group>

@@ -27,8 +27,8 @@ class Schedule:
     """When the selection grows, how far, and which steps gather statistics.
 
     Args:
-        options: ``method.schedule``.
-        fisher: ``method.fisher`` (``window``, ``interval``).
+        options: ``method.fishertune.schedule``.
+        fisher: ``method.fishertune.fisher`` (``window``, ``interval``).
         statistics: the score reads Fisher statistics (``random`` does not: no statistic steps).
         n_base: the elements δ is a fraction of (``schedule.ratio_base``).
         delta_max: the final fraction (``budget / n_base`` when a budget is set).
