@@ -16,7 +16,7 @@ from rich.table import Table
 
 from dgss import console
 from dgss.checkpoint import put_config, put_section, section, with_elements
-from dgss.compat import StepProgressBar  # noqa: F401  (the progress bar of callbacks=default)
+from dgss.compat import StepProgressBar, foreach_copy_, foreach_lerp_  # noqa: F401  (StepProgressBar: callbacks=default)
 from dgss.console import show
 from dgss.data.classes import IGNORE_INDEX
 from dgss.io import atomic_path
@@ -319,9 +319,9 @@ class EMA(pl.Callback):
                 params.append(p.detach())
         if avgs:  # one multi-tensor kernel per step, not one per parameter (the same lerp / copy per element)
             if copy:
-                torch._foreach_copy_(avgs, params)
+                foreach_copy_(avgs, params)
             else:
-                torch._foreach_lerp_(avgs, params, self.momentum)
+                foreach_lerp_(avgs, params, self.momentum)
 
     @torch.no_grad()
     def _swap(self, pl_module) -> None:

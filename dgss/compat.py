@@ -24,7 +24,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from dgss.errors import ConfigError
 
 __all__ = ["UnrepeatedDistributedSampler", "StepProgressBar", "batches_done", "grad_norm", "optional_module",
-           "optuna_distribution", "parameters_swapped", "quiet_fit", "should_accumulate", "vit_pos_embed"]  # fmt: skip
+           "optuna_distribution", "parameters_swapped", "quiet_fit", "should_accumulate", "vit_pos_embed",
+           "attached_trainer", "is_batch_norm", "tensor_version", "foreach_mul_", "foreach_copy_", "foreach_lerp_"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ optional dependencies
@@ -47,6 +48,11 @@ def optuna_distribution(override):
 
 
 # ------------------------------------------------------------------------------------------------- Lightning
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The trainer running ``module``, or None outside a fit / validate (``module.trainer`` raises there)."""
+    return module._trainer
+
+
 def should_accumulate(trainer: pl.Trainer) -> bool:
     """True inside a gradient-accumulation window (this batch does not end with an optimizer step)."""
     return trainer.fit_loop._should_accumulate()
@@ -63,8 +69,6 @@ FALSE_WARNINGS = (
      "the DataModule keeps the training stream's state (dgss.data.resumable) in every checkpoint"),
     (r"Found \d+ module\(s\) in eval mode at the start of training.*",
      "frozen backbones stay in eval mode on purpose (SegmentationMethod.freeze)"),
-    (r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*",
-     "FisherTune checkpoints after its step, which is the state a resume continues from"),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
      "Lightning 2.6 calls a torch 2.14-deprecated pytree API on every step; nothing a user can act on"),
 )  # fmt: skip
@@ -158,6 +162,31 @@ def parameters_swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
     """A context in which ``module``'s parameters named in ``tensors`` are those tensors (``torch.func``'s
     reparametrisation, as ``functional_call`` does it), restored after: ``torch.nn.utils.stateless``."""
     return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """A batch-norm layer of any dimension (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``): torch's ``_NormBase``."""
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The counter autograd bumps on every in-place change of ``t``: ``t._version``."""
+    return t._version
+
+
+def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """``tensors[i] *= others[i]`` for all i in one multi-tensor kernel: ``torch._foreach_mul_``."""
+    torch._foreach_mul_(tensors, others)
+
+
+def foreach_copy_(tensors: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``tensors[i].copy_(sources[i])`` in one multi-tensor kernel: ``torch._foreach_copy_``."""
+    torch._foreach_copy_(tensors, sources)
+
+
+def foreach_lerp_(tensors: list[torch.Tensor], ends: list[torch.Tensor], weight: float) -> None:
+    """``tensors[i] += weight·(ends[i] − tensors[i])`` in one multi-tensor kernel: ``torch._foreach_lerp_``."""
+    torch._foreach_lerp_(tensors, ends, weight)
 
 
 def grad_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

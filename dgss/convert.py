@@ -1,4 +1,4 @@
-"""Convert the released DGSS data sets to the trainId PNGs that ``dgss.data.real`` reads (spec data.md §2-3).
+"""Convert the released DGSS data sets to the trainId PNGs that ``dgss.data.real`` reads (the layouts of https://github.com/w1oves/Rein ``tools/convert_datasets``).
 
     dgss-convert {gta,synthia,urbansyn,cityscapes,mapillary} [--root DIR] [--workers N]
     dgss-convert check [--root DIR]          # counts, sizes, label values per split

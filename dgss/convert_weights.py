@@ -8,7 +8,7 @@
 
 Defaults follow Rein's 512 recipe: patch 16, a 512 image (a 32×32 grid). ``--resample``:
 
-- ``bicubic`` (default, Rein-faithful; spec rein.md §9): the patch kernel interpolated to the new patch size and the
+- ``bicubic`` (default, Rein-faithful: ``w1oves/Rein`` ``tools/convert_models``): the patch kernel interpolated to the new patch size and the
   position grid to the new grid with plain bicubic (align_corners=False, no antialias, no rescaling), applied to the
   official tensors before anything else. Published Rein checkpoints were trained on weights converted this way.
 - ``pi``: timm's own resampling (FlexiViT pseudo-inverse kernel, antialiased grid), as ``backbone.weights`` would do

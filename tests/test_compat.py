@@ -88,7 +88,6 @@ def test_quiet_fit_hides_exactly_the_false_warnings():
         with compat.quiet_fit():
             for message in ("Found 101 module(s) in eval mode at the start of training. This may lead to …",
                             "You're resuming from a checkpoint … and your dataloader is not resumable. …",
-                            "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no …",
                             "something else entirely"):  # fmt: skip
                 warnings.warn(message, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else entirely"]
@@ -99,3 +98,24 @@ def test_lightnings_tips_are_filtered_from_its_log():
     rec = lambda msg: logging.LogRecord(log.name, logging.INFO, __file__, 1, msg, None, None)  # noqa: E731
     assert not all(f.filter(rec("💡 Tip: For seamless cloud logging …")) for f in log.filters)
     assert all(f.filter(rec("GPU available: False, used: False")) for f in log.filters)
+
+
+def test_the_private_tensor_and_module_names_behave_as_dgss_relies_on():
+    """``attached_trainer`` (None outside a fit), ``is_batch_norm``, ``tensor_version`` (bumped by an in-place
+    change: the cast-once cache's key), and the multi-tensor ops (EMA's average, FisherTune's masking)."""
+    import torch.nn as nn
+
+    assert compat.attached_trainer(pl.LightningModule()) is None
+    assert compat.is_batch_norm(nn.BatchNorm2d(3)) and compat.is_batch_norm(nn.SyncBatchNorm(3))
+    assert not compat.is_batch_norm(nn.LayerNorm(3))
+    t = torch.zeros(3)
+    v = compat.tensor_version(t)
+    t.add_(1)
+    assert compat.tensor_version(t) == v + 1
+    a, b = [torch.ones(2), torch.zeros(2)], [torch.full((2,), 3.0), torch.full((2,), 2.0)]
+    compat.foreach_mul_(a, b)
+    assert a[0].tolist() == [3.0, 3.0] and a[1].tolist() == [0.0, 0.0]
+    compat.foreach_lerp_(a, b, 0.5)
+    assert a[0].tolist() == [3.0, 3.0] and a[1].tolist() == [1.0, 1.0]
+    compat.foreach_copy_(a, b)
+    assert torch.equal(a[1], b[1])

@@ -1,4 +1,4 @@
-"""Label-id → trainId maps of the real DGSS data sets (spec data.md §3); every id not listed → 255.
+"""Label-id → trainId maps of the real DGSS data sets (the data sets' own label definitions, as mmseg's and Rein's converters use them); every id not listed → 255.
 
 Each map is a 256-entry (or 65536 for Synthia) lookup table, so converting a label image is one indexing op.
 """

@@ -1,4 +1,4 @@
-"""The real DGSS data sets as image + trainId-label PNG pairs in the Rein on-disk layouts (spec data.md §2).
+"""The real DGSS data sets as image + trainId-label PNG pairs in the Rein on-disk layouts (https://github.com/w1oves/Rein ``configs/_base_/datasets``).
 
 One root (``DGSS_DATA_ROOT`` or ``paths.data_dir``) holds every data set under its own folder. Labels are read as
 converted trainId PNGs (0..18, 255 = ignore). Pairs are indexed once at construction: a missing root or split is a

@@ -1,11 +1,11 @@
 """Train and test pipelines on torchvision.transforms.v2 (image and label transformed together), uint8 in and out.
 
-Train (Rein's 512 recipe, data spec §5): random shortest edge from a list (long edge capped), random crop with
+Train (Rein's 512 recipe, https://github.com/w1oves/Rein ``configs/_base_/datasets``): random shortest edge from a list (long edge capped), random crop with
 ``cat_max_ratio``, horizontal flip, mmseg's photometric distortion. A crop of an image smaller than the crop size
 stays smaller: the model pads the batch, after normalising (``SegmentationMethod.prepare_batch``, as mmseg's
 ``SegDataPreProcessor``), so padding never enters the flip or the photometric distortion.
 Test: keep-ratio resize of the image only to fit ``size`` (long, short); the label keeps its original
-resolution, and logits are upsampled to it (Rein protocol, data spec §4).
+resolution, and logits are upsampled to it (Rein's protocol).
 
 Resizing follows mmcv / mmseg (the Rein pipeline): sizes from ``ResizeShortestEdge._get_output_shape`` and
 ``mmcv.rescale_size`` (``int(x · scale + 0.5)``), images bilinear without antialiasing (cv2 ``INTER_LINEAR``; torch's

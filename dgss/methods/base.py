@@ -30,6 +30,7 @@ from torch import nn
 
 from dgss import console
 from dgss.checkpoint import load_model_part, put_section, save_model_part, section
+from dgss.compat import attached_trainer
 from dgss.errors import ConfigError
 from dgss.methods import recipe
 from dgss.methods.guard import NonFiniteGuard
@@ -371,12 +372,12 @@ class SegmentationMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         payload = self.save_section(checkpoint) if self.checkpoint_section else None
-        save_model_part(checkpoint, self, self.trainer if self._trainer is not None else None)
+        save_model_part(checkpoint, self, attached_trainer(self))
         if self.checkpoint_section:
             put_section(checkpoint, self.checkpoint_section, payload)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if load_model_part(checkpoint, self, resuming=self._trainer is not None):
+        if load_model_part(checkpoint, self, resuming=attached_trainer(self) is not None):
             self.strict_loading = False  # the frozen tensors come from the weights file
         if self.checkpoint_section:
             payload = section(checkpoint, self.checkpoint_section)

@@ -1,4 +1,7 @@
-"""SAM-COBOT (CVPR'24): cross-block orchestration over LoRA or AdaptFormer. Spec: specs/cobot.md.
+"""SAM-COBOT (CVPR'24): cross-block orchestration over LoRA or AdaptFormer.
+
+Paper: https://arxiv.org/abs/2311.17112; official code: https://github.com/SJTU-DeepVisionLab/SAM-COBOT
+(``remote/model/``).
 
 Each PEFT branch has a V-dimensional hidden code h (LoRA: the rank-r code of q or v, so L′ = 2 × blocks slices;
 AdaptFormer: the bottleneck, L′ = blocks). COBOT maps slice s's code through
@@ -149,7 +152,7 @@ class CobotLoRAOptions(Options):
 @dataclass
 class CobotAdapterOptions(AdapterOptions):
     """``method.peft`` of COBOT over AdaptFormer: SAM-COBOT's variant (``remote/model``: bottleneck V = 16 with the
-    adapter's own LayerNorm, scale 1, reading the MLP's input); the output joins after LayerScale (spec §8:
+    adapter's own LayerNorm, scale 1, reading the MLP's input); the output joins after LayerScale (the official code:
     the faithful transfer to DINOv2 / EVA02; the same as inside the MLP on SAM, which has no LayerScale)."""
 
     bottleneck: int = 16
@@ -186,7 +189,7 @@ class Cobot(PEFTMethod):
         options = CobotOptions.of(cobot, "method.cobot")
         super().__init__(*args, peft=peft, **kwargs)
         self.base_kind, self.cobot_options = base, options
-        # spec §7: no decay on C, S, the heads and γ (decay would pull them off their init); C, S and the heads at
+        # the official recipe: no decay on C, S, the heads and γ (decay would pull them off their init); C, S and the heads at
         # cobot.lr_mult (the official medical recipe's 100x group), γ at cobot.lr_mult_gamma
         keys = {"cobot.": {"lr_mult": options.lr_mult, "decay_mult": 0.0}}
         keys["cobot.gamma"] = {"lr_mult": options.lr_mult_gamma, "decay_mult": 0.0}
@@ -209,7 +212,7 @@ class Cobot(PEFTMethod):
         return branches
 
     def cobot_parameters(self) -> int:
-        """COBOT's extra parameters (C, S when learnable, γ, heads): spec §5's count beside the base PEFT's."""
+        """COBOT's extra parameters (C, S when learnable, γ, heads): the paper's count beside the base PEFT's."""
         return sum(p.numel() for p in self.cobot.parameters())
 
     def extra_summary(self) -> dict[str, float]:

@@ -19,13 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from dgss.compat import grad_norm
+from dgss.compat import attached_trainer, grad_norm, is_batch_norm
 from dgss.errors import TrainingAborted
 
 
 def running_buffers(module: nn.Module) -> list[torch.Tensor]:
     """The buffers a forward in training mode changes: running statistics of batch norms that train."""
-    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+    return [b for m in module.modules() if is_batch_norm(m) and m.training
             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
 
 
@@ -66,7 +66,7 @@ class NonFiniteGuard:
     # ---------------------------------------------------------------------------------------------- decisions
     def fp16_scaler(self) -> bool:
         """Lightning's fp16 grad scaler checks the gradients itself and must see the backward it scaled."""
-        trainer = self.module._trainer
+        trainer = attached_trainer(self.module)
         return trainer is not None and str(trainer.precision).startswith("16")
 
     def check(self, value: torch.Tensor | None, what: str = "loss") -> bool:
@@ -82,7 +82,7 @@ class NonFiniteGuard:
     def decide(self, finite: bool, what: str = "loss") -> bool:
         """The guard's decision, taken by every rank together: a skipped step is undone, counted, logged and warned
         about; ``max_nonfinite`` in a row raise :class:`TrainingAborted`."""
-        m, trainer = self.module, self.module._trainer
+        m, trainer = self.module, attached_trainer(self.module)
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
@@ -112,7 +112,7 @@ class NonFiniteGuard:
         """What ``training_step`` returns for a skipped step: ``None`` (Lightning skips the backward), or under DDP,
         where Lightning refuses ``None``, a zero loss over every trainable parameter, so that every rank runs the same
         backward and gradient all-reduce; those (zero) gradients are dropped before the optimizer step."""
-        m, trainer = self.module, self.module._trainer
+        m, trainer = self.module, attached_trainer(self.module)
         if trainer is None or trainer.world_size <= 1:
             return None
         return sum(

@@ -1,6 +1,6 @@
 """RecycleLoRA (CVPR 2026 Findings, arXiv 2603.28142): two low-rank adapters on every linear layer of the frozen
-backbone, initialised from a column-pivoted (rank-revealing) QR of its pretrained weight. Spec: specs/recyclelora.md;
-official code https://github.com/chanseul01/RecycleLoRA (``rein/models/backbones/recyclelora_linear.py``,
+backbone, initialised from a column-pivoted (rank-revealing) QR of its pretrained weight. Paper: CVPR'26 Findings,
+https://arxiv.org/abs/2603.28142; official code https://github.com/chanseul01/RecycleLoRA (``rein/models/backbones/recyclelora_linear.py``,
 ``dino_v2_recyclelora.py``; read for its facts, reimplemented here).
 
 For W (out × in), scipy's ``linalg.qr(W, pivoting=True, mode="economic")`` gives W P = Q R with n = min(out, in)

@@ -1,6 +1,7 @@
 """Rein (Wei et al., CVPR 2024): learnable tokens that refine a frozen VFM's features between blocks.
 
-Reimplemented from ``../shared/specs/rein.md`` (the official code is GPL-3.0; nothing is copied).
+Paper: https://arxiv.org/abs/2312.04265; official code: https://github.com/w1oves/Rein (GPL-3.0: reimplemented from
+the paper and the released configs, nothing is copied).
 
 For the patch features ``f`` (N, C) after block l and that layer's tokens ``T`` (m, C):
 
@@ -34,7 +35,7 @@ from dgss.options import Options, register
 
 @dataclass
 class ReinOptions(Options):
-    """``method.rein``: Rein's options (spec rein.md; defaults: the released DINOv2-L config)."""
+    """``method.rein``: Rein's options (defaults: the released DINOv2-L config, ``w1oves/Rein``)."""
 
     num_tokens: int = 100  # m: learnable tokens per layer; also the number of Mask2Former queries
     lora_rank: int | None = 16  # r of the token factorisation T_l = A_l B_l; null = full-rank tokens

@@ -1,5 +1,6 @@
 """SoMA (Yun et al., CVPR'25; code name SoRA): tune the r *minor* singular components of the frozen backbone's
-linear layers in its later blocks, keep the rest. Spec: specs/soma.md.
+linear layers in its later blocks, keep the rest. Paper: Yun et al., CVPR'25, https://arxiv.org/abs/2412.04077; official code: https://github.com/ysj9909/SoMA
+(commit 7ea8c0e).
 
 For a frozen weight W (out × in) and its thin SVD W = U diag(σ) Vᵀ (float32, σ descending), the last r triplets give
 A = diag(√σ'_r) V_rᵀ (r × in) and B = U_r diag(√σ'_r) (out × r), σ'_r = σ_r / s with s = α / r, so that
@@ -9,11 +10,11 @@ s·B·A is exactly W's r minor components and the frozen residual is W_res = W �
 
 with A, B and the layer's bias training. dgss keeps W untouched and stores A₀ = A(0), B₀ = B(0) as frozen persistent
 buffers (:mod:`dgss.methods.residual_adapters`, shared with RecycleLoRA), computing the same function as
-y = x Wᵀ + b + s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ) (spec §3): the model at step 0 is the pretrained one bit for bit,
+y = x Wᵀ + b + s·((x Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ) (the official ``SoMALinear``): the model at step 0 is the pretrained one bit for bit,
 checkpoints re-attach W from its weights file and restore A, B, A₀, B₀ with no SVD at load, and the merged weight is
 W' = W − s·B₀A₀ + s·B·A = W_res + s·B·A.
 
-``init: official`` reproduces what the official pipeline starts from (spec §2.2): its SVD runs on the randomly
+``init: official`` reproduces what the official pipeline starts from (the official ``init_weights``): its SVD runs on the randomly
 initialised layer before the pretrained weights overwrite the residual, so the model at step 0 is W + s·B₀A₀ with
 B₀A₀ the minor part of a random nn.Linear matrix (A₀ = B₀ = 0 in the subtraction here).
 
@@ -268,10 +269,10 @@ class SoMA(ResidualAdapterMethod):
 
     @torch.no_grad()
     def load_official_adapters(self, state: Mapping[str, torch.Tensor]) -> list[str]:
-        """The official names (spec §6): ``backbone.model.blocks.<i>.attn.{q,k,v,proj}.lora_{A,B}.weight``,
+        """The official names (``ysj9909/SoMA`` checkpoints): ``backbone.model.blocks.<i>.attn.{q,k,v,proj}.lora_{A,B}.weight``,
         ``….mlp.fc{1,2}.lora_{A,B}.weight`` (A: r × in, B: out × r) and the adapted layers' ``….bias`` (q, k, v into the
         fused qkv's thirds); an EMA dict's ``module.`` prefix is dropped. The release's A, B are A(t), B(t) of the
-        official start (W kept, spec §2.2), so ``method.soma.init`` must be ``official``. Returns the keys loaded."""
+        official start (W kept), so ``method.soma.init`` must be ``official``. Returns the keys loaded."""
         if self.soma_options.init != "official":
             raise ConfigError("an official SoMA release holds A, B trained from the official start (W kept, nothing "
                               "subtracted): evaluate it with method.soma.init=official")  # fmt: skip

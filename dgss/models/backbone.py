@@ -44,9 +44,9 @@ FAMILY_PATTERNS = {
     "clip": ["vit_*clip*"],
     "dinov3": [
         "vit_*dinov3*"
-    ],  # timm's Eva class (RoPE); use the plain names, not *_qkvb (spec dinov3.md §4)
+    ],  # timm's Eva class (RoPE); use the plain names, not *_qkvb (https://github.com/facebookresearch/dinov3)
 }
-# random-init CPU variants: the real classes at toy width/depth (stack-notes §5)
+# random-init CPU variants: the real classes at toy width/depth
 TINY_KWARGS = {
     "vit": dict(depth=4, embed_dim=64, num_heads=2),
     "eva": dict(depth=4, embed_dim=64, num_heads=2),

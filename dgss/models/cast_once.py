@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dgss.compat import tensor_version
+
 
 class FrozenCast:
     """The low-precision copies of ``model``'s frozen plain layer weights; ``enabled=False`` casts per call again."""
@@ -57,7 +59,7 @@ class FrozenCast:
             return {}
         dtype = torch.get_autocast_dtype(device_type)
         params = self.castable()
-        key = (dtype, tuple((n, id(p), p._version, p.device) for n, p in params))
+        key = (dtype, tuple((n, id(p), tensor_version(p), p.device) for n, p in params))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, {n: p.detach().to(dtype) for n, p in params})

@@ -1,4 +1,4 @@
-"""FisherTune's schedule (spec fishertune.md §2): in optimizer steps t, a head-only warm-up to T1
+"""FisherTune's schedule (the paper's progressive selection; lengths ours): in optimizer steps t, a head-only warm-up to T1
 (``warmup_iters``), then the selected fraction grows as δ_max − (δ_max − δ_min)·exp(−(t − T1)/τ), refreshed every
 ``refresh_every`` steps and snapping to δ_max at ``growth_end``, after which the selection is fixed. Statistics are
 gathered in the ``window`` steps before each refresh (the first window ends at T1)."""

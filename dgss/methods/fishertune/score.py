@@ -1,4 +1,5 @@
-"""FisherTune's scores, one small strategy each (``method.fishertune.fisher.score``): DR-FIM (spec fishertune.md §1, §3.3), the
+"""FisherTune's scores, one small strategy each (``method.fishertune.fisher.score``): DR-FIM (the paper's Eq. for
+the domain-related Fisher information with its variational stabilisation), the
 Fisher alone (the paper's Table 4 ablation), and uniformly random elements under the same budget and schedule (the
 control every selection must beat). A score says whether it reads statistics and whether it needs the perturbed pass.
 

@@ -1,4 +1,4 @@
-"""The Fisher statistics FisherTune ranks by (spec fishertune.md §1, §3): F̂ = EMA of squared backbone gradients on
+"""The Fisher statistics FisherTune ranks by (the paper's empirical Fisher): F̂ = EMA of squared backbone gradients on
 the clean batch x (``x``) and on its shifted view x′ (``p``), bias-corrected on read, and ε̄ = ε_μ + ε_σ, the
 perturbation's magnitude. Pure update and scaling functions, and the store that owns the running values."""
 

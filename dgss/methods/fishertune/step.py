@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dgss.compat import foreach_mul_
 from dgss.data.classes import IGNORE_INDEX
 from dgss.methods.base import TrainingPass
 from dgss.methods.fishertune.statistics import batch_slice
@@ -178,7 +179,7 @@ class FisherStep(TrainingPass):
             m.refresh(self.t)
         grads = backbone_grads(m)
         if grads:  # one multi-tensor kernel, not one per candidate tensor
-            torch._foreach_mul_(list(grads.values()), [m.masks[n] for n in grads])
+            foreach_mul_(list(grads.values()), [m.masks[n] for n in grads])
         if not m.final and self.t >= m.options.schedule.growth_end:
             m.finalize()
 
