@@ -6,7 +6,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
+from helpers.runs import TINY_DINO  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -51,3 +53,12 @@ def compose_cfg(tmp_path):
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A tiny DINOv2 (helpers.runs.TINY_DINO) saved as the backbone's weights file."""
+    m = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=64, **TINY_DINO)
+    path = tmp_path / "dino_tiny.pth"
+    torch.save(m.state_dict(), path)
+    return path

@@ -222,10 +222,10 @@ def test_data_roots_images_and_labels(kind, made, tmp_path, compose_cfg, capsys)
     elif kind == "a_file":
         root.write_bytes(b"x")
     elif kind in ("truncated_label", "random_image"):
-        from test_real_data import FIXTURES, _write_pair
+        from helpers.real_data import FIXTURES, write_pair
 
         for key in (("cityscapes", "val"), ("bdd100k", "val"), ("mapillary", "val")):
-            _write_pair(root, *FIXTURES[key], size=(64, 32))
+            write_pair(root, *FIXTURES[key], size=(64, 32))
         bad = root / (
             FIXTURES[("bdd100k", "val")][1]
             if kind == "truncated_label"
@@ -301,7 +301,9 @@ def test_resume_auto_skips_a_payload_checkpoint_without_running_it(made, tmp_pat
            f"paths.output_dir={folder}", "trainer.max_steps=2"]  # fmt: skip
     with pytest.raises(RuntimeError, match="crash after step 1"):
         train(
-            compose_cfg([*cfg, "+callbacks.crash._target_=resume_helpers.CrashAt", "+callbacks.crash.step=1"])
+            compose_cfg(
+                [*cfg, "+callbacks.crash._target_=helpers.interrupt.CrashAt", "+callbacks.crash.step=1"]
+            )
         )
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "MARKER")}, folder / "checkpoints" / "zzz.ckpt")
     with pytest.warns(

@@ -5,40 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm
 import torch
+from helpers.runs import DATA, RUN, backbone_args
 from omegaconf import OmegaConf
 
 from dgss.errors import ConfigError
 from dgss.eval import evaluate
 from dgss.restore import load_method
 from dgss.train import train
-
-TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2, patch_size=16)
-DATA = ["data=synthetic", "synthetic.height=64", "synthetic.width=128", "synthetic.train_length=8",
-        "synthetic.val_length=3", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0"]  # fmt: skip
-RUN = ["trainer=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.num_sanity_val_steps=0",
-       "~logger", "callbacks=default", "~callbacks.progress_bar", "~callbacks.media"]  # fmt: skip
-
-
-def backbone_args(weights):
-    kw = [f"+backbone.model_kwargs.{k}={v}" if k not in ("patch_size",) else f"backbone.model_kwargs.{k}={v}"
-          for k, v in TINY_DINO.items()]  # fmt: skip
-    return [
-        "backbone=dinov2_s",
-        f"backbone.weights={weights}",
-        "backbone.img_size=64",
-        "backbone.out_indices=[0,1]",
-        *kw,
-    ]
-
-
-@pytest.fixture
-def weights(tmp_path):
-    m = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=64, **TINY_DINO)
-    path = tmp_path / "dino_tiny.pth"
-    torch.save(m.state_dict(), path)
-    return path
 
 
 def test_frozen_checkpoint_holds_only_trained_tensors_and_eval_reproduces(compose_cfg, tmp_path, weights):
@@ -248,13 +222,13 @@ def test_eval_reads_only_the_targets_and_refuses_overrides_it_would_ignore(compo
     """dgss-eval data=gta2cbm needs the Cityscapes / BDD / Mapillary validation images, not GTAV's training
     images; a model override on a dgss checkpoint (it rebuilds its own model) is refused instead of ignored; the
     toy backbone composes with real data (no dangling ${synthetic.height})."""
-    from test_real_data import FIXTURES, _write_pair
+    from helpers.real_data import FIXTURES, write_pair
 
     train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full", "~callbacks.iou_tables"]))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     root = tmp_path / "data"
     for key in (("cityscapes", "val"), ("bdd100k", "val"), ("mapillary", "val")):  # no gta/ at all
-        _write_pair(root, *FIXTURES[key], size=(64, 32))
+        write_pair(root, *FIXTURES[key], size=(64, 32))
     ev = ["trainer=cpu", f"ckpt_path={ckpt}", "data=gta2cbm", f"paths.data_dir={root}", "data.num_workers=0"]
     out = evaluate(compose_cfg(ev, config_name="eval"))
     assert {"val/cityscapes/mIoU", "val/bdd100k/mIoU", "val/mapillary/mIoU"} <= set(out)

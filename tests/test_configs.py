@@ -41,12 +41,12 @@ def test_real_backbone_configs_name_a_local_weights_file(compose_cfg, backbone):
 
 @pytest.mark.parametrize("data", config_names("data"))
 def test_every_data_config_instantiates(compose_cfg, tmp_path, data):
-    from test_real_data import write_all_fixtures
+    from helpers.real_data import write_all_fixtures
 
     write_all_fixtures(tmp_path / "data")  # real data sets: fixtures in their on-disk layouts
     extra = []
     if data == "folder":  # your own data: a folder of its own (tests/test_folder_data.py)
-        from test_folder_data import make_folder
+        from helpers.folder_data import make_folder
 
         extra = [f"folder.root={make_folder(tmp_path / 'mine', n_train=2, n_val=1)}"]
     cfg = compose_cfg([f"data={data}", f"paths.data_dir={tmp_path / 'data'}", *extra])

@@ -9,8 +9,8 @@ import warnings
 import hydra
 import lightning.pytorch as pl
 import pytest
+from helpers.runs import DATA, RUN, backbone_args
 from helpers.scripts import load_script
-from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (the fixture)
 
 from dgss.compat import StepProgressBar
 from dgss.config import instantiate_group

@@ -83,7 +83,7 @@ def test_test_pipeline_keeps_label_resolution():
 def test_the_model_pads_after_normalising_bottom_right_with_image_0_and_label_255():
     """mmseg's SegDataPreProcessor: the pipeline leaves a small crop small (so padding never enters the flip or the
     photometric distortion); the method normalises, then pads to the crop size bottom / right."""
-    from test_methods import make_method
+    from helpers.builders import make_method
 
     from dgss.methods.full import FullFineTune
 

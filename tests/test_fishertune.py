@@ -6,8 +6,8 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
-from test_checkpoint_eval import DATA, RUN
-from test_methods import make_dm, make_method, snapshot, trainer
+from helpers.builders import make_dm, make_method, snapshot, trainer
+from helpers.runs import DATA, RUN
 
 from dgss.checkpoint import section
 from dgss.config import build_method
@@ -377,7 +377,7 @@ def test_sparse_checkpoint_round_trip_reproduces_validation(compose_cfg, tmp_pat
                           num_heads=2, patch_size=16)  # fmt: skip
     weights = tmp_path / "pretrained.pth"
     torch.save(m.state_dict(), weights)
-    from test_checkpoint_eval import backbone_args
+    from helpers.runs import backbone_args
 
     run = [x for x in RUN if not x.startswith("trainer.max_steps") and not x.startswith("trainer.val_check")]
     cfg = compose_cfg([*DATA, *run, *backbone_args(weights), "trainer.max_steps=5", "trainer.val_check_interval=5",
@@ -599,7 +599,7 @@ def _mask2former_fishertune(**fisher):
     """A tiny DINOv2-reg + Mask2Former FisherTune whose one statistic step is T1 = 2 (window 1, plain mean)."""
     import functools
 
-    from test_methods import H, W
+    from helpers.builders import H, W
 
     from dgss.models.backbone import Backbone
     from dgss.models.heads.mask2former import Mask2FormerHead
@@ -943,7 +943,7 @@ def test_the_paired_render_oracle_feeds_the_same_scenes_in_another_domain_as_x_p
     the same stream; the game images are those of an unpaired run), and ``perturb.type: paired_render`` takes them as
     x′ on statistic steps, with ε the real shift of the channel statistics in the perturbation's units. Without
     paired data: one line."""
-    from test_methods import H, W
+    from helpers.builders import H, W
 
     from dgss.data.datamodule import DGSSDataModule
     from dgss.data.synthetic import SyntheticDomain

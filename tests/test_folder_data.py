@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import yaml
+from helpers.folder_data import CLASSES, make_folder
+from helpers.runs import RUN
 from PIL import Image
-from test_checkpoint_eval import RUN
 
 from dgss import convert
 from dgss.cli import user_error
@@ -19,27 +20,6 @@ from dgss.eval import evaluate
 from dgss.predict import predict
 from dgss.restore import load_method
 from dgss.train import train
-
-# the embedded scenes' road / sky / car as label values 7 / 23 / 26 (Cityscapes labelIds), everything else 0
-RAW = {0: 7, 10: 23, 13: 26}
-CLASSES = {"names": ["road", "sky", "car"], "colors": [[128, 64, 128], [70, 130, 180], [0, 0, 142]],
-           "ignore_index": 0, "id_to_train": {7: 0, 23: 1, 26: 2}}  # fmt: skip
-
-
-def make_folder(root, n_train=6, n_val=2, classes=CLASSES):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "classes.yaml").write_text(yaml.safe_dump(classes))
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            image, label = render_sample("game" if split == "train" else "fog", i, 64, 128, 0)
-            raw = np.zeros_like(label)
-            for train_id, value in RAW.items():
-                raw[label == train_id] = value
-            sub = f"seq{i % 2}"  # nested folders are kept
-            for kind, arr, ext in (("images", np.asarray(image), ".jpg"), ("labels", raw, ".png")):
-                (root / kind / split / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(root / kind / split / sub / f"frame{i:03d}{ext}")
-    return root
 
 
 def test_labels_are_mapped_to_train_ids_through_the_class_file(tmp_path):

@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from test_methods import make_dm, snapshot, trainer
+from helpers.builders import make_dm, snapshot, trainer
 
 from dgss.methods.cobot import Cobot, CobotState, quaternion_matrix
 from dgss.methods.peft import VPT, AdaptFormer, LoRA

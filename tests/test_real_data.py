@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers.real_data import FIXTURES, write_all_fixtures, write_pair
 from PIL import Image
 
 from dgss.data.label_maps import (
@@ -51,37 +52,10 @@ def test_label_maps_follow_the_spec_tables():
     assert to_train_ids(raw, city).tolist() == [[0, 13, 255], [255, 18, 11]]
 
 
-def _write_pair(root, image_rel, label_rel, size=(8, 6), values=(0, 5, 18, 255)):
-    w, h = size
-    img = root / image_rel
-    lab = root / label_rel
-    img.parent.mkdir(parents=True, exist_ok=True)
-    lab.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(img)
-    label = np.resize(np.array(values, dtype=np.uint8), h * w).reshape(h, w)
-    Image.fromarray(label).save(lab)
-    return label
-
-
-FIXTURES = {
-    ("gta", "all"): ("gta/images/00001.png", "gta/labels/00001_labelTrainIds.png"),
-    ("synthia", "all"): ("synthia/RGB/0000001.png", "synthia/GT/LABELS/0000001_labelTrainIds.png"),
-    ("urbansyn", "all"): ("urbansyn/rgb/rgb_0001.png", "urbansyn/labels/rgb_0001_labelTrainIds.png"),
-    ("cityscapes", "val"): ("cityscapes/leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png",
-                            "cityscapes/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"),
-    ("bdd100k", "val"): ("bdd100k/images/10k/val/7d2f7975-e0c1c5a7.jpg", "bdd100k/labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png"),
-    ("mapillary", "train"): ("mapillary/training/images/abc.jpg", "mapillary/cityscapes_trainIdLabel/train/label/abc.png"),
-    ("mapillary", "val"): ("mapillary/half/val_img/xyz.jpg", "mapillary/half/val_label/xyz.png"),
-    ("acdc", "night/val"): ("acdc/rgb_anon/night/val/GOPR0351/GOPR0351_frame_000159_rgb_anon.png",
-                            "acdc/gt/night/val/GOPR0351/GOPR0351_frame_000159_gt_labelTrainIds.png"),
-}  # fmt: skip
-
-
 @pytest.mark.parametrize("key", list(FIXTURES), ids=["/".join(k) for k in FIXTURES])
 def test_each_dataset_reads_its_layout(tmp_path, key):
     dataset, split = key
-    label = _write_pair(tmp_path, *FIXTURES[key])
+    label = write_pair(tmp_path, *FIXTURES[key])
     ds = RealDataset(dataset, split, tmp_path)
     assert len(ds) == 1 and split in LAYOUTS[dataset]
     image, lab = ds.load(0)
@@ -100,14 +74,14 @@ def test_bad_data_errors_name_the_file_or_the_layout(tmp_path):
         RealDataset("gta", "all", tmp_path)
     with pytest.raises(ConfigError, match="cityscapes has no split 'test'"):
         RealDataset("cityscapes", "test", tmp_path)
-    _write_pair(tmp_path, "gta/images/1.png", "gta/labels/1_labelTrainIds.png")
+    write_pair(tmp_path, "gta/images/1.png", "gta/labels/1_labelTrainIds.png")
     (tmp_path / "gta/images/2.png").write_bytes((tmp_path / "gta/images/1.png").read_bytes())
     with pytest.raises(ConfigError, match=r"1 of 2 images have no trainId label, e.g. .*2_labelTrainIds.png"):
         RealDataset("gta", "all", tmp_path)
     Image.fromarray(np.zeros((6, 4), np.uint8)).save(tmp_path / "gta/labels/2_labelTrainIds.png")
     with pytest.raises(ConfigError, match=r"2.png is 8x6 but its label .*2_labelTrainIds.png is 4x6"):
         RealDataset("gta", "all", tmp_path).load(1)
-    _write_pair(tmp_path, "gta/images/2.png", "gta/labels/2_labelTrainIds.png", values=(7, 26, 33))
+    write_pair(tmp_path, "gta/images/2.png", "gta/labels/2_labelTrainIds.png", values=(7, 26, 33))
     ds = RealDataset("gta", "all", tmp_path)
     with pytest.raises(ConfigError, match=r"values \[26, 33\] outside 0..18 and 255: not converted"):
         ds.load(1)
@@ -127,7 +101,7 @@ def test_skipped_samples_reach_the_callback_from_loader_workers(tmp_path):
     from dgss.callbacks import SkippedSamples
 
     for n in range(4):
-        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
+        write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
     (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"broken")
     ds = Samples(RealDataset("gta", "all", tmp_path, on_bad="skip"), TestPipeline())
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
@@ -150,23 +124,6 @@ def test_skipped_samples_reach_the_callback_from_loader_workers(tmp_path):
         cb.on_validation_epoch_end(None, module)
 
 
-def write_all_fixtures(root):
-    """One pair per split that a data config names."""
-    for img, lab in FIXTURES.values():
-        _write_pair(root, img, lab)
-    _write_pair(
-        root,
-        "cityscapes/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
-        "cityscapes/gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",
-    )
-    for c in ("fog", "rain", "snow"):
-        _write_pair(
-            root,
-            f"acdc/rgb_anon/{c}/val/GP1/GP1_frame_000001_rgb_anon.png",
-            f"acdc/gt/{c}/val/GP1/GP1_frame_000001_gt_labelTrainIds.png",
-        )
-
-
 def test_acdc_all_is_the_four_conditions(tmp_path):
     write_all_fixtures(tmp_path)
     ds = RealDataset("acdc", "all/val", tmp_path)
@@ -178,7 +135,7 @@ def test_gta_official_split_from_split_mat(tmp_path):
     from scipy.io import savemat
 
     for n in range(1, 6):
-        _write_pair(tmp_path, f"gta/images/{n:05d}.png", f"gta/labels/{n:05d}_labelTrainIds.png")
+        write_pair(tmp_path, f"gta/images/{n:05d}.png", f"gta/labels/{n:05d}_labelTrainIds.png")
     assert len(RealDataset("gta", "all", tmp_path)) == 5
     with pytest.raises(ConfigError, match=r"split 'train' needs .*gta/split.mat .*or use split=all"):
         RealDataset("gta", "train", tmp_path)
@@ -198,7 +155,7 @@ def test_evaluation_with_on_bad_skip_scores_each_readable_image_once(tmp_path):
 
     import lightning.pytorch as pl
     import torch
-    from test_methods import make_method
+    from helpers.builders import make_method
 
     from dgss.callbacks import IoUTables
     from dgss.data.datamodule import DGSSDataModule
@@ -208,7 +165,7 @@ def test_evaluation_with_on_bad_skip_scores_each_readable_image_once(tmp_path):
 
     rng = np.random.default_rng(1)
     for n in range(4):  # labels differ per image, so counting one twice changes the IoU
-        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png", size=(64, 32),
+        write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png", size=(64, 32),
                     values=tuple(rng.integers(0, 19, 9).tolist()) + (255,))  # fmt: skip
     (tmp_path / "gta/labels/2_labelTrainIds.png").write_bytes(b"broken")
     target = RealDataset("gta", "all", tmp_path, on_bad="skip")
@@ -245,7 +202,7 @@ def test_a_bad_file_is_named_with_loader_workers_too(tmp_path, workers):
     from dgss.cli import user_error
 
     for n in range(4):
-        _write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
+        write_pair(tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png")
     (tmp_path / "gta/labels/3_labelTrainIds.png").write_bytes(b"broken")
     loader = torch.utils.data.DataLoader(
         Samples(RealDataset("gta", "all", tmp_path), TestPipeline()), batch_size=1, num_workers=workers
@@ -265,7 +222,7 @@ def test_a_target_with_every_image_skipped_is_named_and_left_out_of_mean_over(tm
 
     import lightning.pytorch as pl
     import torch
-    from test_methods import make_method
+    from helpers.builders import make_method
 
     from dgss.callbacks import IoUTables
     from dgss.data.datamodule import DGSSDataModule
@@ -273,8 +230,8 @@ def test_a_target_with_every_image_skipped_is_named_and_left_out_of_mean_over(tm
     from dgss.data.transforms import TestPipeline
     from dgss.methods.frozen import FrozenBackbone
 
-    _write_pair(tmp_path, "gta/images/0.png", "gta/labels/0_labelTrainIds.png", size=(64, 32))
-    _write_pair(tmp_path, "synthia/RGB/0.png", "synthia/GT/LABELS/0_labelTrainIds.png", size=(64, 32))
+    write_pair(tmp_path, "gta/images/0.png", "gta/labels/0_labelTrainIds.png", size=(64, 32))
+    write_pair(tmp_path, "synthia/RGB/0.png", "synthia/GT/LABELS/0_labelTrainIds.png", size=(64, 32))
     (tmp_path / "synthia/GT/LABELS/0_labelTrainIds.png").write_bytes(b"broken")
     targets = {"ok": RealDataset("gta", "all", tmp_path, on_bad="skip"),
                "lost": RealDataset("synthia", "all", tmp_path, on_bad="skip")}  # fmt: skip
@@ -302,7 +259,7 @@ def test_the_class_count_cache_follows_relabelled_files_and_survives_a_bad_cache
     from dgss.data.rare_class import class_pixel_counts
 
     for n in range(2):
-        _write_pair(
+        write_pair(
             tmp_path, f"gta/images/{n}.png", f"gta/labels/{n}_labelTrainIds.png", size=(8, 6), values=(1, 2)
         )
     ds = RealDataset("gta", "all", tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.runs import DATA, RUN, backbone_args
 from PIL import Image
-from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (fixture)
 
 from dgss import convert
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.builders import H, W, make_method, snapshot
+from helpers.runs import DATA, RUN, backbone_args
 from scipy import linalg
-from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (fixture)
-from test_methods import H, W, make_method, snapshot
 
 from dgss.errors import ConfigError
 from dgss.methods import recyclelora as rl

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.limits import HANG_GUARD_S
-from test_checkpoint_eval import DATA
+from helpers.runs import DATA
 
 from dgss.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, section
 from dgss.train import train
@@ -126,11 +126,11 @@ RESUMABLE = [*DATA, "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_int
 
 
 def crash_after(compose_cfg, run, step):
-    """Train ``run`` until it crashes before step ``step + 1`` (resume_helpers.CrashAt)."""
+    """Train ``run`` until it crashes before step ``step + 1`` (helpers.interrupt.CrashAt)."""
     with pytest.raises(RuntimeError, match=f"crash after step {step}"):
         train(
             compose_cfg(
-                [*run, "+callbacks.crash._target_=resume_helpers.CrashAt", f"+callbacks.crash.step={step}"]
+                [*run, "+callbacks.crash._target_=helpers.interrupt.CrashAt", f"+callbacks.crash.step={step}"]
             )
         )
 
@@ -165,7 +165,7 @@ def test_a_crashed_run_resumed_ends_bit_identical_to_a_straight_one(
             compose_cfg(
                 [
                     *resumed,
-                    "+callbacks.crash._target_=resume_helpers.CrashAt",
+                    "+callbacks.crash._target_=helpers.interrupt.CrashAt",
                     f"+callbacks.crash.step={crash}",
                 ]
             )
@@ -214,7 +214,7 @@ def test_a_preempted_run_saves_stops_and_resumes_bit_identical(
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     sent = 4 if during == "validation" else 3
     with pytest.raises(Preempted) as stop:
-        train(compose_cfg([*resumed, "+callbacks.signal._target_=resume_helpers.SignalAt",
+        train(compose_cfg([*resumed, "+callbacks.signal._target_=helpers.interrupt.SignalAt",
                            f"+callbacks.signal.step={sent}", f"+callbacks.signal.signal={sig}",
                            f"+callbacks.signal.during={during}"]))  # fmt: skip
     saved = tmp_path / "resumed" / "checkpoints" / "preempted.ckpt"
@@ -270,7 +270,7 @@ def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_
     killed = [f"hydra.run.dir={tmp_path / 'killed'}"]
     rc, err = finish(
         dgss_train(
-            [*killed, "+callbacks.kill._target_=resume_helpers.KillDuringSave", "+callbacks.kill.step=4"]
+            [*killed, "+callbacks.kill._target_=helpers.interrupt.KillDuringSave", "+callbacks.kill.step=4"]
         )
     )
     assert rc == -signal.SIGKILL, err[-3000:]
@@ -286,7 +286,7 @@ def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_
 
     termed = [f"hydra.run.dir={tmp_path / 'termed'}"]
     marker = tmp_path / "reached_step_3"
-    proc = dgss_train([*termed, "+callbacks.slow._target_=resume_helpers.SlowAfter", "+callbacks.slow.step=3",
+    proc = dgss_train([*termed, "+callbacks.slow._target_=helpers.interrupt.SlowAfter", "+callbacks.slow.step=3",
                        f"+callbacks.slow.marker={marker}"])  # fmt: skip
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -313,7 +313,7 @@ def test_kill_9_and_sigterm_then_resume_auto_give_the_straight_runs_weights(tmp_
         "trainer.num_sanity_val_steps=1",
     ]
     marker = tmp_path / "grouped_reached_step_3"
-    proc = dgss_train([*grouped, "+callbacks.slow._target_=resume_helpers.SlowAfter", "+callbacks.slow.step=3",
+    proc = dgss_train([*grouped, "+callbacks.slow._target_=helpers.interrupt.SlowAfter", "+callbacks.slow.step=3",
                        f"+callbacks.slow.marker={marker}"], start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -430,7 +430,7 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(comp
 
     try:
         cfg = compose_cfg([o for o in RESUMABLE if o != "resume=auto"] + [
-            "+callbacks.signal._target_=resume_helpers.SignalAt", "+callbacks.signal.step=3",
+            "+callbacks.signal._target_=helpers.interrupt.SignalAt", "+callbacks.signal.step=3",
             "+callbacks.signal.signal=SIGINT"])  # fmt: skip
         cfg.paths.output_dir = str(tmp_path / cfg.hydra.run.dir.rsplit("/", 1)[1])  # a folder Hydra made up
         name = Path(cfg.paths.output_dir).name
@@ -440,9 +440,9 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(comp
                                    f"preempted.ckpt; rerun the same command with run_name={name} resume=auto to continue")  # fmt: skip
         assert stop.value.exit_code == 130
         assert "Ctrl-C: finishing this step, then saving a checkpoint" in capsys.readouterr().err
-        twice = compose_cfg([*RESUMABLE, "+callbacks.signal._target_=resume_helpers.SignalAt",
+        twice = compose_cfg([*RESUMABLE, "+callbacks.signal._target_=helpers.interrupt.SignalAt",
                              "+callbacks.signal.step=3", "+callbacks.signal.signal=SIGINT", "+callbacks.again._target_="
-                             "resume_helpers.SignalAt", "+callbacks.again.step=3", "+callbacks.again.signal=SIGINT",
+                             "helpers.interrupt.SignalAt", "+callbacks.again.step=3", "+callbacks.again.signal=SIGINT",
                              f"paths.output_dir={tmp_path / 'twice'}"])  # fmt: skip
         with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt shutdown
             train(twice)
@@ -525,7 +525,7 @@ def test_a_group_signalled_run_with_loader_workers_saves_and_resumes_bit_identic
     train(compose_cfg([*run, f"paths.output_dir={tmp_path / 'straight'}"]))
     resumed = [*run, f"paths.output_dir={tmp_path / 'resumed'}"]
     with pytest.raises(Preempted) as stop:
-        train(compose_cfg([*resumed, "+callbacks.signal._target_=resume_helpers.SignalAt", "+callbacks.signal.group=true",
+        train(compose_cfg([*resumed, "+callbacks.signal._target_=helpers.interrupt.SignalAt", "+callbacks.signal.group=true",
                            f"+callbacks.signal.step={4 if during == 'validation' else 3}",
                            f"+callbacks.signal.during={during}"]))  # fmt: skip
     assert stop.value.step == 4 and stop.value.signame == "SIGTERM"

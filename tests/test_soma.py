@@ -7,8 +7,8 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (fixture)
-from test_methods import H, W, make_dm, make_method, snapshot, trainer
+from helpers.builders import H, W, make_dm, make_method, snapshot, trainer
+from helpers.runs import DATA, RUN, backbone_args
 
 from dgss.callbacks import EMA
 from dgss.checkpoint import section

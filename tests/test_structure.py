@@ -133,3 +133,22 @@ def test_the_front_door_gives_the_public_entry_points():
         "load_method",
         "merge",
     }
+
+
+def test_test_modules_share_code_through_the_helpers_package_only():
+    """A test module never imports another (``from test_methods import ...`` runs that module's tests' imports and
+    ties unrelated files together); shared builders live in ``tests/helpers``."""
+    bad = []
+    for p in sorted((DGSS.parent / "tests").glob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            names = (
+                [a.name for a in n.names]
+                if isinstance(n, ast.Import)
+                else [n.module or ""]
+                if isinstance(n, ast.ImportFrom)
+                else []
+            )
+            bad += [
+                f"{p.name}:{n.lineno} {m}" for m in names if m.split(".")[0].startswith(("test_", "conftest"))
+            ]
+    assert not bad, bad

@@ -97,7 +97,7 @@ def test_photometric_distortion_is_mmseg_like():
 def test_the_model_normalises_with_its_backbones_mean_and_std_unless_set():
     """The data hands out uint8; the method normalises with its backbone's pretrained mean / std (CLIP's for CLIP),
     or the backbone's ``mean`` / ``std`` when set (Rein's ImageNet values for every backbone)."""
-    from test_methods import make_method
+    from helpers.builders import make_method
 
     from dgss.methods.full import FullFineTune
     from dgss.models.backbone import Backbone

@@ -6,8 +6,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers.runs import DATA, RUN, backbone_args
 from PIL import Image
-from test_checkpoint_eval import DATA, RUN, backbone_args, weights  # noqa: F401  (the fixture)
 
 from dgss.data.classes import ClassSet
 from dgss.data.synthetic import render_sample
