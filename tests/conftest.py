@@ -3,7 +3,6 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import timm  # noqa: E402
@@ -15,18 +14,6 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 import dgss.config  # noqa: E402,F401  (registers resolvers)
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def config_names(group: str) -> list[str]:
-    """Every config of a group, nested ones as ``sub/name`` (``experiment=gta2cbm/rein_dinov2_l``)."""
-    root = CONF_DIR / group
-    return sorted(
-        p.relative_to(root).with_suffix("").as_posix()
-        for p in root.rglob("*.yaml")
-        if not p.stem.startswith("_")
-    )
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import hydra
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import config_names
+from helpers.configs import config_names
 from omegaconf import OmegaConf
 
 from dgss.config import build_method, instantiate_group
