@@ -21,6 +21,10 @@ OmegaConf.register_new_resolver(
     "folder_classes", folder_classes, replace=True
 )  # data=folder: from classes.yaml
 OmegaConf.register_new_resolver("steps", lambda x, f: max(1, int(round(float(x) * float(f)))), replace=True)
+# a config choice as a name: experiment/_paper.yaml's task_name (gta2cbm/lora_dinov2_l -> gta2cbm_lora_dinov2_l)
+OmegaConf.register_new_resolver("slug", lambda choice: str(choice).replace("/", "_"), replace=True)
+# the setting of an experiment/<setting>/<name> choice (its first tag)
+OmegaConf.register_new_resolver("setting", lambda choice: str(choice).split("/")[0], replace=True)
 
 GENERATED_RUN_FOLDERS: set[str] = set()  # folder names run_folder() made up in this process
 
