@@ -152,3 +152,22 @@ def test_test_modules_share_code_through_the_helpers_package_only():
                 f"{p.name}:{n.lineno} {m}" for m in names if m.split(".")[0].startswith(("test_", "conftest"))
             ]
     assert not bad, bad
+
+
+def test_the_docstring_examples_of_the_pure_modules_hold():
+    """The torchmetrics-style pure pieces carry a doctested example each (FisherTune's schedule, statistics and
+    selection, the model's input, the renamed-option lookup, the optimizer recipe)."""
+    import doctest
+
+    import dgss.methods.fishertune.schedule
+    import dgss.methods.fishertune.score
+    import dgss.methods.fishertune.selection
+    import dgss.methods.fishertune.statistics
+    import dgss.methods.input
+    import dgss.methods.recipe
+    import dgss.options
+
+    modules = [dgss.methods.fishertune.schedule, dgss.methods.fishertune.score, dgss.methods.fishertune.selection,
+               dgss.methods.fishertune.statistics, dgss.methods.input, dgss.methods.recipe, dgss.options]  # fmt: skip
+    results = [doctest.testmod(m, verbose=False) for m in modules]
+    assert all(r.failed == 0 for r in results) and all(r.attempted > 0 for r in results)

@@ -59,9 +59,7 @@ class MethodConfig:
     )  # groups: keys over the method's own
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     input: InputOptions = field(default_factory=InputOptions)  # the training crop (linked to the data's)
-    max_nonfinite: int = (
-        10  # non-finite losses / gradients in a row that abort the run (each one skips its step)
-    )
+    max_nonfinite: int = 10  # non-finite losses / gradients in a row that abort the run (each skips its step)
 
 
 class TrainingPass:
@@ -125,9 +123,7 @@ class SegmentationMethod(pl.LightningModule):
         self.inference_options = InferenceOptions.of(inference, "method.inference")
         self.paramwise = ParamwiseOptions.of(paramwise, "method.paramwise")
         self.guard = NonFiniteGuard(self, max_nonfinite)
-        self.step_pass: TrainingPass | None = (
-            None  # this step's passes, from training_step to the optimizer step
-        )
+        self.step_pass: TrainingPass | None = None  # this step's passes, from training_step to its update
         self.domains: list[str] = []
         self.mean_domains: list[str] | None = None
         self.val_iou: DomainIoU | None = None

@@ -43,9 +43,7 @@ class NonFiniteGuard:
         self.counts = {"total": 0, "streak": 0}
         self.skipping = False  # a non-finite micro-batch: the rest of its accumulation window is skipped
         self._saved: list[torch.Tensor] | None = None  # running statistics before this step's first forward
-        self._loss_finite: torch.Tensor | None = (
-            None  # the window's losses all finite (on the device, unchecked)
-        )
+        self._loss_finite: torch.Tensor | None = None  # the window's losses finite (on the device, unchecked)
 
     # ------------------------------------------------------------------------------------ running statistics
     def save_buffers(self) -> None:

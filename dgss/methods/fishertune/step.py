@@ -35,9 +35,7 @@ class FisherStep(TrainingPass):
         self.perturbed: dict = {}  # parameter -> gradient of the Fisher loss on x′
         self.train_p: dict = {}  # train_aug: parameter -> gradient of the training loss on x′
         self.fisher_x: dict = {}  # pixel_ce / per_sample: name -> gradient of the Fisher loss on x
-        self.squared = (
-            False  # fisher.per_sample: fisher_x and perturbed hold mean_i g_i², not a batch gradient
-        )
+        self.squared = False  # per_sample: fisher_x and perturbed hold mean_i g_i²
         self.mag: torch.Tensor | None = None  # the perturbation's (ε_μ, ε_σ)
 
     # ------------------------------------------------------------------------------- before the backward
