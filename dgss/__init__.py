@@ -2,11 +2,11 @@
 
 The front door, for use from Python (each command line tool calls the same function with its composed config):
 
-- :func:`evaluate` (``dgss-eval``): a composed Hydra config in, the metrics out; training and prediction are
-  ``dgss.train.train(cfg)`` and ``dgss.predict.predict(cfg)`` (their modules carry the commands' names);
+- :func:`evaluate` (``dgss-eval``): a composed Hydra config in, the metrics out; training, prediction and merging
+  are ``dgss.train.train(cfg)``, ``dgss.predict.predict(cfg)`` and ``dgss.restore.merge`` (``dgss.train``,
+  ``dgss.predict`` and ``dgss.merge`` are the commands' modules, so the front door leaves those names to them);
 - :func:`~dgss.config.build_method`: a composed config to the method (backbone + head + tuning), untrained;
 - :func:`~dgss.restore.load_method`: a checkpoint (a path or ``hf://user/name``) to the trained method and its config;
-- :func:`~dgss.restore.merge`: a frozen-backbone or sparse checkpoint and its weights file to one self-contained file.
 
 They are imported on first use (``dgss.load_method``), so a tool that needs none of them (``dgss-convert``) does
 not pay for Lightning, Hydra and timm.
@@ -24,14 +24,13 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 #: public name -> the module that defines it
-ENTRY_POINTS = {"evaluate": "dgss.eval", "build_method": "dgss.config", "load_method": "dgss.restore",
-                "merge": "dgss.restore"}  # fmt: skip
-__all__ = ["__version__", "build_method", "evaluate", "load_method", "merge"]
+ENTRY_POINTS = {"evaluate": "dgss.eval", "build_method": "dgss.config", "load_method": "dgss.restore"}
+__all__ = ["__version__", "build_method", "evaluate", "load_method"]
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
     from dgss.config import build_method
     from dgss.eval import evaluate
-    from dgss.restore import load_method, merge
+    from dgss.restore import load_method
 
 
 def __getattr__(name: str):
