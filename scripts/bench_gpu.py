@@ -361,13 +361,11 @@ def train_row(name: str, a: argparse.Namespace, precision: str, compiled: bool, 
            "mfu": flops / step_s / (peak_tf * 1e12) if flops and peak_tf else None, "trainable": trainable,
            "timed_steps": len(times), "first_step_s": clock.times[0], "wall_s": wall}  # fmt: skip
     if name == "fishertune":
-        stat = [i for i in timed if method.fishertune.schedule.is_stat_step(i)]
-        plain = [
-            clock.times[i] for i in timed if i not in stat and not method.fishertune.schedule.is_refresh(i)
-        ]
+        stat = [i for i in timed if method.schedule.is_stat_step(i)]
+        plain = [clock.times[i] for i in timed if i not in stat and not method.schedule.is_refresh(i)]
         row.update(trainable=sum(q.numel() for q in method.head.parameters()) + method.selected_opt.num_selected(),
                    stat_steps=len(stat), plain_step_ms=1000 * statistics.median(plain) if plain else None,
-                   refresh_ms=1000 * clock.times[max(i for i in timed if method.fishertune.schedule.is_refresh(i))],
+                   refresh_ms=1000 * clock.times[max(i for i in timed if method.schedule.is_refresh(i))],
                    note=f"mean over a refresh period (R={a.ft_refresh}, {len(stat)} statistic steps, refresh included): "
                         f"{row['mean_step_ms']:.1f} ms; FLOPs: a plain step")  # fmt: skip
         if plain and flops and peak_tf:
