@@ -285,7 +285,7 @@ class EMA(pl.Callback):
     avg ← (1 − m)·avg + m·θ with m = ``momentum`` (mmengine copies θ before ``begin_iter`` and on its first update).
     Validation during training, and so checkpoint selection, runs on the averaged weights; every saved checkpoint's
     ``state_dict`` holds them (``dgss-eval``, ``dgss-merge`` use them, as mmengine's saved ``state_dict``), the raw
-    ones go to ``checkpoint['weight_averaging']['raw']`` for an exact resume. Only parameters that train are averaged
+    ones go to the checkpoint's ``weight_averaging`` section (``raw``) for an exact resume. Only parameters that train are averaged
     (a frozen one is its own average: no memory); buffers follow the model, as mmengine's ``update_buffers=False``.
     Lightning's ``WeightAveraging`` copies the whole module, frozen backbone included, and writes every tensor of it
     into each checkpoint; this keeps dgss's checkpoints as small as without averaging.
@@ -342,7 +342,7 @@ class EMA(pl.Callback):
             self._swap(pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        """``state_dict`` gets the averages, ``weight_averaging.raw`` the weights, whichever of the two the model
+        """``state_dict`` gets the averages, the ``weight_averaging`` section's ``raw`` the weights, whichever of the two the model
         holds now (during validation it holds the averages: a signal there saves the same file as one at the step's
         end). A raw tensor that differs from its average in fewer than a third of its elements is stored as those
         elements (:func:`sparse_difference`): FisherTune's candidates differ only where they are selected, so the

@@ -24,6 +24,7 @@ from dgss.checkpoint import (
     is_training_state,
     read_checkpoint,
     run_settings,
+    section,
 )
 from dgss.cli import entry_point, run_cli
 from dgss.compat import quiet_fit
@@ -197,7 +198,7 @@ def check_unchanged(cfg: DictConfig, ckpt: dict, path: str) -> None:
             "or change the run under the same name; resume with the values it was trained with, or train a new run "
             "(another run_name) with the new ones"
         )  # fmt: skip
-    wa, ema = ckpt.get("weight_averaging"), OmegaConf.select(cfg, "callbacks.ema")
+    wa, ema = section(ckpt, "weight_averaging"), OmegaConf.select(cfg, "callbacks.ema")
     if wa and (
         ema is None
         or (float(ema.get("momentum", 2e-4)), int(ema.get("begin", 0)))
