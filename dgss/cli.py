@@ -229,12 +229,16 @@ def compose_error(e: BaseException) -> str:
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
         return f"{key} is not an option{f' (did you mean {close[0]}?)' if close else ''}{hint}"
     if isinstance(err, ValidationError):
-        m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+        m = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg) or re.match(
+            r"Value '(.*)' is not a valid (bool) \(type (\w+)\)", msg
+        )
         if m:
-            kind = {"Integer": "int", "Float": "float", "Boolean": "bool", "String": "str"}.get(
-                m.group(2), m.group(2)
+            value, given, want = (
+                m.groups() if m.re.pattern.startswith("Value '(.*)' of") else m.group(1, 3, 2)
             )
-            return f"{key}={m.group(1)!r} must be {kind}"
+            kind = {"Integer": "int", "Float": "float", "Boolean": "bool", "String": "str"}.get(want, want)
+            shown = repr(value) if given == "str" else value
+            return f"{key}={shown} must be {kind}"
     return f"{key}: {msg}"
 
 

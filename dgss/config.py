@@ -8,12 +8,20 @@ from datetime import datetime
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
 
-import dgss.methods  # noqa: F401,E402  (registers the methods' option schemas before any composition)
+import dgss.commands  # noqa: F401  (registers the commands' root schemas)
+import dgss.data.datamodule  # noqa: F401  (registers the data schema)
+import dgss.data.synthetic  # noqa: F401  (registers data=synthetic's block)
+import dgss.methods  # noqa: F401  (registers the methods' schemas)
+import dgss.models.backbone  # noqa: F401  (registers the backbone's schema)
+import dgss.models.heads.light  # noqa: F401  (registers the heads' schemas)
+import dgss.models.heads.mask2former  # noqa: F401
 from dgss.data.folder import folder_classes
 from dgss.errors import ConfigError
 from dgss.runfolder import check_run_name
+from dgss.schemas import check_node, register_signature
 
 OmegaConf.register_new_resolver("int_mul", lambda x, f: int(round(float(x) * float(f))), replace=True)
 # a step count as a fraction of another, at least 1: schedules that scale with trainer.max_steps
@@ -45,28 +53,18 @@ OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replac
 
 MODEL_KEYS = ("backbone", "head", "method")
 
-# keys outside the method that users override most, with the type they must have (``None`` allowed where the config
-# allows it); the method's options are typed by their registered schemas (dgss.options)
-TYPED_KEYS: dict[str, tuple[type, ...]] = {
-    "seed": (int,), "trainer.max_steps": (int,), "trainer.val_check_interval": (int, float),
-    "trainer.devices": (int, str, ListConfig), "trainer.num_nodes": (int,), "trainer.log_every_n_steps": (int,),
-    "trainer.accumulate_grad_batches": (int,), "data.batch_size": (int,), "data.val_batch_size": (int,),
-    "data.num_workers": (int,), "head.channels": (int,),
-    "synthetic.height": (int,), "synthetic.width": (int,), "synthetic.train_length": (int,), "synthetic.val_length": (int,),
-}  # fmt: skip
+# trainer=<name>: Lightning's Trainer, typed by its own signature (its unions and Literal choices checked after
+# composing); the entry points supply its loggers and callbacks
+register_signature(
+    pl.Trainer,
+    "trainer",
+    "trainer_schema",
+    supplied=("logger", "callbacks"),
+    target="lightning.pytorch.Trainer",
+)
 
-
-# the commands' own keys (dgss-predict)
-TYPED_KEYS |= {
-    "alpha": (int, float),
-    "label_ids": (bool,),
-    "progress": (bool,),
-    "device": (str,),
-    "overwrite": (bool,),
-    "as_video": (bool,),
-    "fps": (int, float),
-    "batch": (int,),
-}
+#: the config sections typed by their constructors' signatures (dgss.schemas); the method's by its options
+SIGNATURE_SECTIONS = ("backbone", "head", "data", "trainer")
 
 # keys whose values have a range, with it in words (a zero stride loops forever, a negative worker count or
 # learning rate fails deep inside PyTorch)
@@ -81,18 +79,13 @@ RANGES: dict[str, tuple[Any, str]] = {
 
 
 def check_types(cfg: DictConfig) -> None:
-    """One line naming the key for a value of the wrong type (``trainer.max_steps=abc``) or out of its range
-    (``data.num_workers=-1``, ``alpha=2``)."""
-    for key, types in TYPED_KEYS.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
-            continue
-        if types == (bool,):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}={value!r} must be true or false")
-        elif isinstance(value, bool) or not isinstance(value, types):
-            want = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{key}={value!r} must be {want}")
+    """One line naming the key for a value the schemas' own check cannot see (a union such as
+    ``trainer.val_check_interval``, a ``Literal`` such as ``trainer.precision``, a key added with ``+``) or a value out
+    of its range (``data.num_workers=-1``, ``alpha=2``). The commands' own keys are typed by their schemas
+    (dgss.commands)."""
+    for section in SIGNATURE_SECTIONS:
+        if isinstance(cfg.get(section), DictConfig):
+            check_node(cfg[section], section)
     for key, (ok, words) in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):

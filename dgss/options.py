@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections import abc
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -57,7 +58,7 @@ class Options:
         where = _WHERE.get() or type(self).__name__
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _check(getattr(self, f.name), hints[f.name], f"{where}.{f.name}"))
+            setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f"{where}.{f.name}"))
 
     @classmethod
     def of(cls: type[T], value: Any = None, where: str | None = None) -> T:
@@ -89,7 +90,7 @@ def option_path(options: Options) -> str:
     return _WHERE.get() or type(options).__name__
 
 
-def _check(value: Any, hint: Any, where: str) -> Any:
+def check_value(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against the annotation ``hint`` (Literal choices, nested Options, int -> float)."""
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -98,7 +99,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _check(value, arg, where)
+                return check_value(value, arg, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}={value!r} must be {_describe(hint)}")
@@ -116,25 +117,42 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
     ):
         raise ConfigError(f"{where}={value!r} must be {hint.__name__}")
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+    if origin in (list, tuple, abc.Sequence) and isinstance(value, (list, tuple)):
         (item,) = get_args(hint)[:1] or (Any,)
         return (
-            [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+            [check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
             if item is not Any
             else list(value)
         )
-    if origin is dict and isinstance(value, Mapping):
+    if origin in (dict, abc.Mapping) and isinstance(value, Mapping):
         _, item = get_args(hint) or (Any, Any)
         return (
-            {k: _check(v, item, f"{where}.{k}") for k, v in value.items()} if item is not Any else dict(value)
+            {k: check_value(v, item, f"{where}.{k}") for k, v in value.items()}
+            if item is not Any
+            else dict(value)
         )
-    if origin in (list, tuple, dict):
-        raise ConfigError(f"{where}={value!r} must be a {origin.__name__}")
+    if origin in (list, tuple, dict, abc.Sequence, abc.Mapping):
+        kind = "mapping" if origin in (dict, abc.Mapping) else "list"
+        raise ConfigError(f"{where}={value!r} must be a {kind}")
     return value
 
 
 def _describe(hint: Any) -> str:
-    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in get_args(hint))
+    """``int | Literal['a', 'b'] | None`` as ``int or 'a' or 'b' or null``."""
+    words = []
+    for a in get_args(hint):
+        if a is type(None):
+            words.append("null")
+        elif get_origin(a) is Literal:
+            words += [repr(v) for v in get_args(a)]
+        elif get_origin(a) in (list, tuple, abc.Sequence):
+            inner = [getattr(x, "__name__", str(x)) for x in get_args(a) if x is not Ellipsis]
+            words.append(f"a list of {inner[0]}" if len(inner) == 1 else "a list")
+        elif get_origin(a) in (dict, abc.Mapping):
+            words.append("a mapping")
+        else:
+            words.append(getattr(a, "__name__", str(a)))
+    return " or ".join(words)
 
 
 # ---------------------------------------------------------------------------------------------- Hydra schema

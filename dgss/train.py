@@ -95,7 +95,10 @@ def progress_display(callbacks: list, trainer_cfg: DictConfig) -> dict[str, bool
     """dgss's step bar (``callbacks.progress_bar``) is the progress display: without it (``~callbacks.progress_bar``)
     there is none, not Lightning's own epoch bar (``Epoch 0/-2`` on an iteration-based run), unless
     ``trainer.enable_progress_bar`` says otherwise."""
-    if any(isinstance(c, ProgressBar) for c in callbacks) or "enable_progress_bar" in trainer_cfg:
+    if (
+        any(isinstance(c, ProgressBar) for c in callbacks)
+        or trainer_cfg.get("enable_progress_bar") is not None
+    ):
         return {}
     return {"enable_progress_bar": False}
 

@@ -9,7 +9,8 @@ file that passes ``torch.load(weights_only=True)`` could still run code through 
 - the ``_target_`` values in the YAML files of the section's group (``backbone/``, ``head/``, ``method/``, ``data/``)
   in dgss's packaged config and in every ``--config-dir`` the user gave on the command line (a user's own data set
   or method class is trusted when the user points at the config that names it);
-- the methods' registered schemas (:func:`dgss.options.register`) and the classes they default to (AdamW);
+- the registered schemas: the methods' (:func:`dgss.options.register`) and the classes they default to (AdamW), and
+  the backbone's, heads' and data module's generated from their signatures (:func:`dgss.schemas.register_signature`);
 - in ``method``, any optimizer class of ``torch.optim`` (``method.optimizer._target_=torch.optim.SGD`` is a
   command-line choice; constructing one touches nothing but its parameters).
 
@@ -35,6 +36,7 @@ import dgss.conf
 import dgss.methods  # noqa: F401  (registers the methods' schemas)
 from dgss.errors import ConfigError
 from dgss.options import SCHEMAS
+from dgss.schemas import GROUP_TARGETS
 
 #: the sections of a stored config and the config group whose files name their classes
 SECTIONS = ("backbone", "head", "method", "data")
@@ -76,7 +78,9 @@ def _group_targets(root: str, group: str) -> frozenset[str]:
 def allowed_targets(section: str, config_dirs: Iterable[str | os.PathLike] = ()) -> frozenset[str]:
     """The ``_target_`` values a stored ``section`` config may name."""
     roots = [packaged_conf(), *(Path(d).expanduser().resolve() for d in config_dirs)]
-    allowed = set().union(*(_group_targets(str(r), section) for r in roots))
+    allowed = set().union(*(_group_targets(str(r), section) for r in roots)) | GROUP_TARGETS.get(
+        section, set()
+    )
     if section == "method":
         allowed |= set(SCHEMAS) | _schema_targets()
     return frozenset(allowed)

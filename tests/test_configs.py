@@ -7,6 +7,7 @@ import hydra
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.configs import CONF_DIR as CONF
 from helpers.configs import config_names
 from omegaconf import OmegaConf
 
@@ -212,17 +213,63 @@ def test_optuna_and_slurm_configs_compose(compose_cfg):
 
 
 @pytest.mark.parametrize(
-    "override, match",
+    "override, line",
     [("trainer.max_steps=abc", "trainer.max_steps='abc' must be int"),
      ("data.batch_size=2.5", "data.batch_size=2.5 must be int"),
-     ("synthetic.height=true", "synthetic.height=True must be int")],
+     ("synthetic.height=true", "synthetic.height=True must be int"),
+     ("head.chanels=64", "head.chanels is not an option (did you mean channels?); valid: _target_, _partial_, "
+      "channels, dropout, upsample, loss_weight, ignore_index, tiny"),
+     ("backbone.grad_checkpointing=sometimes", "backbone.grad_checkpointing='sometimes' must be bool"),
+     ("data.train_pipeline.flipp=0.5", "data.train_pipeline.flipp is not an option (did you mean flip?); valid: "
+      "_target_, crop, scales, short_edge, num_scales, max_long_edge, cat_max_ratio, flip, photometric, "
+      "min_prefer_pixels, antialias"),
+     # unions and Literal choices OmegaConf holds as Any: checked against the signature after composing
+     ("trainer.val_check_interval=[1]", "trainer.val_check_interval=[1] must be int or float or str or a mapping "
+      "or null"),
+     ("trainer.precision=bf17-mixed", "trainer.precision='bf17-mixed' must be 64 or 32 or 16 or "
+      "'transformer-engine' or 'transformer-engine-float16' or '16-true' or '16-mixed' or 'bf16-true' or "
+      "'bf16-mixed' or '32-true' or '64-true' or '64' or '32' or '16' or 'bf16' or null"),
+     ("backbone.out_indices=[1,x]", "backbone.out_indices=[1, 'x'] must be a list of int or null"),
+     ("+backbone.foo=1", "backbone.foo is not an option of Backbone; valid: name, weights, out_indices, img_size, "
+      "tiny, final_norm, grad_checkpointing, model_kwargs, mean, std")],
 )  # fmt: skip
-def test_bad_override_values_name_the_key(compose_cfg, override, match):
+def test_backbone_head_data_and_trainer_options_are_typed_by_their_signatures(override, line):
+    """The backbone, heads, data module (with its pipelines), the synthetic block and Lightning's Trainer are typed
+    by schemas generated from their constructors' signatures (dgss.schemas): a misspelt key, a value of the wrong
+    type, a union or Literal it does not fit, a key added with + is one line naming the key, before anything runs."""
+    from dgss.cli import check_compose
     from dgss.errors import ConfigError
 
-    cfg = compose_cfg(["debug=tiny", override])
-    with pytest.raises(ConfigError, match=match):
-        train(cfg)
+    with pytest.raises(ConfigError) as e:
+        check_compose("train", ["debug=tiny", override])
+    assert str(e.value) == line
+
+
+def test_a_config_file_holds_only_what_differs_from_python_defaults():
+    """Every value a backbone, head, data or trainer YAML file sets differs from the default of the parameter it
+    names (the schema generated from the constructor holds the defaults: one home each)."""
+    import yaml
+
+    from dgss.schemas import SIGNATURES, defaults_of
+
+    groups = {"backbone": "dgss.models.backbone.Backbone", "trainer": "lightning.pytorch.Trainer"}
+    restated = []
+    for group in ("backbone", "head", "data", "trainer"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            doc = yaml.safe_load(path.read_text()) or {}
+            node = doc.get("data", doc) if group == "data" else doc
+            nodes = [(node, groups.get(group) or node.get("_target_"))]
+            if group == "head":
+                nodes = [(node, next(t for t in SIGNATURES if t.lower().endswith(path.stem + "head")))]
+            if group == "data":
+                nodes = [(node, "dgss.data.datamodule.DGSSDataModule")]
+                nodes += [(node.get(p) or {}, f"dgss.data.transforms.{c}")
+                          for p, c in (("train_pipeline", "TrainPipeline"), ("test_pipeline", "TestPipeline"))]  # fmt: skip
+            for values, target in nodes:
+                defaults = defaults_of(target)
+                restated += [f"{path.name}: {k}" for k, v in values.items()
+                             if k in defaults and not isinstance(v, dict) and v == defaults[k]]  # fmt: skip
+    assert restated == []
 
 
 @pytest.mark.parametrize(

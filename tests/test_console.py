@@ -31,7 +31,7 @@ def test_removing_the_step_bar_turns_progress_display_off(compose_cfg, drop):
         assert trainer.progress_bar_callback is None  # not Lightning's TQDM bar counting epochs
     else:
         assert isinstance(trainer.progress_bar_callback, StepProgressBar)
-    keep = compose_cfg([*DATA, "trainer=cpu", "~callbacks.progress_bar", "+trainer.enable_progress_bar=true"])
+    keep = compose_cfg([*DATA, "trainer=cpu", "~callbacks.progress_bar", "trainer.enable_progress_bar=true"])
     assert progress_display([], keep.trainer) == {}  # asked for explicitly: Lightning's own bar
 
 

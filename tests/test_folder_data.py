@@ -64,7 +64,7 @@ def test_a_folder_trains_evaluates_predicts_and_checks_with_its_own_classes(comp
                        "data.train_pipeline.scales=[128]", "data.batch_size=2", "data.val_batch_size=1",
                        "data.num_workers=0", "data.pin_memory=false", "backbone=toy", "backbone.tiny=true",
                        "backbone.weights=null", "backbone.img_size=64", "method=full",
-                       f"+data.rare_class_sampling={{temperature: 0.01, min_pixels: 1, cache_dir: {tmp_path / 'rcs'}}}",
+                       f"data.rare_class_sampling={{temperature: 0.01, min_pixels: 1, cache_dir: {tmp_path / 'rcs'}}}",
                        *RUN])  # fmt: skip
     assert cfg.data.num_classes == 3 and list(cfg.data.class_names) == ["road", "sky", "car"]
     train(cfg)

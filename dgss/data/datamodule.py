@@ -40,6 +40,7 @@ from dgss.data.subset import apply_subset
 from dgss.data.transforms import TestPipeline, TrainPipeline
 from dgss.data.workers import worker_init
 from dgss.errors import ConfigError
+from dgss.schemas import register_signature, signature_schema
 
 log = logging.getLogger("dgss.data")
 
@@ -307,3 +308,14 @@ class DGSSDataModule(pl.LightningDataModule):
         return [self._eval_loader(ds) for ds in self.eval_samples.values()]
 
     test_dataloader = val_dataloader
+
+
+# data=<name>: every data config starts from this node (its pipelines typed by theirs); `_convert_: all` hands the
+# data sets plain lists and dicts
+register_signature(
+    DGSSDataModule,
+    "data",
+    "datamodule_schema",
+    convert="all",
+    nested={TrainPipeline: signature_schema(TrainPipeline), TestPipeline: signature_schema(TestPipeline)},
+)

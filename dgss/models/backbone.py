@@ -34,6 +34,7 @@ from dgss.compat import parameters_swapped, vit_pos_embed
 from dgss.errors import ConfigError
 from dgss.models.cast_once import FrozenCast
 from dgss.models.weights import checked_state, file_sha256, filtered_state, hub_weights
+from dgss.schemas import register_signature
 
 BlockHook = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -388,3 +389,6 @@ def _family_of_model(model: nn.Module) -> str:
     raise ConfigError(
         f"{type(model).__name__} is not a supported backbone class; use a DINOv2, EVA02, SAM-ViT or CLIP ViT model"
     )
+
+
+register_signature(Backbone, "backbone", "backbone_schema")

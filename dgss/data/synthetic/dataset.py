@@ -3,10 +3,12 @@ the domain (:mod:`dgss.data.synthetic`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 
 from dgss.data.synthetic.style import DOMAINS, render_sample
 from dgss.errors import ConfigError
@@ -84,3 +86,29 @@ class SyntheticDomain:
         domain = self.paired_domains[i % len(self.paired_domains)]
         img, _ = render_sample(domain, SPLIT_OFFSETS[self.split] + i, self.height, self.width, self.seed)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+@dataclasses.dataclass
+class SyntheticScenes:
+    """``data=synthetic``'s settings, the top-level ``synthetic`` block every domain of it reads: one size, one seed.
+
+    Args:
+        height: rendered height in pixels (also the training crop's).
+        width: rendered width in pixels.
+        train_length: distinct training scenes of the source (rendered on the fly).
+        val_length: scenes per evaluation domain.
+        seed: the scenes' seed (layouts and appearance draws).
+        paired: render every training scene again in these domains through the same draws, collated as
+            ``paired_image`` (FisherTune's oracle x′: ``method.fishertune.perturb.type=paired_render``), e.g.
+            ``[photo, overcast, fog, night]``.
+    """
+
+    height: int = 96
+    width: int = 192
+    train_length: int = 4000
+    val_length: int = 100
+    seed: int = 0
+    paired: list[str] = dataclasses.field(default_factory=list)
+
+
+ConfigStore.instance().store(group="data", name="synthetic_schema", node=SyntheticScenes, package="synthetic")

@@ -10,6 +10,7 @@ from torch import nn
 
 from dgss.data.classes import IGNORE_INDEX
 from dgss.errors import ConfigError
+from dgss.schemas import register_signature
 
 
 class LightHead(nn.Module):
@@ -18,6 +19,16 @@ class LightHead(nn.Module):
     ``forward(features, queries=None) -> logits`` at the finest feature resolution;
     ``loss(output, labels)`` is cross-entropy (ignore 255) on logits upsampled to the label size;
     ``logits(output, size)`` resizes to any size.
+
+    Args:
+        in_channels: channels of the backbone features (from the method).
+        num_classes: K (from the method).
+        channels: the width every level is projected to.
+        dropout: before the classifier.
+        upsample: learned x2 upsampling steps after the fusion (a power of two; for small patch grids).
+        loss_weight: the cross-entropy's weight.
+        ignore_index: the label value left out of the loss.
+        tiny: accepted for ``debug=tiny`` (this head is small already).
     """
 
     def __init__(
@@ -71,3 +82,7 @@ class LightHead(nn.Module):
             "loss_ce": self.loss_weight
             * F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index)
         }
+
+
+# head=light: the method supplies in_channels and num_classes (a partial node)
+register_signature(LightHead, "head", "light_schema", supplied=("in_channels", "num_classes"), partial=True)

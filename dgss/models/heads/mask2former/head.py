@@ -25,6 +25,7 @@ from dgss.models.heads.mask2former.cache import size_cached
 from dgss.models.heads.mask2former.criterion import SetCriterion
 from dgss.models.heads.mask2former.official import load_official_head
 from dgss.models.heads.mask2former.pixel_decoder import PixelDecoder, sine_position_encoding
+from dgss.schemas import register_signature
 
 
 class DecoderLayer(nn.Module):
@@ -227,3 +228,14 @@ class Mask2FormerHead(nn.Module):
         out = {k: v[-1] for k, v in per_layer.items()}
         out["loss_aux"] = sum(per_layer.values())[:-1].sum()
         return out
+
+
+# head=mask2former: the method supplies in_channels and num_classes (a partial node)
+register_signature(
+    Mask2FormerHead,
+    "head",
+    "mask2former_schema",
+    supplied=("in_channels", "num_classes"),
+    partial=True,
+    target="dgss.models.heads.mask2former.Mask2FormerHead",
+)
