@@ -128,6 +128,7 @@ def signature_schema(
 
     >>> class Pipe:
     ...     def __init__(self, size: Sequence[int] = (8, 8), flip: float = 0.5): ...
+    >>> from omegaconf import OmegaConf
     >>> node = OmegaConf.structured(signature_schema(Pipe))
     >>> node.size, node.flip, node._target_.endswith("Pipe")
     ([8, 8], 0.5, True)

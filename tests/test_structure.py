@@ -159,7 +159,7 @@ def test_test_modules_share_code_through_the_helpers_package_only():
 
 def test_the_docstring_examples_of_the_pure_modules_hold():
     """The torchmetrics-style pure pieces carry a doctested example each (FisherTune's schedule, statistics and
-    selection, the model's input, the renamed-option lookup, the optimizer recipe)."""
+    selection, the model's input, the renamed-option lookup, the optimizer recipe, the signature schemas)."""
     import doctest
 
     import dgss.methods.fishertune.schedule
@@ -169,8 +169,9 @@ def test_the_docstring_examples_of_the_pure_modules_hold():
     import dgss.methods.input
     import dgss.methods.recipe
     import dgss.options
+    import dgss.schemas
 
     modules = [dgss.methods.fishertune.schedule, dgss.methods.fishertune.score, dgss.methods.fishertune.selection,
-               dgss.methods.fishertune.statistics, dgss.methods.input, dgss.methods.recipe, dgss.options]  # fmt: skip
+               dgss.methods.fishertune.statistics, dgss.methods.input, dgss.methods.recipe, dgss.options, dgss.schemas]  # fmt: skip
     results = [doctest.testmod(m, verbose=False) for m in modules]
     assert all(r.failed == 0 for r in results) and all(r.attempted > 0 for r in results)
