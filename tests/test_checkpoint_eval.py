@@ -320,7 +320,7 @@ def test_predict_refuses_outputs_that_would_overwrite_or_feed_its_inputs(compose
     import numpy as np
     from PIL import Image
 
-    from dgss.cli import user_error
+    from dgss.cli import check_compose, user_error
     from dgss.predict import predict
 
     train(compose_cfg([*DATA, *RUN, "backbone=toy", "method=full"]))
@@ -353,7 +353,13 @@ def test_predict_refuses_outputs_that_would_overwrite_or_feed_its_inputs(compose
     assert [p.name for p in out.rglob("*")] == ["masks", "old.png"]
     shutil.rmtree(out)
     refused(r"alpha=1.5 must be in \[0, 1\]", "alpha=1.5")
-    refused(r"label_ids='no' must be true or false", "label_ids=no")
+    # label_ids is a bool in dgss-predict's schema: "no" reads as false (OmegaConf's words), anything else is one line
+    assert (
+        compose_cfg([f"ckpt_path={ckpt}", f"input={src}", "label_ids=no"], config_name="predict").label_ids
+        is False
+    )
+    with pytest.raises(ConfigError, match=r"^label_ids='maybe' must be bool$"):
+        check_compose("predict", [f"ckpt_path={ckpt}", f"input={src}", "label_ids=maybe"])
     refused(r"size=\[0, 512\]: use \[long, short\] \(positive pixels\)", "size=[0,512]")
     refused(r"device='cuda:7': this machine has \d+ CUDA device", "device=cuda:7")
     refused(r"device='tpu': use auto, cpu, cuda", "device=tpu")
