@@ -14,7 +14,26 @@ from omegaconf import MISSING
 
 
 @dataclasses.dataclass
-class TrainCommand:
+class ModelSections:
+    """The top-level sections the config groups of ``dgss-train`` and ``dgss-eval`` fill, each typed by its own
+    schema (``data=synthetic`` adds the ``synthetic`` block, ``data=folder`` the ``folder`` one)."""
+
+    data: Any = None
+    synthetic: Any = None  # dgss.data.synthetic.SyntheticScenes
+    folder: Any = None
+    backbone: Any = None
+    head: Any = None
+    method: Any = None
+    logger: Any = None
+    trainer: Any = None
+    paths: Any = None
+    optimized_metric: str = (
+        "val/mean_mIoU"  # what main() returns for sweeps (Optuna) and the best checkpoint is by
+    )
+
+
+@dataclasses.dataclass
+class TrainCommand(ModelSections):
     """``dgss-train [experiment=<name>] [group=<choice> ...] [key=value ...]``.
 
     Args:
@@ -28,7 +47,6 @@ class TrainCommand:
         compile: ``torch.compile`` each backbone block and the head's layers (regional, in place: checkpoint keys
             stay the same).
         run_name: the run folder's name (default: date_time); fixed names let ``resume=auto`` find the run again.
-        optimized_metric: what ``main()`` returns for sweeps (Optuna), and what the best checkpoint is chosen by.
     """
 
     task_name: str = "train"
@@ -39,22 +57,11 @@ class TrainCommand:
     resume: str | None = None
     compile: bool = False
     run_name: str | None = None
-    optimized_metric: str = "val/mean_mIoU"
-    # the sections the config groups fill
-    data: Any = None
-    synthetic: Any = None  # data=synthetic's block (dgss.data.synthetic.SyntheticScenes)
-    folder: Any = None  # data=folder's block
-    backbone: Any = None
-    head: Any = None
-    method: Any = None
     callbacks: Any = None
-    logger: Any = None
-    trainer: Any = None
-    paths: Any = None
 
 
 @dataclasses.dataclass
-class EvalCommand:
+class EvalCommand(ModelSections):
     """``dgss-eval ckpt_path=<file> [data=<targets>]``: re-build the trained model from the checkpoint's own config and
     evaluate it on any data config's targets.
 
@@ -73,16 +80,6 @@ class EvalCommand:
     ckpt_path: str = MISSING
     backbone_weights: str | None = None
     inference: Any = None
-    data: Any = None
-    synthetic: Any = None
-    folder: Any = None
-    backbone: Any = None
-    head: Any = None
-    method: Any = None
-    logger: Any = None
-    trainer: Any = None
-    paths: Any = None
-    optimized_metric: str = "val/mean_mIoU"  # (an experiment file sets it; evaluation does not use it)
 
 
 @dataclasses.dataclass
