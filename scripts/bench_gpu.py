@@ -263,8 +263,9 @@ def compose(overrides: list[str]):
 
 
 def method_overrides(name: str, a: argparse.Namespace, steps: int) -> list[str]:
+    # the method pads every training batch to its crop (method.input.crop, linked to the data's): the measured size
     o = [f"experiment=gta2cbm/{name}_dinov2_l", "backbone.weights=null", f"trainer.max_steps={steps}",
-         f"backbone.img_size={a.size}"]  # fmt: skip
+         f"backbone.img_size={a.size}", f"data.train_pipeline.crop=[{a.size},{a.size}]"]  # fmt: skip
     if a.tiny:
         o += ["backbone.tiny=true", "head.tiny=true"]
     if name == "fishertune":
