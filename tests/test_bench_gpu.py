@@ -18,22 +18,37 @@ def load(name: str):
     return mod
 
 
+# the methods the smoke run measures: the ones every other stage uses (fp32 / compile: full and Rein; slide: Rein;
+# profile: frozen and full) and FisherTune's refresh period; every method's row: the slow test below
+SMOKE_METHODS = ("full", "frozen", "rein", "fishertune")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One full ``--device cpu --tiny`` run (every stage, every method), shared by the tests below."""
+    """One ``--device cpu --tiny`` run of every stage, shared by the tests below."""
     bench = load("bench_gpu")
     out = tmp_path_factory.mktemp("bench_gpu")
-    rc = bench.main([str(out), "--device", "cpu", "--tiny", "--work-dir", str(out / "work")])
+    rc = bench.main([str(out), "--device", "cpu", "--tiny", "--methods", ",".join(SMOKE_METHODS), "--work-dir",
+                     str(out / "work")])  # fmt: skip
     return rc, out, json.loads((out / "bench_gpu.json").read_text())
 
 
-def test_every_stage_and_method_measured(smoke):
+@pytest.mark.slow
+def test_every_method_has_its_row(tmp_path):
+    """The methods stage for every method bench_gpu knows (the default suite's smoke run measures four)."""
+    bench = load("bench_gpu")
+    rc = bench.main([str(tmp_path), "--device", "cpu", "--tiny", "--stages", "methods", "--work-dir",
+                     str(tmp_path / "work")])  # fmt: skip
+    rows = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+    assert rc == 0 and {r["method"] for r in rows if r["ok"] and r["step_ms"] > 0} == set(bench.METHODS)
+
+
+def test_every_stage_measured(smoke):
     rc, out, data = smoke
     assert rc == 0, [r for r in data["rows"] if not r["ok"]]
     rows = data["rows"]
     by = {(r["stage"], r["method"], r.get("precision")): r for r in rows}
-    bench = load("bench_gpu")
-    for m in bench.METHODS:
+    for m in SMOKE_METHODS:
         r = by[("methods", m, "bf16-mixed")]
         assert r["ok"] and r["step_ms"] > 0 and r["images_s"] == pytest.approx(2 / (r["step_ms"] / 1000))
         assert r["flops"] > 0 and r["trainable"] > 0
@@ -76,7 +91,7 @@ def test_every_stage_and_method_measured(smoke):
 def test_report_files(smoke):
     _, out, data = smoke
     md = (out / "bench_gpu.md").read_text()
-    for m in load("bench_gpu").METHODS:
+    for m in SMOKE_METHODS:
         assert f"| {m} | bf16-mixed |" in md
     assert "**CLI end to end**" in md and "**Slide inference**" in md
     assert {t["target"] for t in data["targets"]} >= {"Rein MFU, bf16, compile on", "Rein peak memory / full"}
