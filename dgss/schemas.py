@@ -146,9 +146,8 @@ def signature_schema(
             continue
         kind = omegaconf_type(hints[p.name], nested or {})
         inner = _optional_inner(kind) if get_origin(kind) in (typing.Union, types.UnionType) else kind
-        if p.default is None and dataclasses.is_dataclass(
-            inner
-        ):  # ``None`` = the object built with its defaults
+        built_with_defaults = p.default is None and dataclasses.is_dataclass(inner)  # ``None`` = ``cls()``
+        if built_with_defaults:
             fields.append((p.name, kind, dataclasses.field(default_factory=inner)))
         else:
             fields.append(_field(p.name, kind, p.default))
